@@ -1,0 +1,160 @@
+"""Small helpers over ATen FX graphs: op names, shapes, constants and dataflow queries."""
+from __future__ import annotations
+
+import math
+import operator
+import re
+from typing import Any, Iterable, Optional, Sequence
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+# Ops that change only the view of a tensor, never its values.
+VIEW_OPS = frozenset(
+    {
+        "view", "reshape", "_unsafe_view", "expand", "clone", "contiguous", "alias", "detach",
+        "unsqueeze", "squeeze", "lift_fresh_copy", "_reshape_alias", "flatten", "unflatten",
+    }
+)
+# Ops that change only the dtype (softmax in float32 then cast back, type_as, .float()).
+CAST_OPS = frozenset({"_to_copy", "to", "type_as", "_assert_tensor_metadata"})
+SOFTMAX_OPS = frozenset({"softmax", "_softmax", "_safe_softmax"})
+CONTRACTION_OPS = frozenset({"matmul", "bmm", "mm", "einsum", "baddbmm"})
+SDPA_OPS = frozenset(
+    {
+        "scaled_dot_product_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_attention_math",
+    }
+)
+DROPOUT_OPS = frozenset({"dropout", "native_dropout", "feature_dropout", "alpha_dropout"})
+PROJECTION_OPS = frozenset({"linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "einsum", "conv1d", "conv2d"})
+
+
+def opname(node: fx.Node) -> str:
+    """The ATen op name of a call_function node without namespace or overload ("view"), else ''."""
+    if node.op != "call_function":
+        return ""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.split("::", 1)[-1]
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name.split("::", 1)[-1]
+    if target is operator.getitem:
+        return "getitem"
+    return getattr(target, "__name__", "")
+
+
+def val(node: Any) -> Any:
+    """The example value (usually a FakeTensor) recorded on a node, or None."""
+    if isinstance(node, fx.Node):
+        return node.meta.get("val", node.meta.get("example_value"))
+    return None
+
+
+def shape(node: Any) -> Optional[tuple]:
+    """Shape of a tensor-valued node, or None when unknown."""
+    v = val(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def dtype(node: Any) -> Optional[torch.dtype]:
+    """Dtype of a tensor-valued node, or None when unknown."""
+    v = val(node)
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def prod(xs: Iterable) -> Any:
+    """Product of sizes (works on SymInts)."""
+    out = 1
+    for x in xs:
+        out = out * x
+    return out
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``index`` of a call, whether passed positionally or as keyword ``name``."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def scalar_value(x: Any, constants: dict[str, torch.Tensor]) -> Optional[float]:
+    """A Python number for ``x`` if it is a number or a known 0-d tensor constant, else None."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    if isinstance(x, fx.Node):
+        t = constants.get(x.name)
+        if isinstance(t, torch.Tensor) and t.numel() == 1 and t.device.type != "meta":
+            return float(t.reshape(()))
+        name = opname(x)
+        if name == "scalar_tensor":
+            return scalar_value(x.args[0], constants)
+        if name == "full" and list(x.args[0]) == []:
+            return scalar_value(x.args[1], constants)
+        if name in ("sqrt",):
+            inner = scalar_value(x.args[0], constants)
+            return math.sqrt(inner) if inner is not None and inner >= 0 else None
+        if name in ("lift_fresh_copy", "clone", "detach", "_to_copy", "to"):
+            return scalar_value(x.args[0], constants)
+        s = shape(x)
+        if s == () and name in CAST_OPS:
+            return scalar_value(x.args[0], constants)
+    return None
+
+
+def to_digraph(graph: fx.Graph) -> nx.DiGraph:
+    """The FX graph's dataflow as a networkx DiGraph of node objects (edges producer -> user)."""
+    g = nx.DiGraph()
+    for n in graph.nodes:
+        g.add_node(n)
+        for inp in n.all_input_nodes:
+            g.add_edge(inp, n)
+    return g
+
+
+def depends_on(dg: nx.DiGraph, sources: Iterable[fx.Node]) -> set[fx.Node]:
+    """All nodes whose value depends on any of ``sources`` (sources included)."""
+    out: set[fx.Node] = set()
+    for s in sources:
+        if s in dg and s not in out:
+            out.add(s)
+            out |= nx.descendants(dg, s)
+    return out
+
+
+_PATH_BRACKET = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted path of the innermost module that produced ``node`` (e.g. 'layers.0.self_attn')."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    # Dynamo spells paths as L['self'].layers[0].attn or L__self___layers_0; normalise them.
+    path = path.replace("L['self']", "").replace("L__self__", "")
+    path = _PATH_BRACKET.sub(lambda m: "." + m.group(1), path)
+    path = re.sub(r"\._modules\.|\.modules\.", ".", path)
+    return path.strip(".")
+
+
+def users(node: fx.Node) -> list[fx.Node]:
+    """Users of ``node`` that do real work (runtime metadata asserts are ignored)."""
+    return [u for u in node.users if opname(u) != "_assert_tensor_metadata"]
+
+
+def same_sizes(a: Sequence, b: Sequence) -> bool:
+    """Shape equality that tolerates SymInts."""
+    if len(a) != len(b):
+        return False
+    try:
+        return all(bool(x == y) for x, y in zip(a, b))
+    except Exception:  # unbacked symbols cannot be decided
+        return False

@@ -1,0 +1,103 @@
+"""The plan: one decision per attention site, readable by people and round-trippable as JSON."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from passes.site import AttentionSite
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the planner chose for one site and why."""
+
+    site: AttentionSite
+    variant: str  # the variant the site now runs, or "original" when it stays as it was
+    params: dict = field(default_factory=dict)
+    predicted_speedup: Optional[float] = None  # from the cost model; None until it prices this site
+    error: Optional[float] = None  # measured relative L2 error of the model output, when measured
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every site's decision plus what was measured for the whole model."""
+
+    decisions: tuple[Decision, ...]
+    target: str = "cpu"
+    budget: Optional[float] = None
+    error: Optional[float] = None  # measured end-to-end relative L2 error on the calibration inputs
+    notes: tuple[str, ...] = ()
+
+    @property
+    def sites(self) -> list[AttentionSite]:
+        """The sites in graph order."""
+        return [d.site for d in self.decisions]
+
+    def __str__(self) -> str:
+        if not self.decisions:
+            lines = ["Plan: no attention found in the model; it runs unchanged."]
+        else:
+            header = ("#", "site", "shape", "flags", "variant", "speedup", "error", "reason")
+            rows = [header]
+            for d in self.decisions:
+                s = d.site
+                heads = f"{s.num_heads}h" + (f"/{s.num_kv_heads}kv" if s.num_kv_heads != s.num_heads else "")
+                flags = ",".join(
+                    x for x in (
+                        "causal" if s.causal else "",
+                        "cross" if s.is_cross else "",
+                        s.mask_kind if s.mask_kind not in ("none", "causal") else "",
+                    ) if x
+                )
+                rows.append((
+                    str(s.index),
+                    s.name or "<top>",
+                    f"{heads} d{s.head_dim} q{s.q_len} kv{s.kv_len}",
+                    flags,
+                    d.variant + (f"({_params(d.params)})" if d.params else ""),
+                    "-" if d.predicted_speedup is None else f"{d.predicted_speedup:.2f}x",
+                    "-" if d.error is None else f"{d.error:.1e}",
+                    d.reason,
+                ))
+            widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+            lines = [
+                "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows
+            ]
+            lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 6)
+            rewritten = sum(d.variant != "original" for d in self.decisions)
+            lines.append(f"{rewritten} of {len(self.decisions)} attention sites rewritten; target={self.target}")
+        if self.error is not None:
+            budget = "none" if self.budget is None else f"{self.budget:g}"
+            lines.append(f"measured output error (relative L2): {self.error:.2e}  budget: {budget}")
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of the plan."""
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> "Plan":
+        """Rebuild a plan written by ``to_json``."""
+        decisions = tuple(
+            Decision(**{**d, "site": AttentionSite(**{**d["site"], "notes": tuple(d["site"].get("notes", ()))})})
+            for d in data.get("decisions", [])
+        )
+        return Plan(
+            decisions=decisions,
+            target=data.get("target", "cpu"),
+            budget=data.get("budget"),
+            error=data.get("error"),
+            notes=tuple(data.get("notes", ())),
+        )
+
+    def dumps(self) -> str:
+        """The plan as indented JSON text."""
+        return json.dumps(self.to_json(), indent=2, sort_keys=True)
+
+
+def _params(p: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(p.items()))

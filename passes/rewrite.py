@@ -1,0 +1,168 @@
+"""Graph surgery: replace each matched attention by one ``rewriter::attention`` call."""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+import codegen  # noqa: F401  (registers torch.ops.rewriter.attention)
+from passes import graph as G
+from passes.find import Match, Operand, Unsupported
+
+logger = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+
+class _Emitter:
+    """Inserts ATen nodes before an anchor and records fake values so later passes and export see shapes."""
+
+    def __init__(self, graph: fx.Graph, anchor: fx.Node):
+        self.graph = graph
+        self.anchor = anchor
+        vals = [G.val(n) for n in graph.nodes if isinstance(G.val(n), torch.Tensor)]
+        self.fake_mode = torch._guards.detect_fake_mode(vals)
+
+    def __call__(self, target, *args, **kwargs) -> fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.call_function(target, args, kwargs)
+        node.meta["nn_module_stack"] = self.anchor.meta.get("nn_module_stack", {})
+        fake_args, fake_kwargs = torch.utils._pytree.tree_map(
+            lambda a: G.val(a) if isinstance(a, fx.Node) else a, (args, kwargs)
+        )
+        if self.fake_mode is not None:
+            with self.fake_mode:
+                node.meta["val"] = target(*fake_args, **fake_kwargs)
+        return node
+
+    def steps(self, node: fx.Node, steps: list) -> fx.Node:
+        """Apply layout steps (permute / transpose / unsqueeze / reshape / to) to ``node``."""
+        for st in steps:
+            if st[0] == "permute":
+                node = self(aten.permute.default, node, list(st[1]))
+            elif st[0] == "transpose":
+                node = self(aten.transpose.int, node, -1, -2)
+            elif st[0] == "unsqueeze":
+                node = self(aten.unsqueeze.default, node, st[1])
+            elif st[0] == "reshape":
+                if not G.same_sizes(G.shape(node), st[1]):
+                    node = self(aten.reshape.default, node, list(st[1]))
+            elif st[0] == "to":
+                if G.dtype(node) != st[1]:
+                    node = self(aten._to_copy.default, node, dtype=st[1])
+        return node
+
+
+def _batch4(batch: tuple) -> tuple:
+    if len(batch) == 0:
+        return (1, 1)
+    if len(batch) == 1:
+        return (1, batch[0])
+    if len(batch) == 2:
+        return tuple(batch)
+    return (G.prod(batch[:-1]), batch[-1])
+
+
+def _canonical(em: _Emitter, op: Operand, batch: tuple, kv: bool) -> fx.Node:
+    """Bring an operand to [B, H, L, D] (kv: [B, G, L, D] with G = 1 kept for broadcast heads)."""
+    x = em.steps(op.node, op.steps)
+    s = G.shape(x)
+    xb, tail = s[:-2], s[-2:]
+    if len(xb) < len(batch) and not G.same_sizes(xb, batch) and G.prod(xb) != G.prod(batch):
+        for _ in range(len(batch) - len(xb)):
+            x = em(aten.unsqueeze.default, x, 0)
+        s = G.shape(x)
+        xb = s[:-2]
+    keep_one = False
+    if not G.same_sizes(xb, batch):
+        if len(xb) == len(batch) and all(a == 1 or a == b for a, b in zip(xb, batch)):
+            keep_one = kv and len(batch) >= 2 and xb[-1] == 1 and G.same_sizes(xb[:-1], batch[:-1])
+            if not keep_one:
+                x = em(aten.expand.default, x, [*batch, *tail])
+        elif G.prod(xb) == G.prod(batch):
+            x = em(aten.reshape.default, x, [*batch, *tail])
+        else:
+            raise Unsupported(f"operand batch {tuple(xb)} does not match the scores' batch {tuple(batch)}")
+    b4 = list(_batch4(batch))
+    if keep_one:
+        b4[-1] = 1
+    return em.steps(x, [("reshape", (*b4, *tail))])
+
+
+def _combined_mask(em: _Emitter, m: Match) -> Optional[fx.Node]:
+    """One mask tensor equal in effect to every mask op the graph applied to the scores."""
+    if not m.analysis.pass_mask or not m.masks:
+        return None
+    bool_only = all(t.kind != "add" and t.fill == float("-inf") for t in m.masks)
+    out: Optional[fx.Node] = None
+    for t in m.masks:
+        if bool_only:
+            term = t.node if t.kind == "keep" else em(aten.logical_not.default, t.node)
+            if G.dtype(term) != torch.bool:
+                term = em(aten._to_copy.default, term, dtype=torch.bool)
+            out = term if out is None else em(aten.logical_and.default, out, term)
+            continue
+        if t.kind == "add":
+            term = t.node if t.factor == 1.0 else em(aten.mul.Tensor, t.node, t.factor)
+        elif t.kind == "keep":
+            term = em(aten.where.Scalar, t.node, 0.0, t.fill)
+        else:
+            term = em(aten.where.Scalar, t.node, t.fill, 0.0)
+        out = term if out is None else em(aten.add.Tensor, out, term)
+    s = G.shape(out)
+    if len(m.batch) > 2:
+        out = em(aten.expand.default, out, [*m.batch, m.site.q_len, m.site.kv_len])
+        out = em(aten.reshape.default, out, [*_batch4(m.batch), m.site.q_len, m.site.kv_len])
+    elif len(s) > len(m.batch) + 2:
+        raise Unsupported(f"mask of rank {len(s)} is wider than the scores")
+    return out
+
+
+def rewrite_site(graph: fx.Graph, m: Match, variant: str, params: dict) -> fx.Node:
+    """Replace one matched attention by ``rewriter::attention``; returns the new op node."""
+    em = _Emitter(graph, m.anchor)
+    dt = G.dtype(m.q.node)
+    if m.gqa_source is not None and len(m.batch) == 2:
+        k = _canonical(em, Operand(m.gqa_source), (m.batch[0], G.shape(m.gqa_source)[1]), kv=True)
+        v = _canonical(em, Operand(m.v_gqa_source), (m.batch[0], G.shape(m.v_gqa_source)[1]), kv=True)
+    else:
+        k = _canonical(em, m.k, m.batch, kv=True)
+        v = _canonical(em, m.v, m.batch, kv=True)
+    q = _canonical(em, m.q, m.batch, kv=False)
+    k, v = em.steps(k, [("to", dt)]), em.steps(v, [("to", dt)])
+    mask = _combined_mask(em, m)
+    out = em(
+        torch.ops.rewriter.attention.default, q, k, v, mask, float(m.scale), bool(m.analysis.op_causal),
+        variant, json.dumps(params, sort_keys=True),
+    )
+    p_len, f = G.shape(out)[-2:]
+    out = em.steps(out, [("reshape", (*m.batch, p_len, f)), *m.out_steps, ("to", G.dtype(m.anchor))])
+    m.anchor.replace_all_uses_with(out)
+    for n in m.nodes:
+        for u in list(n.users):
+            if G.opname(u) == "_assert_tensor_metadata":
+                graph.erase_node(u)
+    return out
+
+
+def rewrite_graph(gm: fx.GraphModule, chosen: list[tuple[Match, str, dict]]) -> dict[int, str]:
+    """Rewrite every (match, variant, params) in ``chosen``; returns {site index: reason} for failures."""
+    failures: dict[int, str] = {}
+    replaced: set[fx.Node] = set()
+    for m, variant, params in chosen:
+        try:
+            rewrite_site(gm.graph, m, variant, params)
+            replaced.update(m.nodes)
+        except Unsupported as e:
+            failures[m.site.index] = str(e)
+            logger.info("site %s left as it was: %s", m.site.name, e)
+    # Dropout and fused attention count as impure (random), so the default DCE would keep the
+    # replaced attention alive; nodes of a replaced site are known dead once unused.
+    gm.graph.eliminate_dead_code(
+        is_impure_node=lambda n: n.op in ("placeholder", "output") or (n not in replaced and n.is_impure())
+    )
+    gm.graph.lint()
+    gm.recompile()
+    return failures

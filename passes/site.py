@@ -1,0 +1,44 @@
+"""The record of one attention found in a graph."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention in a captured graph, described by what its dataflow shows."""
+
+    name: str  # module path of the attention, e.g. "model.layers.0.self_attn" ("" at top level)
+    index: int  # position among the sites of the graph, in graph order
+    spelling: str  # how the scores were written: sdpa | matmul | bmm | mm | einsum | baddbmm
+    causal: bool
+    mask_kind: str  # none | causal | padding | bool | additive
+    is_cross: bool
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    q_len: int
+    kv_len: int
+    batch: int
+    scale: float
+    rewritable: bool = True
+    reason: str = ""  # why the site stays as it was, when not rewritable
+    notes: tuple[str, ...] = field(default=())
+
+    def describe(self) -> str:
+        """A one-line human summary of the site."""
+        flags = ["causal" if self.causal else "bidirectional", "cross" if self.is_cross else "self"]
+        heads = f"{self.num_heads}h" + (f"/{self.num_kv_heads}kv" if self.num_kv_heads != self.num_heads else "")
+        return (
+            f"{self.name or '<top>'} [{self.spelling}] {', '.join(flags)}, mask={self.mask_kind}, "
+            f"{heads}, d={self.head_dim}, q={self.q_len}, kv={self.kv_len}"
+        )
+
+
+def as_int(x) -> int:
+    """A concrete int for a size that may be a SymInt (-1 when it has no hint)."""
+    try:
+        return int(x)
+    except Exception:  # a symbolic size without a hint
+        return -1

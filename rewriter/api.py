@@ -1,0 +1,154 @@
+"""The front door: ``find_attention`` and ``optimize``."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+
+from passes.find import Match, Rejection, find_matches
+from passes.plan import Decision, Plan
+from passes.planner import VariantSpec, choose, normalise_variants
+from passes.rewrite import rewrite_graph
+from passes.site import AttentionSite
+from rewriter.capture import CallSpec, capture, graph_context, split_inputs
+
+logger = logging.getLogger(__name__)
+
+
+def _analyse(model: torch.nn.Module, example_inputs: Any):
+    ep, spec = capture(model, example_inputs)
+    ctx = graph_context(ep)
+    matches, rejected = find_matches(ctx)
+    return ep, spec, matches, rejected
+
+
+def find_attention(model: torch.nn.Module, example_inputs: Any) -> list[AttentionSite]:
+    """Every attention in ``model`` on ``example_inputs``, found from the captured graph's dataflow."""
+    _, _, matches, _ = _analyse(model, example_inputs)
+    return [m.site for m in matches]
+
+
+def relative_l2(reference: Any, candidate: Any) -> float:
+    """Relative L2 distance between two outputs with the same structure (all float tensors pooled)."""
+    ref = [t for t in torch.utils._pytree.tree_leaves(reference) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    cand = [t for t in torch.utils._pytree.tree_leaves(candidate) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if len(ref) != len(cand):
+        raise ValueError(f"outputs differ in structure: {len(ref)} tensors against {len(cand)}")
+    num = sum(float((a.detach().double() - b.detach().double()).pow(2).sum()) for a, b in zip(ref, cand))
+    den = sum(float(a.detach().double().pow(2).sum()) for a in ref)
+    return (num / den) ** 0.5 if den > 0 else num ** 0.5
+
+
+def _signature(kwargs: dict) -> tuple:
+    return tuple(
+        (k, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (k, repr(v)) for k, v in kwargs.items()
+    )
+
+
+class OptimizedModel(torch.nn.Module):
+    """A model whose attention sites call ``rewriter::attention``; same call signature and outputs."""
+
+    def __init__(self, program: torch.export.ExportedProgram, spec: CallSpec, plan: Plan, rebuild=None):
+        super().__init__()
+        self.program = program
+        self.spec = spec
+        self.plan = plan
+        self._module = program.module()
+        self._rebuild = rebuild  # re-captures for new input shapes; None for a loaded artifact
+        self._by_shape: dict[tuple, torch.nn.Module] = {}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the rewritten program (re-capturing once per new input shape when the source model is known)."""
+        kw = self.spec.bind(args, kwargs)
+        try:
+            return self._module(**kw)
+        except (RuntimeError, AssertionError) as e:
+            if "shape" not in str(e) and "Expected input" not in str(e):
+                raise
+            if self._rebuild is None:
+                raise RuntimeError(
+                    f"this optimized program was captured for other input shapes ({e}); "
+                    "export one artifact per input shape, or optimize the model in this process."
+                ) from e
+        key = _signature(kw)
+        if key not in self._by_shape:
+            logger.info("new input shapes %s: capturing and rewriting again", key)
+            self._by_shape[key] = self._rebuild(kw).module()
+        return self._by_shape[key](**kw)
+
+
+def _infer_target(example_inputs: Any) -> str:
+    for t in torch.utils._pytree.tree_leaves(example_inputs):
+        if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+            return "cuda"
+    return "cpu"
+
+
+def _rewrite(ep, matches: list[Match], allowed) -> list[Decision]:
+    chosen, pending = [], []
+    for m in matches:
+        variant, params, reason = choose(m, allowed)
+        pending.append((m, variant, params, reason))
+        if variant is not None:
+            chosen.append((m, variant, params))
+    failures = rewrite_graph(ep.graph_module, chosen)
+    decisions = []
+    for m, variant, params, reason in pending:
+        if variant is None or m.site.index in failures:
+            decisions.append(Decision(m.site, "original", {}, None, None, failures.get(m.site.index, reason)))
+        else:
+            note = "; ".join((reason, *m.site.notes))
+            decisions.append(Decision(m.site, variant, params, None, None, note))
+    return decisions
+
+
+def optimize(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    budget: Optional[float] = 0.01,
+    variants: VariantSpec = None,
+    target: Optional[str] = None,
+    calibration: Any = None,
+) -> OptimizedModel:
+    """Capture ``model``, rewrite every attention it can inside ``budget`` and return the optimized module."""
+    allowed = normalise_variants(variants)
+    target = target or _infer_target(example_inputs)
+    if target not in ("cpu", "cuda"):
+        raise ValueError(f"target must be 'cpu', 'cuda' or None, not {target!r}")
+    ep, spec, matches, _ = _analyse(model, example_inputs)
+    decisions = _rewrite(ep, matches, allowed)
+    notes = () if matches else ("no attention was found in the model; it runs unchanged",)
+
+    def rebuild(kw: dict):
+        ep2, _, matches2, _ = _analyse(model, kw)
+        _rewrite(ep2, matches2, allowed)
+        return ep2
+
+    plan = Plan(tuple(decisions), target=target, budget=budget, notes=notes)
+    opt = OptimizedModel(ep, spec, plan, rebuild)
+    on_meta = any(p.device.type == "meta" for p in model.parameters())
+    if on_meta:
+        return opt
+    samples = calibration if calibration is not None else [example_inputs]
+    if calibration is not None and not isinstance(calibration, list):
+        samples = [calibration]
+    errors = []
+    with torch.no_grad():
+        for sample in samples:
+            args, kwargs = split_inputs(sample)
+            errors.append(relative_l2(model(*args, **{**spec.injected, **kwargs}), opt(*args, **kwargs)))
+    error = max(errors)
+    opt.plan = Plan(tuple(decisions), target=target, budget=budget, error=error, notes=notes)
+    if budget is not None and error > budget:
+        logger.warning("measured error %.2e exceeds the budget %.2e: every site stays as it was", error, budget)
+        ep, spec, matches, _ = _analyse(model, example_inputs)
+        kept = tuple(
+            Decision(d.site, "original", {}, None, None, f"whole-model error {error:.1e} exceeded budget {budget:g}")
+            for d in decisions
+        )
+        opt = OptimizedModel(ep, spec, Plan(kept, target=target, budget=budget, error=0.0, notes=notes), None)
+    return opt
+
+
+__all__ = ["OptimizedModel", "find_attention", "optimize", "relative_l2", "Rejection"]

@@ -1,0 +1,44 @@
+"""Save an optimized model as a directory (model.pt2 + plan.json) and load it in a fresh process."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+import codegen  # noqa: F401  (the custom op must exist before torch.export.load)
+from passes.plan import Plan
+from rewriter.api import OptimizedModel
+from rewriter.capture import CallSpec
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 1
+
+
+def export(opt: OptimizedModel, path: str | Path) -> Path:
+    """Write ``opt`` to directory ``path`` as model.pt2 and plan.json; returns the directory."""
+    if not isinstance(opt, OptimizedModel):
+        raise TypeError(f"export expects the module rewriter.optimize returned, not {type(opt).__name__}")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.export.save(opt.program, out / "model.pt2")
+    meta = {"format": FORMAT, "plan": opt.plan.to_json(), "call": opt.spec.to_json(), "report": str(opt.plan)}
+    (out / "plan.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    logger.info("exported to %s", out)
+    return out
+
+
+def load(path: str | Path) -> OptimizedModel:
+    """Load a directory written by ``export``; the result has the original call signature and plan."""
+    src = Path(path)
+    if not (src / "model.pt2").exists() or not (src / "plan.json").exists():
+        raise FileNotFoundError(f"{src} is not a rewriter artifact (needs model.pt2 and plan.json)")
+    meta = json.loads((src / "plan.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{src}: artifact format {meta.get('format')} is not {FORMAT}; re-export it")
+    program = torch.export.load(src / "model.pt2")
+    call = meta["call"]
+    spec = CallSpec(call["names"], call["captured"], call.get("injected", {}), call.get("var_positional", False))
+    return OptimizedModel(program, spec, Plan.from_json(meta["plan"]), rebuild=None)

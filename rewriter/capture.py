@@ -1,0 +1,143 @@
+"""Capture a model's forward as an ATen FX graph with torch.export (non-strict)."""
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from passes.find import GraphContext
+
+logger = logging.getLogger(__name__)
+
+ROUTE = "torch.export.export(strict=False)"
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured as a graph; the message names the module/op and the route."""
+
+
+@dataclass
+class CallSpec:
+    """How a caller's arguments map onto the captured program's keyword inputs."""
+
+    names: list[str]  # forward's parameter names, in order (for binding positional arguments)
+    captured: list[str]  # keyword names the program was captured with
+    injected: dict[str, Any] = field(default_factory=dict)  # keywords we set for the user (use_cache=False)
+    var_positional: bool = False
+
+    def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """Map a call's arguments to the captured keyword inputs, with a clear error on mismatch."""
+        if len(args) > len(self.names):
+            raise TypeError(f"expected at most {len(self.names)} positional arguments, got {len(args)}")
+        bound = dict(zip(self.names, args))
+        for k, v in kwargs.items():
+            if k in bound:
+                raise TypeError(f"got multiple values for argument {k!r}")
+            bound[k] = v
+        for k, v in self.injected.items():
+            bound.setdefault(k, v)
+        extra = set(bound) - set(self.captured)
+        missing = set(self.captured) - set(bound)
+        if extra or missing:
+            raise TypeError(
+                "the optimized model was captured with arguments "
+                f"{sorted(self.captured)} but was called with {sorted(bound)}"
+                + (f"; unexpected: {sorted(extra)}" if extra else "")
+                + (f"; missing: {sorted(missing)}" if missing else "")
+                + ". Re-run rewriter.optimize with example inputs that use the same arguments."
+            )
+        return {k: bound[k] for k in self.captured}
+
+    def to_json(self) -> dict:
+        """JSON-ready form (injected values must be JSON scalars)."""
+        return {"names": self.names, "captured": self.captured, "injected": self.injected,
+                "var_positional": self.var_positional}
+
+
+def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """A tensor, a tuple/list of positional arguments, or a dict of keyword arguments -> (args, kwargs)."""
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def call_spec(model: torch.nn.Module, args: tuple, kwargs: dict) -> CallSpec:
+    """Bind example arguments to forward's signature and add the keywords capture needs."""
+    sig = inspect.signature(model.forward)
+    params = list(sig.parameters.values())
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    var_pos = any(p.kind == p.VAR_POSITIONAL for p in params)
+    injected: dict[str, Any] = {}
+    # Hugging Face decoders return a cache object torch.export rejects; the user never needs it here.
+    if "use_cache" in sig.parameters and "use_cache" not in kwargs:
+        config = getattr(model, "config", None)
+        if config is None or getattr(config, "use_cache", True) is not False:
+            injected["use_cache"] = False
+    if var_pos and len(args) > len(names):
+        return CallSpec(names, [], injected, var_positional=True)
+    bound = dict(zip(names, args))
+    captured = list(bound) + [k for k in kwargs if k not in bound] + [k for k in injected if k not in bound and k not in kwargs]
+    return CallSpec(names, captured, injected)
+
+
+def capture(model: torch.nn.Module, example_inputs: Any) -> tuple[torch.export.ExportedProgram, CallSpec]:
+    """Export ``model`` on ``example_inputs``; raises CaptureError naming what failed."""
+    args, kwargs = split_inputs(example_inputs)
+    spec = call_spec(model, args, kwargs)
+    if spec.var_positional:
+        call_args, call_kwargs = args, {**kwargs, **spec.injected}
+    else:
+        call_args, call_kwargs = (), spec.bind(args, kwargs)
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, call_args, call_kwargs, strict=False)
+    except Exception as e:  # export raises many types; the user needs one clear message
+        raise CaptureError(_explain(model, e)) from e
+    return ep, spec
+
+
+def _explain(model: torch.nn.Module, e: Exception) -> str:
+    msg = str(e).strip().splitlines()
+    first = next((line for line in msg if line.strip()), type(e).__name__)
+    where = ""
+    for line in msg:
+        if "File " in line and ".py" in line and "torch/" not in line:
+            where = line.strip()
+    return (
+        f"could not capture {type(model).__name__} with {ROUTE}: {type(e).__name__}: {first}"
+        + (f" (at {where})" if where else "")
+        + ". The model runs unchanged; make its forward traceable (no data-dependent Python control flow on "
+        "tensor values) or pass example inputs it accepts."
+    )
+
+
+def graph_context(ep: torch.export.ExportedProgram) -> GraphContext:
+    """The finder's view of an exported program: which placeholders are user data, and constant values."""
+    sig = ep.graph_signature
+    user = set(sig.user_inputs)
+    state = {**ep.state_dict, **ep.constants}
+    lookup = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **getattr(sig, "inputs_to_lifted_tensor_constants", {})}
+    constants: dict[str, torch.Tensor] = {}
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    for n in placeholders:
+        if n.name in lookup and lookup[n.name] in state:
+            constants[n.name] = state[lookup[n.name]]
+    user_nodes = {n for n in placeholders if n.name in user}
+    return GraphContext(graph=ep.graph, user_inputs=user_nodes, constants=constants)
+
+
+def fx_context(gm: fx.GraphModule, param_positions: set[int]) -> GraphContext:
+    """The finder's view of a plain FX graph whose placeholders at ``param_positions`` are weights."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    user = {n for i, n in enumerate(placeholders) if i not in param_positions}
+    dynamic = any(
+        isinstance(s, torch.SymInt) for n in placeholders
+        for s in (getattr(n.meta.get("val"), "shape", ()) or ())
+    )
+    return GraphContext(graph=gm.graph, user_inputs=user, constants={}, dynamic=dynamic)
