@@ -1,0 +1,58 @@
+"""``latent``: low-rank K and V (rank R) with the up-projections absorbed.
+
+K ≈ CK·UK and V ≈ CV·UV with CK, CV [B,G,M,R] and UK [G,R,E], UV [G,R,F].  Scores are
+(q·UKᵀ)·CKᵀ, so attention runs at head dim R, and UV is applied to the output.  In a rewritten
+model the factors come from the K/V projection weights (Palu-style SVD); the reference accepts
+them as ``factors`` or, when absent, computes them by an SVD of k and v themselves, per KV head
+over all batch rows (so with R >= head dim it is exact).  Causal masks are bottom-right aligned.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+CASCADE = "latent"
+DEFAULTS: dict = {"rank": 32}
+
+
+def applies(site) -> Optional[str]:
+    """Latent applies to any attention (the rank is checked against the head dim); returns None."""
+    return None
+
+
+def _factor(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    b, g, m, d = x.shape
+    rows = x.permute(1, 0, 2, 3).reshape(g, b * m, d).to(torch.promote_types(x.dtype, torch.float32))
+    _, _, vh = torch.linalg.svd(rows, full_matrices=False)
+    up = vh[:, :rank].to(x.dtype)  # [G,R,D], orthonormal rows
+    return torch.matmul(x, up.transpose(-1, -2).unsqueeze(0)), up
+
+
+def factors(k: torch.Tensor, v: torch.Tensor, rank: int) -> tuple[torch.Tensor, ...]:
+    """(CK, UK, CV, UV) from an SVD of k and v per KV head."""
+    ck, uk = _factor(k, rank)
+    cv, uv = _factor(v, rank)
+    return ck, uk, cv, uv
+
+
+def attend(q: torch.Tensor, ck: torch.Tensor, uk: torch.Tensor, cv: torch.Tensor, uv: torch.Tensor, *,
+           scale: float, causal: bool) -> torch.Tensor:
+    """Attention on the latent factors: SDPA at head dim R between the two projections."""
+    bsz, h, p, e = q.shape
+    g, m = ck.shape[1], ck.shape[2]
+    r = h // g
+    ql = torch.matmul(q.view(bsz, g, r, p, e), uk.transpose(-1, -2)[None, :, None]).reshape(bsz, h, p, -1)
+    mask = None
+    if causal and p != m:
+        mask = torch.ones(p, m, dtype=torch.bool, device=q.device).tril(diagonal=m - p)
+    ol = torch.nn.functional.scaled_dot_product_attention(
+        ql, ck, cv, attn_mask=mask, is_causal=causal and p == m, scale=scale, enable_gqa=g != h)
+    return torch.matmul(ol.view(bsz, g, r, p, -1), uv[None, :, None]).reshape(bsz, h, p, -1)
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
+              rank: int = DEFAULTS["rank"], factors: Optional[tuple[torch.Tensor, ...]] = None) -> torch.Tensor:
+    """Low-rank K/V attention, q [B,H,P,E], k [B,G,M,E], v [B,G,M,F] -> [B,H,P,F]."""
+    fac = factors if factors is not None else globals()["factors"](k, v, rank)
+    return attend(q, *fac, scale=scale, causal=causal)

@@ -1,0 +1,66 @@
+"""``linear``: kernelised attention phi(Q)(phi(K)^T V) / phi(Q)(phi(K)^T 1), phi = elu + 1.
+
+Non-causal: one phi(K)^T V state per KV head, then a matmul per query.  Causal: chunked as in
+flash-linear-attention with chunk C: exact (phi(Q_c) phi(K_c)^T masked lower-triangular) inside
+a chunk, plus phi(Q_c) times the state carried from all earlier chunks.  Queries sit at the
+end of the keys (query i at position M - P + i); keys before the first query enter the state.
+``scale`` is accepted for a uniform signature; the feature map is applied to raw q and k.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+CASCADE = "linear"
+DEFAULTS: dict = {"chunk": 64}
+
+
+def applies(site) -> Optional[str]:
+    """Linear attention applies to any attention (accuracy is for the planner); returns None."""
+    return None
+
+
+def elu1(x: torch.Tensor) -> torch.Tensor:
+    """The feature map elu(x) + 1 (positive, so the normaliser never vanishes)."""
+    return torch.nn.functional.elu(x) + 1
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
+              chunk: int = DEFAULTS["chunk"],
+              feature_map: Callable[[torch.Tensor], torch.Tensor] = elu1) -> torch.Tensor:
+    """Linear attention, q [B,H,P,E], k [B,G,M,E], v [B,G,M,F] -> [B,H,P,F]."""
+    bsz, h, p, e = q.shape
+    g, m, f = k.shape[1], k.shape[2], v.shape[-1]
+    r = h // g
+    qf = feature_map(q).view(bsz, g, r, p, -1)
+    kf = feature_map(k)
+    if not causal:
+        kv = torch.matmul(kf.transpose(-1, -2), v)  # [B,G,D,F]
+        ks = kf.sum(dim=-2)  # [B,G,D]
+        num = torch.matmul(qf, kv.unsqueeze(2))
+        den = torch.matmul(qf, ks[:, :, None, :, None])
+        return (num / den).reshape(bsz, h, p, f)
+    off = m - p
+    d = kf.shape[-1]
+    s0 = torch.matmul(kf[:, :, :off].transpose(-1, -2), v[:, :, :off])  # keys before the first query
+    z0 = kf[:, :, :off].sum(dim=-2)
+    n = math.ceil(p / chunk)
+    pad = n * chunk - p
+    # pad after the feature map: a padded key must add nothing to any state
+    qc = torch.nn.functional.pad(qf, (0, 0, 0, pad)).view(bsz, g, r, n, chunk, d)
+    kc = torch.nn.functional.pad(kf[:, :, off:], (0, 0, 0, pad)).view(bsz, g, n, chunk, d)
+    vc = torch.nn.functional.pad(v[:, :, off:], (0, 0, 0, pad)).view(bsz, g, n, chunk, f)
+    tril = torch.ones(chunk, chunk, dtype=q.dtype, device=q.device).tril()
+    intra = torch.matmul(qc, kc.unsqueeze(2).transpose(-1, -2)).mul_(tril)  # [B,G,R,n,C,C]
+    num = torch.matmul(intra, vc.unsqueeze(2))
+    den = intra.sum(dim=-1)
+    ckv = torch.matmul(kc.transpose(-1, -2), vc)  # [B,G,n,D,F]
+    cks = kc.sum(dim=-2)  # [B,G,n,D]
+    state = torch.cumsum(ckv, dim=2) - ckv + s0[:, :, None]  # state before each chunk
+    zs = torch.cumsum(cks, dim=2) - cks + z0[:, :, None]
+    num = num + torch.matmul(qc, state.unsqueeze(2))
+    den = den + torch.matmul(qc, zs.unsqueeze(2).unsqueeze(-1)).squeeze(-1)
+    out = (num / den[..., None]).reshape(bsz, g, r, n * chunk, f)[:, :, :, :p]
+    return out.reshape(bsz, h, p, f)
