@@ -50,7 +50,8 @@ def attention(
             f"rewriter::attention has no kernel for variant {variant!r}; known: {sorted(KERNELS)}. "
             "Import the package that defines it (import rewriter) before running the graph."
         ) from None
-    return kernel(q, k, v, mask, scale, causal, **json.loads(params or "{}"))
+    # The op's contract is a contiguous [B,H,P,F] result: the fake kernel promises it to compilers.
+    return kernel(q, k, v, mask, scale, causal, **json.loads(params or "{}")).contiguous()
 
 
 @attention.register_fake

@@ -566,19 +566,41 @@ def _match_sdpa(ctx: GraphContext, node: fx.Node, index: int) -> Match:
     )
 
 
+def softmax_input(node: fx.Node) -> Optional[tuple[fx.Node, int]]:
+    """(input, dim) if ``node`` computes a softmax: an ATen softmax op or its exp / sum decomposition."""
+    name = G.opname(node)
+    if name in G.SOFTMAX_OPS:
+        return node.args[0], G.arg(node, 1, "dim")
+    if name != "div" or not all(isinstance(a, fx.Node) for a in node.args[:2]):
+        return None
+    e, total = node.args[0], node.args[1]
+    if G.opname(e) != "exp" or G.opname(total) != "sum" or total.args[0] is not e:
+        return None
+    sub = e.args[0]
+    if G.opname(sub) != "sub" or not isinstance(sub.args[1], fx.Node) or G.opname(sub.args[1]) != "amax":
+        return None
+    x, amax = sub.args[0], sub.args[1]
+    if amax.args[0] is not x:
+        return None
+    dims = list(G.arg(total, 1, "dim", [])) or [None]
+    if len(dims) != 1 or list(G.arg(amax, 1, "dim", [])) != dims:
+        return None
+    return x, dims[0]
+
+
 def _match_explicit(ctx: GraphContext, sm: fx.Node, index: int) -> Match:
     s_in = G.shape(sm)
-    dim = G.arg(sm, 1, "dim")
-    if s_in is None or len(s_in) < 2 or dim % len(s_in) != len(s_in) - 1:
+    x_in, dim = softmax_input(sm)
+    if s_in is None or len(s_in) < 2 or dim is None or dim % len(s_in) != len(s_in) - 1:
         raise NotAttention("softmax is not over the last dimension")
-    c1, ops, chain = _walk_scores(ctx, sm.args[0])
+    c1, ops, chain = _walk_scores(ctx, x_in)
     c2, probs, post, notes = _walk_probs(sm)
     if c2 is None:
         raise NotAttention("softmax is not followed by a product")
     q, k = _score_operands(c1)
     if k.node not in ctx.activations:
         raise NotAttention("keys are weights, not activations (classifier or router)")
-    batch = tuple(G.shape(sm.args[0])[:-2])
+    batch = tuple(G.shape(x_in)[:-2])
     sp = G.shape(probs)
     if sp is None or not G.same_sizes(sp[-2:], s_in[-2:]):
         raise Unsupported("the probabilities are re-laid out before the value product")
@@ -586,7 +608,7 @@ def _match_explicit(ctx: GraphContext, sm: fx.Node, index: int) -> Match:
     if v.node not in ctx.activations:
         raise NotAttention("values are weights, not activations (pooling over weights)")
     for node in chain:
-        if node is not sm.args[0] and len(G.users(node)) > 1:
+        if node is not x_in and len(G.users(node)) > 1:
             raise Unsupported(f"an intermediate of the scores ({node.name}) is used outside the attention")
     scale = 1.0
     masks: list[MaskTerm] = []
@@ -616,7 +638,7 @@ def _match_explicit(ctx: GraphContext, sm: fx.Node, index: int) -> Match:
     spelling = G.opname(c1)
     return _site(
         ctx, index, c2, spelling, q, k, v, batch, masks, scale, False, out_steps, notes,
-        tuple([c1, *chain, sm, *post, c2]), sm, G.dtype(sm.args[0]),
+        tuple([c1, *chain, sm, *post, c2]), sm, G.dtype(x_in),
     )
 
 
@@ -634,7 +656,7 @@ def find_matches(ctx: GraphContext) -> tuple[list[Match], list[Rejection]]:
     rejected: list[Rejection] = []
     for node in list(ctx.graph.nodes):
         name = G.opname(node)
-        if name not in G.SDPA_OPS and name not in G.SOFTMAX_OPS:
+        if name not in G.SDPA_OPS and softmax_input(node) is None:
             continue
         try:
             if name in G.SDPA_OPS:

@@ -43,7 +43,8 @@ class _Emitter:
             if st[0] == "permute":
                 node = self(aten.permute.default, node, list(st[1]))
             elif st[0] == "transpose":
-                node = self(aten.transpose.int, node, -1, -2)
+                nd = len(G.shape(node))
+                node = self(aten.permute.default, node, [*range(nd - 2), nd - 1, nd - 2])
             elif st[0] == "unsqueeze":
                 node = self(aten.unsqueeze.default, node, st[1])
             elif st[0] == "reshape":
@@ -51,7 +52,7 @@ class _Emitter:
                     node = self(aten.reshape.default, node, list(st[1]))
             elif st[0] == "to":
                 if G.dtype(node) != st[1]:
-                    node = self(aten._to_copy.default, node, dtype=st[1])
+                    node = self(torch.ops.prims.convert_element_type.default, node, st[1])
         return node
 
 
@@ -101,7 +102,7 @@ def _combined_mask(em: _Emitter, m: Match) -> Optional[fx.Node]:
         if bool_only:
             term = t.node if t.kind == "keep" else em(aten.logical_not.default, t.node)
             if G.dtype(term) != torch.bool:
-                term = em(aten._to_copy.default, term, dtype=torch.bool)
+                term = em(torch.ops.prims.convert_element_type.default, term, torch.bool)
             out = term if out is None else em(aten.logical_and.default, out, term)
             continue
         if t.kind == "add":

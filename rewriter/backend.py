@@ -1,0 +1,64 @@
+"""``torch.compile(model, backend="rewriter")``: rewrite attention in the ATen graph, then Inductor.
+
+Inductor's own front half (aot_autograd + decompositions) produces the ATen graph; we rewrite it in
+the inner compile step and hand it on to Inductor's inner compiler. A graph we cannot analyse runs
+through Inductor unchanged, never wrong.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+
+from passes.find import find_matches
+from passes.planner import choose, normalise_variants
+from passes.rewrite import rewrite_graph
+from rewriter.capture import fx_context
+
+logger = logging.getLogger(__name__)
+
+# Sites rewritten by the backend in this process, newest last (for tests and reports).
+LAST_SITES: list = []
+
+
+def _rewrite_inner(gm: torch.fx.GraphModule, param_positions: set[int], variants) -> int:
+    ctx = fx_context(gm, param_positions)
+    matches, _ = find_matches(ctx)
+    allowed = normalise_variants(variants)
+    chosen = []
+    for m in matches:
+        variant, params, reason = choose(m, allowed)
+        if variant is not None:
+            chosen.append((m, variant, params))
+        else:
+            logger.info("site %s stays as it was: %s", m.site.name, reason)
+    failures = rewrite_graph(gm, chosen)
+    LAST_SITES.extend(m.site for m, _, _ in chosen if m.site.index not in failures)
+    return len(chosen) - len(failures)
+
+
+def rewriter_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **options: Any):
+    """Dynamo backend: attention rewrite on the ATen forward graph, compiled by Inductor."""
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    variants = options.get("variants", ["dense"])
+    params = {i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)}
+    n_inputs = len(example_inputs)
+
+    def inner(agm: torch.fx.GraphModule, inputs: Sequence[Any], *args: Any, **kwargs: Any):
+        placeholders = [n for n in agm.graph.nodes if n.op == "placeholder"]
+        # The forward graph keeps dynamo's input order; if aot added inputs, treat all as activations.
+        positions = params if len(placeholders) == n_inputs else set()
+        if not kwargs.get("is_backward", False):
+            try:
+                n = _rewrite_inner(agm, positions, variants)
+                logger.info("rewriter backend: %d attention site(s) rewritten", n)
+            except Exception as e:  # never break the user's compile: run the graph unchanged
+                logger.warning("rewriter backend left a graph unchanged: %s: %s", type(e).__name__, e)
+        return compile_fx_inner(agm, inputs, *args, **kwargs)
+
+    # AOTAutograd's cache keys on the graph before our inner step runs: a hit would skip the rewrite,
+    # and our entry would be served to plain Inductor compiles of the same graph.
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, inner_compile=inner)
