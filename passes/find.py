@@ -183,9 +183,10 @@ def _walk_scores(ctx: GraphContext, x: fx.Node) -> tuple[fx.Node, list, list[fx.
             if name == "baddbmm":
                 beta = G.arg(x, 3, "beta", 1)
                 alpha = G.arg(x, 4, "alpha", 1)
+                # beta*bias + alpha*(q@kT) == (q@kT + bias*beta/alpha) * alpha; ops are collected backwards.
+                ops.append(("scale", float(alpha)))
                 if float(beta) != 0.0:
                     ops.append(MaskTerm("add", x.args[0], factor=float(beta) / float(alpha)))
-                ops.append(("scale", float(alpha)))
             ops.reverse()
             return x, ops, chain
         chain.append(x)
@@ -326,7 +327,9 @@ def _walk_probs(sm: fx.Node) -> tuple[Optional[fx.Node], Optional[fx.Node], list
     x = sm
     while True:
         us = G.users(x)
-        nxt = [u for u in us if G.opname(u) in (G.CONTRACTION_OPS | _PASS_THROUGH | G.DROPOUT_OPS)]
+        nxt = [u for u in us if G.opname(u) in (G.CONTRACTION_OPS - {"baddbmm"})]
+        if len(nxt) != 1:
+            nxt = [u for u in us if G.opname(u) in (_PASS_THROUGH | G.DROPOUT_OPS)]
         if len(us) > 1:
             notes.append("the attention probabilities are also used elsewhere (returned weights?); they are still computed")
         if len(nxt) != 1:
@@ -450,8 +453,8 @@ def _site(
         kv_heads = as_int(G.shape(kv_src)[1])
     else:
         kb = _canon_batch(k)
-        if len(batch) >= 2 and len(kb) == len(batch) and as_int(kb[-1]) == 1 and as_int(batch[-1]) > 1:
-            kv_heads = 1
+        if len(batch) >= 2 and len(kb) == len(batch) and 0 < as_int(kb[-1]) < as_int(batch[-1]):
+            kv_heads = as_int(kb[-1])  # broadcast (MQA) or enable_gqa heads
     q_src = _projection_sources(ctx, q.node)
     k_src = _projection_sources(ctx, k.node)
     is_cross = q_src.isdisjoint(k_src)

@@ -85,7 +85,11 @@ def evaluate(ctx, node: fx.Node) -> Optional[torch.Tensor]:
 
 
 _LOGICAL = frozenset({"__and__", "bitwise_and", "logical_and", "mul", "add", "minimum", "__or__", "bitwise_or", "logical_or"})
-_TRANSPARENT = G.VIEW_OPS | G.CAST_OPS | frozenset({"logical_not", "bitwise_not", "neg", "expand", "slice", "select"})
+# Ops a term is looked through: they keep (or only broadcast) its shape, so a padding term found
+# below them still shows its query dim of size 1. Reshapes stop the descent for that reason.
+_TRANSPARENT = G.CAST_OPS | frozenset(
+    {"logical_not", "bitwise_not", "neg", "expand", "clone", "contiguous", "alias", "detach", "lift_fresh_copy"}
+)
 
 
 def _terms(ctx, node: Any, depth: int = 0) -> list[fx.Node]:
@@ -99,7 +103,7 @@ def _terms(ctx, node: Any, depth: int = 0) -> list[fx.Node]:
         return [t for a in node.args[:2] for t in _terms(ctx, a, depth + 1)]
     if name == "where":
         return [t for a in node.args[:3] for t in _terms(ctx, a, depth + 1)]
-    if name in _TRANSPARENT and name != "slice":
+    if name in _TRANSPARENT:
         return _terms(ctx, node.args[0], depth + 1)
     return [node]
 

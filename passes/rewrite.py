@@ -76,19 +76,20 @@ def _canonical(em: _Emitter, op: Operand, batch: tuple, kv: bool) -> fx.Node:
             x = em(aten.unsqueeze.default, x, 0)
         s = G.shape(x)
         xb = s[:-2]
-    keep_one = False
+    kv_groups = None  # kv heads kept un-repeated (MQA broadcast or enable_gqa): the op shares them
     if not G.same_sizes(xb, batch):
-        if len(xb) == len(batch) and all(a == 1 or a == b for a, b in zip(xb, batch)):
-            keep_one = kv and len(batch) >= 2 and xb[-1] == 1 and G.same_sizes(xb[:-1], batch[:-1])
-            if not keep_one:
-                x = em(aten.expand.default, x, [*batch, *tail])
+        if (kv and len(batch) >= 2 and len(xb) == len(batch) and G.same_sizes(xb[:-1], batch[:-1])
+                and batch[-1] % xb[-1] == 0):
+            kv_groups = xb[-1]
+        elif len(xb) == len(batch) and all(a == 1 or a == b for a, b in zip(xb, batch)):
+            x = em(aten.expand.default, x, [*batch, *tail])
         elif G.prod(xb) == G.prod(batch):
             x = em(aten.reshape.default, x, [*batch, *tail])
         else:
             raise Unsupported(f"operand batch {tuple(xb)} does not match the scores' batch {tuple(batch)}")
     b4 = list(_batch4(batch))
-    if keep_one:
-        b4[-1] = 1
+    if kv_groups is not None:
+        b4[-1] = kv_groups
     return em.steps(x, [("reshape", (*b4, *tail))])
 
 
