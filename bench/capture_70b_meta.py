@@ -1,0 +1,92 @@
+"""Capture a Llama-2-70B-shaped model on the meta device and find its attention.
+
+No weights are allocated: the model is built under ``torch.device("meta")`` and the input ids are a
+meta tensor too, so torch.export traces shapes only. Prints the number of sites found (must be 80),
+the wall time of capture + find (target < 30 s) and the peak resident memory of this process (RSS
+high-water mark, target < 2 GB), and exits non-zero when a target is missed.
+
+    python bench/capture_70b_meta.py [--layers 80] [--tokens 4096]
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+
+import torch
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident-set high-water mark (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=80)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--max-seconds", type=float, default=30.0)
+    ap.add_argument("--max-gb", type=float, default=2.0)
+    args = ap.parse_args(argv)
+
+    t_import = time.perf_counter()
+    import rewriter
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import_s = time.perf_counter() - t_import
+    rss_after_import = peak_rss_bytes()
+
+    config = LlamaConfig(
+        vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=args.layers,
+        num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=args.tokens,
+        rms_norm_eps=1e-5, attn_implementation="sdpa",
+    )
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.eval()
+    build_s = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in model.parameters())
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+    input_ids = torch.zeros(args.batch, args.tokens, dtype=torch.long, device="meta")
+    t1 = time.perf_counter()
+    sites = rewriter.find_attention(model, {"input_ids": input_ids})
+    find_s = time.perf_counter() - t1
+    peak = peak_rss_bytes()
+
+    expected = args.layers
+    ok_count = len(sites) == expected
+    ok_shape = all(
+        s.num_heads == 64 and s.num_kv_heads == 8 and s.head_dim == 128 and s.q_len == args.tokens
+        and s.kv_len == args.tokens and s.causal and not s.is_cross
+        for s in sites
+    )
+    ok_time = find_s < args.max_seconds
+    ok_mem = peak < args.max_gb * 2**30
+
+    rows = [
+        ("model", f"Llama-2-70B shape, {args.layers} layers, {n_params / 1e9:.1f}B params on meta", ""),
+        ("tokens", f"{args.batch} x {args.tokens}", ""),
+        ("sites found", f"{len(sites)}", f"== {expected}: {'ok' if ok_count else 'MISSED'}"),
+        ("site flags", "causal, 64h/8kv, d128" if ok_shape else "WRONG", "ok" if ok_shape else "MISSED"),
+        ("capture + find", f"{find_s:.1f} s", f"< {args.max_seconds:g} s: {'ok' if ok_time else 'MISSED'}"),
+        ("peak RSS", f"{peak / 2**30:.2f} GB", f"< {args.max_gb:g} GB: {'ok' if ok_mem else 'MISSED'}"),
+        ("(build on meta)", f"{build_s:.1f} s", ""),
+        ("(imports)", f"{import_s:.1f} s, RSS {rss_after_import / 2**30:.2f} GB", ""),
+    ]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    for a, b, c in rows:
+        print(f"{a.ljust(w0)}  {b.ljust(w1)}  {c}".rstrip())
+    if sites and not ok_shape:
+        for s in sites[:3]:
+            print("  e.g.", s.describe())
+    return 0 if (ok_count and ok_shape and ok_time and ok_mem) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
