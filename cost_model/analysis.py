@@ -223,10 +223,11 @@ class Traffic:
     kernel: str
     reads: sympy.Expr
     writes: sympy.Expr
+    cached: sympy.Expr = ZERO
 
     @property
     def total(self) -> sympy.Expr:
-        """Reads plus writes."""
+        """Main-memory reads plus writes (hand-overs through the shared cache excluded)."""
         return self.reads + self.writes
 
 
@@ -245,7 +246,8 @@ def kernel_traffic(
     (batch, head) does not fit on chip is re-read for every query tile and every query head
     sharing it (the FlashAttention Θ(N²d²/M) term).  An intermediate read by a later pass is
     written and re-read when its slice per grid cell does not fit on chip.  Tensors passed
-    between kernels go through main memory unless they fit in the shared cache.
+    between kernels go through main memory unless they fit in the shared cache, in which case
+    they are counted in ``cached`` (moved at cache bandwidth).
     """
     nb = dtype_bytes or c.dtype_bytes
     cap = sympy.sympify(capacity_bytes)
@@ -263,7 +265,7 @@ def kernel_traffic(
         members = [prod[n] for n in k.einsums]
         parallel = _parallel_ranks(c, members)
         tq = c.tile_q if k.fused else ONE
-        reads, writes = ZERO, ZERO
+        reads, writes, cached = ZERO, ZERO, ZERO
         levels_reading: dict[str, list[int]] = {}
         access: dict[str, Access] = {}
         for e in members:
@@ -277,7 +279,10 @@ def kernel_traffic(
         for t, lv in levels_reading.items():
             a = access[t]
             full = _storage_size(c, a, keep_iterative=True) * nb
-            if t in prod and _fits(llc, full):
+            if t in prod:
+                # handed over by another kernel: from the shared cache when it fits there
+                cached += _if_fits(llc, full, full)
+                reads += _unless_fits(llc, full, full)
                 continue
             first = full
             if k.fused and set(a.ranks) & c.key_parts:
@@ -302,15 +307,22 @@ def kernel_traffic(
             if not leaves:
                 continue
             full = _storage_size(c, e.out, keep_iterative=True) * nb
-            if e.name not in c.outputs and _fits(llc, full):
-                continue
-            writes += full
-        out.append(Traffic(k.name, reads, writes))
+            if e.name in c.outputs:
+                writes += full
+            else:
+                cached += _if_fits(llc, full, full)
+                writes += _unless_fits(llc, full, full)
+        out.append(Traffic(k.name, reads, writes, cached))
     return out
 
 
 def _fits(cap: sympy.Expr, size: sympy.Expr) -> bool:
     return sympy.ask(sympy.Q.nonnegative(cap - size)) is True
+
+
+def _if_fits(cap: sympy.Expr, size: sympy.Expr, cost: sympy.Expr) -> sympy.Expr:
+    """``cost`` if ``size`` fits in ``cap``, else 0 (a Piecewise while undecided)."""
+    return cost - _unless_fits(cap, size, cost)
 
 
 def _unless_fits(cap: sympy.Expr, size: sympy.Expr, cost: sympy.Expr) -> sympy.Expr:

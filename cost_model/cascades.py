@@ -223,8 +223,8 @@ def _local(name: str, *, causal: bool, window: sympy.Expr, sinks: sympy.Expr, bl
     groups_pre: list[list[str]] = []
     if gather:
         # sinks + window keys are concatenated per query block: a real copy
-        pre = [Einsum(Access("KW", ("b", "g", "p1", "w", "e")), (Access("K", ("b", "g", "m", "e")),), ("copy",)),
-               Einsum(Access("VW", ("b", "g", "p1", "w", "f")), (Access("V", ("b", "g", "m", "f")),), ("copy",))]
+        pre = [Einsum(Access("KW", ("b", "g", "p1", "w", "e")), (Access("K", ("b", "g", "p1", "w", "e")),), ("copy",)),
+               Einsum(Access("VW", ("b", "g", "p1", "w", "f")), (Access("V", ("b", "g", "p1", "w", "f")),), ("copy",))]
         groups_pre = [["KW"], ["VW"]]
         k, v = Access("KW", ("b", "g", "p1", "w", "e")), Access("VW", ("b", "g", "p1", "w", "f"))
     else:
@@ -243,31 +243,39 @@ def _local(name: str, *, causal: bool, window: sympy.Expr, sinks: sympy.Expr, bl
                    derived=("m",), fused_groups=fused, tile_q=block, tile_k=tile_k, notes=notes, params=params)
 
 
-def sliding_window(*, window: object = None, causal: bool = False, block: object = 64, form: str = "online",
+def _form(form: str | None, schedule: str) -> str:
+    """Default softmax form: online in a fused kernel, library softmax (3 passes over a row) eagerly."""
+    return form or ("online" if schedule == "fused" else "3pass")
+
+
+def sliding_window(*, window: object = None, causal: bool = False, block: object = 64, form: str | None = None,
                    schedule: str = "fused", tile_q: object = 64, tile_k: object = 64) -> Cascade:
     """Sliding window |i-j| < W (and j <= i if causal), computed by query blocks of ``block`` rows."""
     w = _s(window) if window is not None else sym("W")
+    form = _form(form, schedule)
     return _local("sliding_window", causal=causal, window=w, sinks=sympy.Integer(0), block=_s(block), form=form,
                   schedule=schedule, tile_k=tile_k, gather=False, params={"window": w, "block": block},
                   notes="window span per query block" + (", causal" if causal else ""))
 
 
 def sinks_window(*, window: object = None, sinks: object = None, causal: bool = False, block: object = 64,
-                 form: str = "online", schedule: str = "fused", tile_q: object = 64,
+                 form: str | None = None, schedule: str = "fused", tile_q: object = 64,
                  tile_k: object = 64) -> Cascade:
     """StreamingLLM sinks + window: the first S keys plus the sliding window."""
     w = _s(window) if window is not None else sym("W")
     s = _s(sinks) if sinks is not None else sym("S")
+    form = _form(form, schedule)
     return _local("sinks_window", causal=causal, window=w, sinks=s, block=_s(block), form=form,
                   schedule=schedule, tile_k=tile_k, gather=True,
                   params={"window": w, "sinks": s, "block": block},
                   notes="sinks + window span per query block" + (", causal" if causal else ""))
 
 
-def block_sparse(*, block: object = 64, keep: object = None, causal: bool = False, form: str = "online",
+def block_sparse(*, block: object = 64, keep: object = None, causal: bool = False, form: str | None = None,
                  schedule: str = "fused", tile_q: object = 64, tile_k: object = 64) -> Cascade:
     """Block-sparse top-k: pooled q/k block scores choose keep*M/block key blocks per query block."""
     bs = _s(block)
+    form = _form(form, schedule)
     kappa = _s(keep) if keep is not None else sympy.Symbol("kappa", positive=True)
     q = Access("Q", ("b", "g", "r", "p1", "p0", "e"))
     kfull = Access("K", ("b", "g", "m1", "m0", "e"))
@@ -281,9 +289,9 @@ def block_sparse(*, block: object = 64, keep: object = None, causal: bool = Fals
         # top-k selection: one compare per block score
         Einsum(Access("SEL", ("b", "g", "r", "p1", "w")), (Access("BS", ("b", "g", "r", "p1", "m1")),), ("cmp",)),
         Einsum(Access("KW", ("b", "g", "r", "p1", "w", "e")), (Access("SEL", ("b", "g", "r", "p1", "w")),
-                                                              Access("K", ("b", "g", "m", "e"))), ("copy",)),
+                                                              Access("K", ("b", "g", "r", "p1", "w", "e"))), ("copy",)),
         Einsum(Access("VW", ("b", "g", "r", "p1", "w", "f")), (Access("SEL", ("b", "g", "r", "p1", "w")),
-                                                              Access("V", ("b", "g", "m", "f"))), ("copy",)),
+                                                              Access("V", ("b", "g", "r", "p1", "w", "f"))), ("copy",)),
     ]
     k, v = Access("KW", ("b", "g", "r", "p1", "w", "e")), Access("VW", ("b", "g", "r", "p1", "w", "f"))
     mask = Access("SEL", ("b", "g", "r", "p1", "w")) if causal else None

@@ -38,6 +38,7 @@ class Hardware:
     launch_s: float
     onchip_bytes: float
     cache_bytes: float
+    cache_bytes_per_s: float
     dtype_bytes: int
     overlap_units: bool
     schedule: str
@@ -55,15 +56,15 @@ class Hardware:
 # Datasheet figures, dense fp16/bf16.  exp: 16 SFU ops/clk/SM; other: fp32 FMA pipes.
 H100 = Hardware("h100", mac_per_s=989.4e12 / 2, exp_per_s=16 * 132 * 1.83e9, other_per_s=67e12 / 2,
                 read_bytes_per_s=3.35e12, write_bytes_per_s=3.35e12, launch_s=4e-6, onchip_bytes=228e3,
-                cache_bytes=50e6, dtype_bytes=2, overlap_units=True, schedule="fused", tile_q="128",
+                cache_bytes=50e6, cache_bytes_per_s=10e12, dtype_bytes=2, overlap_units=True, schedule="fused", tile_q="128",
                 tile_k="64")
 H200 = Hardware("h200", mac_per_s=989.4e12 / 2, exp_per_s=16 * 132 * 1.83e9, other_per_s=67e12 / 2,
                 read_bytes_per_s=4.8e12, write_bytes_per_s=4.8e12, launch_s=4e-6, onchip_bytes=228e3,
-                cache_bytes=50e6, dtype_bytes=2, overlap_units=True, schedule="fused", tile_q="128",
+                cache_bytes=50e6, cache_bytes_per_s=10e12, dtype_bytes=2, overlap_units=True, schedule="fused", tile_q="128",
                 tile_k="64")
 A100 = Hardware("a100", mac_per_s=312e12 / 2, exp_per_s=16 * 108 * 1.41e9, other_per_s=19.5e12 / 2,
                 read_bytes_per_s=2.039e12, write_bytes_per_s=2.039e12, launch_s=5e-6, onchip_bytes=164e3,
-                cache_bytes=40e6, dtype_bytes=2, overlap_units=True, schedule="fused", tile_q="128",
+                cache_bytes=40e6, cache_bytes_per_s=5e12, dtype_bytes=2, overlap_units=True, schedule="fused", tile_q="128",
                 tile_k="64")
 
 #: torch's CPU flash-attention kernel splits queries by 256/64/32 rows and keys by 512.
@@ -72,10 +73,11 @@ CPU_TILE_K = "Min(512, M)"
 
 #: Used only when no calibration exists: a conservative 2-core AVX2 machine.
 GENERIC_CPU = dict(mac_per_s=50e9, exp_per_s=2e9, other_per_s=2e9, read_bytes_per_s=10e9,
-                   write_bytes_per_s=4e9, launch_s=8e-6)
+                   write_bytes_per_s=4e9, cache_bytes_per_s=40e9, launch_s=8e-6)
 
 #: Measured fields of a CPU profile (what a calibration must return).
-MEASURED_FIELDS = ("mac_per_s", "exp_per_s", "other_per_s", "read_bytes_per_s", "write_bytes_per_s", "launch_s")
+MEASURED_FIELDS = ("mac_per_s", "exp_per_s", "other_per_s", "read_bytes_per_s", "write_bytes_per_s",
+                   "cache_bytes_per_s", "launch_s")
 
 
 def machine_id() -> str:
@@ -134,8 +136,11 @@ def cpu_from_measurements(measured: Mapping[str, float], source: str = "measured
         raise ValueError(f"calibration is missing {missing}")
     l2, llc = _cpu_caches()
     extra = tuple((k, float(v)) for k, v in measured.items() if k not in MEASURED_FIELDS)
-    return Hardware("cpu", **{k: float(measured[k]) for k in MEASURED_FIELDS}, onchip_bytes=l2,
-                    cache_bytes=llc, dtype_bytes=4, overlap_units=False, schedule="eager",
+    cores = max(1, int(measured.get("threads", os.cpu_count() or 1)))
+    # a CPU core's tiles are backed by its L2 and its share of the last-level cache, which is
+    # what stands between it and DRAM (the role shared memory plays on a GPU)
+    return Hardware("cpu", **{k: float(measured[k]) for k in MEASURED_FIELDS},
+                    onchip_bytes=max(l2, llc / cores), cache_bytes=llc, dtype_bytes=4, overlap_units=False, schedule="eager",
                     tile_q=CPU_TILE_Q, tile_k=CPU_TILE_K, source=source, extra=extra)
 
 

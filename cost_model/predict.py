@@ -43,7 +43,8 @@ def kernel_costs(c: Cascade, hw: Hardware) -> list[KernelCost]:
         parts = [oc.macs / hw.mac_per_s, oc.exps / hw.exp_per_s, oc.others / hw.other_per_s]
         compute = sympy.Max(*parts) if hw.overlap_units else sum(parts)
         t = traffic[k.name]
-        memory = t.reads / hw.read_bytes_per_s + t.writes / hw.write_bytes_per_s
+        memory = (t.reads / hw.read_bytes_per_s + t.writes / hw.write_bytes_per_s
+                  + t.cached / hw.cache_bytes_per_s)
         launches = sympy.sympify(k.launches)
         secs = launches * hw.launch_s + sympy.Max(compute, memory)
         out.append(KernelCost(k.name, launches, oc.macs, oc.exps, oc.others, t.reads, t.writes, compute, memory,
