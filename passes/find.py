@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from passes import graph as G
 from passes.masks import MaskAnalysis, analyse_masks
@@ -140,6 +141,17 @@ def _scalar_operand(ctx: GraphContext, node: fx.Node) -> Optional[tuple[fx.Node,
 _PASS_THROUGH = G.VIEW_OPS | G.CAST_OPS
 
 
+def _singleton_permute(node: fx.Node) -> bool:
+    """A permute that only moves size-1 dims (decomposed einsums emit these): values keep their layout."""
+    if G.opname(node) != "permute":
+        return False
+    s = G.shape(node.args[0])
+    if s is None:
+        return False
+    big = [p for p in node.args[1] if s[p] != 1]
+    return big == sorted(big)
+
+
 def _score_root(ctx: GraphContext, x: Any, depth: int = 0) -> Optional[fx.Node]:
     """The contraction that produced scores ``x`` through scale/mask/view ops, or None."""
     if not isinstance(x, fx.Node) or depth > 40:
@@ -147,7 +159,7 @@ def _score_root(ctx: GraphContext, x: Any, depth: int = 0) -> Optional[fx.Node]:
     name = G.opname(x)
     if name in G.CONTRACTION_OPS:
         return x
-    if name in _PASS_THROUGH:
+    if name in _PASS_THROUGH or _singleton_permute(x):
         return _score_root(ctx, x.args[0], depth + 1)
     if name in ("mul", "div"):
         so = _scalar_operand(ctx, x)
@@ -190,7 +202,7 @@ def _walk_scores(ctx: GraphContext, x: fx.Node) -> tuple[fx.Node, list, list[fx.
             ops.reverse()
             return x, ops, chain
         chain.append(x)
-        if name in _PASS_THROUGH:
+        if name in _PASS_THROUGH or _singleton_permute(x):
             x = x.args[0]
             continue
         if name in ("mul", "div"):
@@ -320,6 +332,25 @@ def _value_operand(c2: fx.Node, probs: fx.Node, nbatch: int) -> tuple[Operand, l
     return Operand(v), [("reshape", tuple(G.shape(c2)))]
 
 
+def _keeps_layout(start: fx.Node, chain: list[fx.Node]) -> bool:
+    """Replay a chain of view/permute ops on an index tensor: True if the values keep their order."""
+    s = G.shape(start)
+    try:
+        with unset_fake_temporarily():  # inside a compiler a fake mode is active; replay for real
+            return _replay_in_order(s, chain)
+    except Exception:  # symbolic sizes or an op we cannot replay: be conservative
+        return False
+
+
+def _replay_in_order(s: tuple, chain: list[fx.Node]) -> bool:
+    x = torch.arange(int(G.prod(s))).reshape([int(d) for d in s])
+    for n in chain:
+        if G.opname(n) in G.CAST_OPS | G.DROPOUT_OPS:
+            continue
+        x = n.target(x, *n.args[1:], **{k: v for k, v in n.kwargs.items() if k != "memory_format"})
+    return bool(torch.equal(x.reshape(-1), torch.arange(x.numel())))
+
+
 def _walk_probs(sm: fx.Node) -> tuple[Optional[fx.Node], Optional[fx.Node], list[fx.Node], list[str]]:
     """Follow the softmax forward to the values contraction: (contraction, its probs operand, chain, notes)."""
     chain: list[fx.Node] = []
@@ -329,7 +360,7 @@ def _walk_probs(sm: fx.Node) -> tuple[Optional[fx.Node], Optional[fx.Node], list
         us = G.users(x)
         nxt = [u for u in us if G.opname(u) in (G.CONTRACTION_OPS - {"baddbmm"})]
         if len(nxt) != 1:
-            nxt = [u for u in us if G.opname(u) in (_PASS_THROUGH | G.DROPOUT_OPS)]
+            nxt = [u for u in us if G.opname(u) in (_PASS_THROUGH | G.DROPOUT_OPS | {"permute"})]
         if len(us) > 1:
             notes.append("the attention probabilities are also used elsewhere (returned weights?); they are still computed")
         if len(nxt) != 1:
@@ -337,6 +368,8 @@ def _walk_probs(sm: fx.Node) -> tuple[Optional[fx.Node], Optional[fx.Node], list
         u = nxt[0]
         name = G.opname(u)
         if name in G.CONTRACTION_OPS and name not in ("baddbmm",):
+            if any(G.opname(n) == "permute" for n in chain) and not _keeps_layout(sm, chain):
+                raise Unsupported("the probabilities are permuted before the value product")
             return u, x, chain, notes
         if name in G.DROPOUT_OPS:
             p = float(G.arg(u, 1, "p", 0.0))

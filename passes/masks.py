@@ -16,6 +16,7 @@ from typing import Any, Optional
 import networkx as nx
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from passes import graph as G
 
@@ -153,6 +154,12 @@ def analyse_masks(
     ctx, masks: list, p_len, m_len, sdpa_causal: bool, score_dtype: Optional[torch.dtype]
 ) -> MaskAnalysis:
     """Classify a site's mask terms and decide what the rewritten op must be given."""
+    # Inside a compiler a fake mode is active; static masks are computed and inspected for real.
+    with unset_fake_temporarily():
+        return _analyse_masks(ctx, masks, p_len, m_len, sdpa_causal, score_dtype)
+
+
+def _analyse_masks(ctx, masks, p_len, m_len, sdpa_causal, score_dtype) -> MaskAnalysis:
     p_len, m_len = int(p_len) if not ctx.dynamic else p_len, int(m_len) if not ctx.dynamic else m_len
     for m in masks:
         if m.kind != "add" and not is_exact_fill(m.fill, score_dtype):

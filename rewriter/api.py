@@ -40,16 +40,24 @@ def relative_l2(reference: Any, candidate: Any) -> float:
     return (num / den) ** 0.5 if den > 0 else num ** 0.5
 
 
-def _signature(kwargs: dict) -> tuple:
-    return tuple(
-        (k, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (k, repr(v)) for k, v in kwargs.items()
-    )
+def input_signature(kwargs: dict) -> str:
+    """The shapes and dtypes of a call's inputs, as text: one captured program serves one signature."""
+    return repr(tuple(
+        (k, tuple(v.shape), str(v.dtype)) if isinstance(v, torch.Tensor) else (k, repr(v)) for k, v in kwargs.items()
+    ))
 
 
 class OptimizedModel(torch.nn.Module):
     """A model whose attention sites call ``rewriter::attention``; same call signature and outputs."""
 
-    def __init__(self, program: torch.export.ExportedProgram, spec: CallSpec, plan: Plan, rebuild=None):
+    def __init__(
+        self,
+        program: torch.export.ExportedProgram,
+        spec: CallSpec,
+        plan: Plan,
+        rebuild=None,
+        captured_for: Optional[str] = None,
+    ):
         super().__init__()
         self.program = program
         self.spec = spec
@@ -57,21 +65,19 @@ class OptimizedModel(torch.nn.Module):
         self._module = program.module()
         self._rebuild = rebuild  # re-captures for new input shapes; None for a loaded artifact
         self._by_shape: dict[tuple, torch.nn.Module] = {}
+        self.captured_for: Optional[str] = captured_for
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the rewritten program (re-capturing once per new input shape when the source model is known)."""
         kw = self.spec.bind(args, kwargs)
-        try:
+        key = input_signature(kw)
+        if key == self.captured_for:
             return self._module(**kw)
-        except (RuntimeError, AssertionError) as e:
-            if "shape" not in str(e) and "Expected input" not in str(e):
-                raise
-            if self._rebuild is None:
-                raise RuntimeError(
-                    f"this optimized program was captured for other input shapes ({e}); "
-                    "export one artifact per input shape, or optimize the model in this process."
-                ) from e
-        key = _signature(kw)
+        if self._rebuild is None:
+            raise RuntimeError(
+                f"this program was captured for inputs {self.captured_for} and got {key}; "
+                "export one artifact per input shape, or optimize the model in this process."
+            )
         if key not in self._by_shape:
             logger.info("new input shapes %s: capturing and rewriting again", key)
             self._by_shape[key] = self._rebuild(kw).module()
@@ -130,7 +136,9 @@ def optimize(
         return ep2
 
     plan = Plan(tuple(decisions), target=target, budget=budget, notes=notes)
-    opt = OptimizedModel(ep, spec, plan, rebuild)
+    args0, kwargs0 = split_inputs(example_inputs)
+    signature = input_signature(spec.bind(args0, kwargs0))
+    opt = OptimizedModel(ep, spec, plan, rebuild, captured_for=signature)
     if on_meta:
         return opt
     samples = calibration if isinstance(calibration, list) else [calibration if calibration is not None else example_inputs]
@@ -154,7 +162,8 @@ def optimize(
             Decision(d.site, "original", {}, None, None, f"whole-model error {error:.1e} exceeded budget {budget:g}")
             for d in decisions
         )
-        opt = OptimizedModel(ep, spec, Plan(kept, target=target, budget=budget, error=0.0, notes=notes), None)
+        opt = OptimizedModel(ep, spec, Plan(kept, target=target, budget=budget, error=0.0, notes=notes), None,
+                             captured_for=signature)
     return opt
 
 

@@ -24,7 +24,8 @@ def export(opt: OptimizedModel, path: str | Path) -> Path:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     torch.export.save(opt.program, out / "model.pt2")
-    meta = {"format": FORMAT, "plan": opt.plan.to_json(), "call": opt.spec.to_json(), "report": str(opt.plan)}
+    meta = {"format": FORMAT, "plan": opt.plan.to_json(), "call": opt.spec.to_json(),
+            "signature": opt.captured_for, "report": str(opt.plan)}
     (out / "plan.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
     logger.info("exported to %s", out)
     return out
@@ -41,4 +42,4 @@ def load(path: str | Path) -> OptimizedModel:
     program = torch.export.load(src / "model.pt2")
     call = meta["call"]
     spec = CallSpec(call["names"], call["captured"], call.get("injected", {}), call.get("var_positional", False))
-    return OptimizedModel(program, spec, Plan.from_json(meta["plan"]), rebuild=None)
+    return OptimizedModel(program, spec, Plan.from_json(meta["plan"]), rebuild=None, captured_for=meta["signature"])

@@ -60,5 +60,7 @@ def rewriter_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **
 
     # AOTAutograd's cache keys on the graph before our inner step runs: a hit would skip the rewrite,
     # and our entry would be served to plain Inductor compiles of the same graph.
+    # Inductor's pattern passes run before the inner step and re-spell attention (SDPA patterns,
+    # scale folded into softmax); we want the graph as the model wrote it.
     with torch._functorch.config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, inner_compile=inner)
+        return compile_fx(gm, example_inputs, inner_compile=inner, config_patches={"pattern_matcher": False})

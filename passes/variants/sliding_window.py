@@ -7,6 +7,7 @@ at the end of the keys (query i is at absolute position M - P + i), so decode se
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -32,6 +33,26 @@ def _spans(x: torch.Tensor, start: int, n_blocks: int, block: int, span: int) ->
                         x.storage_offset() + start * s[2])
 
 
+@functools.lru_cache(maxsize=32)
+def _bias(p: int, m: int, window: int, sinks: int, block: int, causal: bool, dtype: torch.dtype,
+          device: torch.device) -> torch.Tensor:
+    """Additive mask [blocks, block, sinks + span] (0 visible, -inf hidden); built once per shape."""
+    off = m - p
+    nb = math.ceil(p / block)
+    span = block + window - 1 if causal else block + 2 * window - 2
+    blk = torch.arange(nb, device=device)[:, None, None]
+    qpos = off + blk * block + torch.arange(block, device=device)[None, :, None]
+    kpos = off + blk * block - (window - 1) + torch.arange(span, device=device)[None, None, :]
+    vis = (kpos >= 0) & (kpos < m) & ((qpos - kpos).abs() < window) & (kpos >= sinks)
+    if causal:
+        vis &= kpos <= qpos
+    if sinks:
+        spos = torch.arange(min(sinks, m), device=device)[None, None, :]
+        svis = (spos <= qpos) if causal else torch.ones_like(spos <= qpos)
+        vis = torch.cat([svis.expand(nb, block, spos.shape[-1]), vis], dim=-1)
+    return torch.zeros(vis.shape, dtype=dtype, device=device).masked_fill_(~vis, float("-inf"))
+
+
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
                     window: int, sinks: int = 0, block: int = 64) -> torch.Tensor:
     """Blocked sliding-window attention with optional attention sinks (the first ``sinks`` keys)."""
@@ -52,22 +73,12 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     kp = torch.nn.functional.pad(k, (0, 0, front, back))
     vp = torch.nn.functional.pad(v, (0, 0, front, back))
     kw, vw = _spans(kp, off, nb, block, span), _spans(vp, off, nb, block, span)
-    dev = q.device
-    blk = torch.arange(nb, device=dev)[:, None, None]
-    qpos = off + blk * block + torch.arange(block, device=dev)[None, :, None]
-    kpos = off + blk * block - front + torch.arange(span, device=dev)[None, None, :]
-    vis = (kpos >= 0) & (kpos < m) & ((qpos - kpos).abs() < window) & (kpos >= sinks)
-    if causal:
-        vis &= kpos <= qpos
+    bias = _bias(p, m, window, sinks, block, causal, dt, q.device)
     if sinks:
-        spos = torch.arange(min(sinks, m), device=dev)[None, None, :]
-        svis = (spos <= qpos) if causal else torch.ones_like(spos <= qpos)
-        svis = svis.expand(nb, block, spos.shape[-1])
-        vis = torch.cat([svis, vis], dim=-1)
-        ks = k[:, :, : spos.shape[-1]].unsqueeze(2).expand(bsz, g, nb, -1, e)
-        vs = v[:, :, : spos.shape[-1]].unsqueeze(2).expand(bsz, g, nb, -1, f)
+        ns = min(sinks, m)
+        ks = k[:, :, :ns].unsqueeze(2).expand(bsz, g, nb, ns, e)
+        vs = v[:, :, :ns].unsqueeze(2).expand(bsz, g, nb, ns, f)
         kw, vw = torch.cat([ks, kw], dim=-2), torch.cat([vs, vw], dim=-2)
-    bias = torch.zeros(vis.shape, dtype=dt, device=dev).masked_fill_(~vis, float("-inf"))
     qs = torch.nn.functional.pad(q * scale, (0, 0, 0, pp - p))
     # rows of the R query heads sharing a KV head are stacked so one matmul serves them all
     qb = qs.view(bsz, g, r, nb, block, e).permute(0, 1, 3, 2, 4, 5).reshape(bsz, g, nb, r * block, e)
