@@ -109,24 +109,37 @@ def _terms(ctx, node: Any, depth: int = 0) -> list[fx.Node]:
     return [node]
 
 
-def _keep_pattern(value: torch.Tensor, kind: str, p_len: int, m_len: int) -> Optional[torch.Tensor]:
-    """The [P, M] visibility pattern of a static mask term, or None if it is a bias or varies over batch."""
+# For classifying a static mask only (the mask itself is passed on unchanged): a score pushed this
+# low contributes exp(-1e4) = 0, so -10000-style masks (old BERT) count as masked too.
+_MASKED_BELOW = -1e4
+
+
+@dataclass(frozen=True)
+class StaticTerm:
+    """What a mask term that does not depend on the inputs looks like once computed."""
+
+    pattern: str  # none | causal_tl | causal_br | other | varies (differs over batch/heads, or unknown shape)
+    bias: bool  # finite non-zero values at visible positions (ALiBi, T5 position bias)
+
+
+def inspect_static(value: torch.Tensor, kind: str, p_len: int, m_len: int) -> StaticTerm:
+    """Visibility pattern and bias of a computed mask term broadcast to [..., P, M]."""
+    if value.numel() == 1:  # a scalar fill (the 0 or finfo.min of a where), not a pattern
+        return StaticTerm("none", False)
     if value.dim() < 2 or value.shape[-2] not in (1, p_len) or value.shape[-1] not in (1, m_len):
-        return None
+        return StaticTerm("varies", False)
     if value.dtype == torch.bool:
-        keep = value
+        keep, bias = value, False
     else:
         v = value.float()
-        finite_bias = (v != 0) & (v > _HUGE_NEGATIVE) & ~torch.isinf(v)
-        if bool(finite_bias.any()):
-            return None
-        keep = v == 0
+        keep = v > _MASKED_BELOW
+        bias = bool(((v != 0) & keep).any())
     if kind == "drop":
         keep = ~keep
     keep = keep.expand(*keep.shape[:-2], p_len, m_len).reshape(-1, p_len, m_len)
     if not bool((keep == keep[:1]).all()):
-        return None
-    return keep[0]
+        return StaticTerm("varies", bias)
+    return StaticTerm(_classify(keep[0]), bias)
 
 
 def _classify(keep: torch.Tensor) -> str:
@@ -182,11 +195,13 @@ def _analyse_masks(ctx, masks, p_len, m_len, sdpa_causal, score_dtype) -> MaskAn
                               ("bool" if G.dtype(t) == torch.bool else "additive"))
                     continue
                 value = evaluate(ctx, t)
-                pat = _keep_pattern(value, "keep", p_len, m_len) if value is not None else None
-                if pat is not None and _classify(pat).startswith("causal"):
-                    causal = True
-                elif value is None and _structurally_causal(ctx, t):
-                    causal = True
+                if value is None:
+                    causal = causal or _structurally_causal(ctx, t)
+                    continue
+                st = inspect_static(value, "keep", p_len, m_len)
+                causal = causal or st.pattern.startswith("causal")
+                if st.bias or st.pattern in ("other", "varies"):
+                    kinds.add("additive" if st.bias or value.dtype != torch.bool else "bool")
             continue
         value = evaluate(ctx, m.node)
         if value is None:
@@ -196,19 +211,15 @@ def _analyse_masks(ctx, masks, p_len, m_len, sdpa_causal, score_dtype) -> MaskAn
             else:
                 kinds.add("bool" if G.dtype(m.node) == torch.bool else "additive")
             continue
-        pat = _keep_pattern(value, m.kind if m.kind != "add" else "keep", p_len, m_len)
-        if pat is None:
+        st = inspect_static(value, m.kind if m.kind != "add" else "keep", p_len, m_len)
+        causal = causal or st.pattern.startswith("causal")
+        if st.bias:
             unexplained = True
-            kinds.add("bool" if value.dtype == torch.bool else "additive")
-            continue
-        cls = _classify(pat)
-        if cls.startswith("causal"):
-            causal = True
-            if cls == "causal_br":
-                unexplained = True
-        elif cls == "other":
+            kinds.add("additive")
+        if st.pattern in ("causal_br", "other", "varies"):
             unexplained = True
-            kinds.add("bool")
+            if st.pattern != "causal_br":
+                kinds.add("bool" if value.dtype == torch.bool else "additive")
     if static_only and not unexplained:
         # Every mask is a static causal (top-left) or all-visible pattern: the op applies it itself.
         return MaskAnalysis(causal, "causal" if causal else "none", False, causal)
