@@ -81,16 +81,6 @@ def _whisper(mask):
 
 EXPECTED = {"bert": _bert, "gpt2": _gpt2, "llama": _llama, "t5": _t5, "vit": _vit, "whisper": _whisper}
 
-# Known finder bugs, reported to the core's owner; strict so that a fix shows up as XPASS.
-T5_SDPA_FLAGS = pytest.mark.xfail(
-    strict=True,
-    reason="core bug (passes/masks.py analyse_masks): T5 sdpa passes where(mask, position_bias, finfo.min) as "
-    "attn_mask; a static mask with a finite bias loses its causal pattern (decoder self reported causal=False) "
-    "and a static bias term inside an input-dependent mask is dropped (encoder self reported 'padding', "
-    "not 'additive')",
-)
-
-
 def _param(family, impl, mask, marks=()):
     return pytest.param(family, impl, mask, id=f"{family}-{impl}-{mask}", marks=marks)
 
@@ -98,18 +88,11 @@ def _param(family, impl, mask, marks=()):
 CASES = [
     _param(f, impl, mask)
     for f, masks in (("bert", ("padded", "none")), ("gpt2", ("ones", "padded", "none")),
-                     ("llama", ("ones", "padded", "none")), ("vit", ("none",)), ("whisper", ("none",)))
+                     ("llama", ("ones", "padded", "none")), ("t5", ("padded", "none")), ("vit", ("none",)),
+                     ("whisper", ("none",)))
     for impl in ATTN_IMPLEMENTATIONS
     for mask in masks
-] + [
-    _param("t5", "eager", "padded"),
-    _param("t5", "eager", "none"),
 ]
-SITE_CASES = CASES + [
-    _param("t5", "sdpa", "padded", marks=T5_SDPA_FLAGS),
-    _param("t5", "sdpa", "none", marks=T5_SDPA_FLAGS),
-]
-REWRITE_CASES = CASES + [_param("t5", "sdpa", "padded"), _param("t5", "sdpa", "none")]
 
 
 def _check_sites(sites, expected):
@@ -127,7 +110,7 @@ def _check_sites(sites, expected):
             assert s.mask_kind == e.mask_kind, f"{where}: mask_kind"
 
 
-@pytest.mark.parametrize("family,impl,mask", SITE_CASES)
+@pytest.mark.parametrize("family,impl,mask", CASES)
 def test_sites(family, impl, mask):
     model, inputs = build(family, impl, mask=mask)
     assert model.config._attn_implementation == impl
@@ -169,7 +152,7 @@ def dense_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("family,impl,mask", REWRITE_CASES)
+@pytest.mark.parametrize("family,impl,mask", CASES)
 def test_dense_rewrite(family, impl, mask, dense_calls):
     model, inputs = build(family, impl, mask=mask)
     n = len(EXPECTED[family](mask))
