@@ -83,6 +83,7 @@ class GraphContext:
     user_inputs: set  # placeholder nodes that carry the caller's data
     constants: dict  # placeholder/get_attr name -> tensor (parameters, buffers, lifted constants)
     dynamic: bool = False  # symbolic shapes: static masks are not evaluated
+    evaluated: dict = field(default_factory=dict)  # static mask node -> computed value (or None)
     _activations: Optional[set] = None
     _dg: Any = None
 

@@ -50,6 +50,15 @@ def evaluate(ctx, node: fx.Node) -> Optional[torch.Tensor]:
     """Compute a node that does not depend on user inputs, or None if it cannot be computed here."""
     if ctx.dynamic:
         return None
+    if node not in ctx.evaluated:  # layers share one mask: compute it once
+        ctx.evaluated[node] = _evaluate(ctx, node)
+    return ctx.evaluated[node]
+
+
+def _evaluate(ctx, node: fx.Node) -> Optional[torch.Tensor]:
+    v = G.val(node)
+    if isinstance(v, torch.Tensor) and v.device.type == "meta":
+        return None  # a meta-device model: nothing to compute with
     anc = nx.ancestors(ctx.dg, node) | {node}
     sub = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
