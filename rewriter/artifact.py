@@ -30,7 +30,7 @@ def _pytree_modules(spec) -> list[str]:
         mod = getattr(t, "__module__", "builtins")
         if t is not None and mod not in ("builtins", "collections") and not mod.startswith("torch"):
             found.add(mod)
-        stack.extend(getattr(s, "children_specs", []) or [])
+        stack.extend(s.children() if hasattr(s, "children") else [])
     return sorted(found)
 
 

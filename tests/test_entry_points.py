@@ -201,3 +201,16 @@ def test_new_sequence_length_is_recaptured():
     x = torch.randn(2, 13, E)
     with torch.no_grad():
         assert rewriter.relative_l2(model(x), opt(x)) < 1e-5
+
+
+def test_meta_device_model_is_found_without_weights():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (1, 9), device="meta")
+    sites = rewriter.find_attention(model, {"input_ids": ids})
+    assert [(s.causal, s.num_heads, s.num_kv_heads, s.head_dim) for s in sites] == [(True, 4, 2, 16)] * 3
+    opt = rewriter.optimize(model, {"input_ids": ids})  # no weights: rewritten, not measured
+    assert [d.variant for d in opt.plan.decisions] == ["dense"] * 3 and opt.plan.error is None
