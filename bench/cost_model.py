@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from codegen.hw_calibrate import calibrate  # noqa: E402
+from codegen.hw_calibrate import calibrate, wait_quiet  # noqa: E402
 from cost_model.predict import predict  # noqa: E402
 
 B, H, G = 1, 4, 4
@@ -56,16 +56,22 @@ def implementation(name: str, params: dict, q, k, v, causal: bool) -> Callable[[
     return lambda: mod.reference(q, k, v, scale=scale, causal=causal, **params)
 
 
-def measure(fn: Callable[[], object], budget_s: float = 1.0, min_rep: int = 3, max_rep: int = 15) -> float:
-    """Best-of-n wall time (the minimum filters noise from other processes)."""
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_rep and (len(times) < min_rep or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
+def measure_round_robin(fns: dict[str, Callable[[], object]], budget_s: float = 3.0, min_rounds: int = 3,
+                        max_rounds: int = 10) -> dict[str, float]:
+    """Best-of-n wall time per callable, running them in interleaved rounds so that noise from
+    other processes falls on every variant alike; the minimum filters it."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {k: min(v) for k, v in times.items()}
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -102,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recalibrate", action="store_true", help="re-measure the CPU profile first")
     ap.add_argument("--non-causal", action="store_true", help="bench non-causal attention instead")
     ap.add_argument("--json", type=Path, default=None, help="also write every grid point here")
+    ap.add_argument("--wait-quiet", type=float, default=10.0,
+                    help="before each grid point wait up to this many seconds for other processes to go idle")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     causal = not args.non_causal
@@ -121,14 +129,18 @@ def main(argv: list[str] | None = None) -> int:
             k = torch.randn(B, G, n, d, generator=gen)
             v = torch.randn(B, G, n, d, generator=gen)
             shape = dict(B=B, H=H, G=G, P=n, M=n, E=d, F=d)
-            for name, params in variants(d).items():
-                fn = implementation(name, params, q, k, v, causal)
-                meas = measure(fn)
+            if args.wait_quiet:
+                wait_quiet(args.wait_quiet)
+            vs = variants(d)
+            fns = {name: implementation(name, params, q, k, v, causal) for name, params in vs.items()}
+            measured = measure_round_robin(fns)
+            for name, params in vs.items():
+                meas = measured[name]
                 pred = predict(name, shape, hw, causal=causal, **params).seconds
                 rows.append(dict(n=n, d=d, variant=name, params=params, measured=meas, predicted=pred))
                 print(f"{n:>6} {d:>4} {name:<15} {meas * 1e3:>12.2f} {pred * 1e3:>13.2f} {pred / meas:>9.2f}",
                       flush=True)
-                del fn
+            del fns
     points = sorted({(r["n"], r["d"]) for r in rows})
     hits = 0
     print("\n# per grid point: predicted fastest vs measured fastest")

@@ -105,7 +105,12 @@ def measure(threads: int | None = None) -> dict[str, float]:
 
 def calibrate(force: bool = False, threads: int | None = None) -> hardware.Hardware:
     """Return this CPU's profile, measuring (and caching) it if absent or forced."""
-    return hardware.cpu_profile(refresh=force, measure=lambda: measure(threads))
+    hw = hardware.cpu_profile(refresh=force, measure=lambda: measure(threads))
+    measured_threads = dict(hw.extra).get("threads")
+    if threads and measured_threads is not None and int(measured_threads) != threads:
+        logger.info("cached profile was measured with %s threads; re-measuring with %s", measured_threads, threads)
+        hw = hardware.cpu_profile(refresh=True, measure=lambda: measure(threads))
+    return hw
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -147,12 +147,27 @@ def _iterates_key(c: Cascade, e: Einsum) -> bool:
     return bool(set(e.space) & c.key_parts)
 
 
+def _family(c: Cascade, rank: str) -> str:
+    for whole, pieces in c.splits:
+        if rank in pieces:
+            return whole
+    return rank
+
+
 def _completes_key(c: Cascade, e: Einsum) -> bool:
-    """True if the output needs the whole key rank (a full, non-running reduction)."""
+    """True if the output needs a whole sweep of the keys.
+
+    That is a reduction over a key rank whose output keeps nothing of that rank (a partial
+    reduction over the inner tile keeps the outer tile index) and carries no running index.
+    """
     if not _iterates_key(c, e):
         return False
     out_key = set(e.out.ranks) & c.key_parts
-    return not out_key
+    if out_key & set(c.iterative):
+        return False
+    kept = {_family(c, r) for r in out_key}
+    return any(r in c.key_parts and _family(c, r) not in kept for r in e.reduce) or (
+        not out_key and bool(set(e.space) & c.key_parts) and bool(e.reduce))
 
 
 def pass_levels(c: Cascade) -> dict[str, int]:
@@ -336,12 +351,15 @@ def _unless_fits(cap: sympy.Expr, size: sympy.Expr, cost: sympy.Expr) -> sympy.E
 
 
 def _parallel_ranks(c: Cascade, members: list[Einsum]) -> list[str]:
-    """Ranks a kernel spreads over its grid: never reduced, never iterative, not keys."""
+    """Ranks a kernel spreads over its grid: output ranks that also index a query-side operand
+    (one with no key rank), never reduced and never iterative."""
     reduced = {r for e in members for r in e.reduce}
+    query_side = {r for e in members for a in e.inputs if not (set(a.ranks) & c.key_parts) for r in a.ranks}
     ranks: list[str] = []
     for e in members:
         for r in e.out.ranks:
-            if r not in reduced and r not in c.iterative and r not in c.key_parts and r not in ranks:
+            if (r not in reduced and r not in c.iterative and r not in c.key_parts and r in query_side
+                    and r not in c.tile_ranks and r not in ranks):
                 ranks.append(r)
     return ranks
 
@@ -349,7 +367,7 @@ def _parallel_ranks(c: Cascade, members: list[Einsum]) -> list[str]:
 def _trip(c: Cascade, rank: str, tile_q: sympy.Expr) -> sympy.Expr:
     size = c.size_map[rank]
     if rank == c.query:
-        return size / tile_q
+        return sympy.Max(1, size / tile_q)
     return size
 
 
@@ -361,7 +379,12 @@ def _refetch(c: Cascade, a: Access, parallel: list[str], tile_q: sympy.Expr, cap
     indexed_parallel = [r for r in a.ranks if r in parallel]
     slice_bytes = _storage_size(c, a, keep_iterative=True) * nb / _prod(
         c.size_map[r] for r in indexed_parallel)
-    factor = _prod(_trip(c, r, tile_q) for r in grid_missing)
+    # the query tile packs the query rows with the query heads that share this KV head
+    packed = [r for r in grid_missing if r == c.query or r in c.query_pack]
+    rest = [r for r in grid_missing if r not in packed]
+    factor = _prod(c.size_map[r] for r in rest)
+    if packed:
+        factor = factor * sympy.Max(1, _prod(c.size_map[r] for r in packed) / tile_q)
     return ONE + _unless_fits(cap, slice_bytes, factor - 1)
 
 

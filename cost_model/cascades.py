@@ -128,12 +128,15 @@ def _core(
 def _finish(name: str, ops: list[Einsum], sizes: list[tuple[str, sympy.Expr]], inputs: tuple[str, ...],
             splits: list, iterative: list, groups: list[list[str]] | None, schedule: str, *,
             key: str = "m", derived: tuple[str, ...] = (), fused_groups: set[int] | None = None,
+            tile_ranks: tuple[str, ...] = (), query: str = "p",
             tile_q: object = 64, tile_k: object = 64, notes: str = "",
             params: dict[str, object] | None = None, outputs: tuple[str, ...] = ("AV",)) -> Cascade:
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
     sizes = list(sizes)
     for whole, pieces in splits:
+        if pieces[0] in dict(sizes):
+            continue  # the builder sized this split itself
         whole_size = dict(sizes)[whole]
         t = _s(tile_k)
         sizes += [(pieces[0], whole_size / t), (pieces[1], t)]
@@ -146,7 +149,7 @@ def _finish(name: str, ops: list[Einsum], sizes: list[tuple[str, sympy.Expr]], i
     return Cascade(
         name=name, einsums=tuple(ops), sizes=tuple(sizes), inputs=inputs, outputs=outputs, key=key,
         splits=tuple(splits), iterative=tuple(iterative), kernels=kernels, tile_q=_s(tile_q),
-        tile_k=_s(tile_k), notes=notes, derived_keys=derived,
+        tile_k=_s(tile_k), notes=notes, derived_keys=derived, tile_ranks=tile_ranks, query=query,
         params=tuple((k, _s(v)) for k, v in (params or {}).items()),
     )
 
@@ -222,7 +225,8 @@ def _local(name: str, *, causal: bool, window: sympy.Expr, sinks: sympy.Expr, bl
     pre: list[Einsum] = []
     groups_pre: list[list[str]] = []
     if gather:
-        # sinks + window keys are concatenated per query block: a real copy
+        # the keys of each query block are copied together (sinks concatenated, spans made
+        # contiguous for the matmul)
         pre = [Einsum(Access("KW", ("b", "g", "p1", "w", "e")), (Access("K", ("b", "g", "p1", "w", "e")),), ("copy",)),
                Einsum(Access("VW", ("b", "g", "p1", "w", "f")), (Access("V", ("b", "g", "p1", "w", "f")),), ("copy",))]
         groups_pre = [["KW"], ["VW"]]
@@ -240,7 +244,7 @@ def _local(name: str, *, causal: bool, window: sympy.Expr, sinks: sympy.Expr, bl
     else:
         groups = groups_pre + groups
     return _finish(name, ops, sizes, ("Q", "K", "V", "MASK"), splits, it, groups, schedule, key="w",
-                   derived=("m",), fused_groups=fused, tile_q=block, tile_k=tile_k, notes=notes, params=params)
+                   derived=("m",), fused_groups=fused, tile_ranks=("p0",), query="p1", tile_q=1, tile_k=tile_k, notes=notes, params=params)
 
 
 def _form(form: str | None, schedule: str) -> str:
@@ -253,8 +257,9 @@ def sliding_window(*, window: object = None, causal: bool = False, block: object
     """Sliding window |i-j| < W (and j <= i if causal), computed by query blocks of ``block`` rows."""
     w = _s(window) if window is not None else sym("W")
     form = _form(form, schedule)
+    # eagerly, a matmul on the overlapping strided spans copies them first (a gather)
     return _local("sliding_window", causal=causal, window=w, sinks=sympy.Integer(0), block=_s(block), form=form,
-                  schedule=schedule, tile_k=tile_k, gather=False, params={"window": w, "block": block},
+                  schedule=schedule, tile_k=tile_k, gather=schedule == "eager", params={"window": w, "block": block},
                   notes="window span per query block" + (", causal" if causal else ""))
 
 
@@ -266,7 +271,7 @@ def sinks_window(*, window: object = None, sinks: object = None, causal: bool = 
     s = _s(sinks) if sinks is not None else sym("S")
     form = _form(form, schedule)
     return _local("sinks_window", causal=causal, window=w, sinks=s, block=_s(block), form=form,
-                  schedule=schedule, tile_k=tile_k, gather=True,
+                  schedule=schedule, tile_k=tile_k, gather=schedule == "eager",
                   params={"window": w, "sinks": s, "block": block},
                   notes="sinks + window span per query block" + (", causal" if causal else ""))
 
@@ -286,8 +291,9 @@ def block_sparse(*, block: object = 64, keep: object = None, causal: bool = Fals
         Einsum(Access("KP", ("b", "g", "m1", "e")), (kfull,), (), ("m0",), "sum"),
         Einsum(Access("BS", ("b", "g", "r", "p1", "m1")), (Access("QP", ("b", "g", "r", "p1", "e")),
                                                            Access("KP", ("b", "g", "m1", "e"))), ("mul",), ("e",), "sum"),
-        # top-k selection: one compare per block score
-        Einsum(Access("SEL", ("b", "g", "r", "p1", "w")), (Access("BS", ("b", "g", "r", "p1", "m1")),), ("cmp",)),
+        # top-k selection over the key blocks: a max-like reduction, one compare per block score
+        Einsum(Access("SEL", ("b", "g", "r", "p1", "w")), (Access("BS", ("b", "g", "r", "p1", "m1")),), ("cmp",),
+               ("m1",), "max"),
         Einsum(Access("KW", ("b", "g", "r", "p1", "w", "e")), (Access("SEL", ("b", "g", "r", "p1", "w")),
                                                               Access("K", ("b", "g", "r", "p1", "w", "e"))), ("copy",)),
         Einsum(Access("VW", ("b", "g", "r", "p1", "w", "f")), (Access("SEL", ("b", "g", "r", "p1", "w")),
@@ -298,14 +304,18 @@ def block_sparse(*, block: object = 64, keep: object = None, causal: bool = Fals
     ops, splits, it, groups = _core(q, k, v, key="w", qranks=("b", "g", "r", "p1", "p0"), form=form, mask=mask)
     ops = pre + ops
     sizes.append(("m", M))
+    splits = [("m", ("m1", "m0"))] + splits
     if form == "online":
+        # pooled scoring and the attention over the chosen blocks are two kernels either way
         groups = [["QP", "KP", "BS", "SEL"], [e.name for e in ops[4:]]]
         fused = {1}
+        schedule_groups = "eager"
     else:
         groups = [["QP"], ["KP"], ["BS"], ["SEL"], ["KW"], ["VW"]] + groups
         fused = set()
-    return _finish("block_sparse", ops, sizes, ("Q", "K", "V"), splits, it, groups, schedule, key="m",
-                   derived=("w",), fused_groups=fused, tile_q=bs, tile_k=tile_k,
+        schedule_groups = schedule
+    return _finish("block_sparse", ops, sizes, ("Q", "K", "V"), splits, it, groups, schedule_groups, key="m",
+                   derived=("w",), fused_groups=fused, tile_ranks=("p0",), query="p1", tile_q=1, tile_k=tile_k,
                    notes="pooled block scores + top-k key blocks" + (", causal" if causal else ""),
                    params={"block": bs, "keep": kappa})
 
@@ -370,7 +380,7 @@ def linear(*, causal: bool = False, chunk: object = 64, schedule: str = "fused",
     sizes = [("b", B), ("g", G), ("r", H / G), ("c", M / c), ("i", c), ("j", c), ("e", E), ("f", F), ("m", M)]
     groups = [[e.name] for e in ops]
     return _finish("linear", ops, sizes, ("Q", "K", "V", "TRIL"), [], ["c"], groups, schedule, key="m",
-                   derived=("c", "j"), tile_q=c, tile_k=c, notes="causal, chunked (exact in chunk, carried state)",
+                   derived=("c", "j"), tile_ranks=("i",), tile_q=c, tile_k=c, notes="causal, chunked (exact in chunk, carried state)",
                    params={"chunk": c})
 
 

@@ -176,6 +176,10 @@ class Cascade:
     params: tuple[tuple[str, sympy.Expr], ...] = field(default=())
     #: ranks derived from the keys (a gathered window, a chunk index) that count as key sweeps
     derived_keys: tuple[str, ...] = ()
+    #: ranks held whole inside one tile (rows of a query block), never spread over a grid
+    tile_ranks: tuple[str, ...] = ()
+    #: ranks packed with the query rank into one query tile (query heads sharing a KV head)
+    query_pack: tuple[str, ...] = ("r",)
 
     def __post_init__(self) -> None:
         names = [e.name for e in self.einsums]
