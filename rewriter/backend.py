@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
+from passes.fastpath import open_fast_paths
 from passes.find import find_matches
 from passes.planner import choose, normalise_variants
 from passes.rewrite import rewrite_graph
@@ -43,6 +44,10 @@ def rewriter_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
     variants = options.get("variants", ["dense"])
+    try:
+        open_fast_paths(gm)
+    except Exception as e:  # the fused op stays: correct, just not rewritten
+        logger.warning("could not open a fused transformer fast path: %s", e)
     params = {i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)}
     n_inputs = len(example_inputs)
 

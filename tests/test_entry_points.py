@@ -214,3 +214,22 @@ def test_meta_device_model_is_found_without_weights():
     assert [(s.causal, s.num_heads, s.num_kv_heads, s.head_dim) for s in sites] == [(True, 4, 2, 16)] * 3
     opt = rewriter.optimize(model, {"input_ids": ids})  # no weights: rewritten, not measured
     assert [d.variant for d in opt.plan.decisions] == ["dense"] * 3 and opt.plan.error is None
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_backend_opens_the_encoder_layer_fast_path(norm_first):
+    # In eval under torch.compile, TransformerEncoderLayer is one fused op; its attention is still found.
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, 4, 64, batch_first=True, norm_first=norm_first, activation="gelu")
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 7, E)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, -2:] = True
+    torch._dynamo.reset()
+    backend.LAST_SITES.clear()
+    with torch.no_grad():
+        out = torch.compile(enc, backend="rewriter")(x, src_key_padding_mask=pad)
+        ref = enc(x, src_key_padding_mask=pad)
+    assert len(backend.LAST_SITES) == 2
+    assert all(s.mask_kind == "padding" for s in backend.LAST_SITES)
+    assert rewriter.relative_l2(ref, out) < 1e-5
