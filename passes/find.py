@@ -372,15 +372,15 @@ def _walk_probs(sm: fx.Node) -> tuple[Optional[fx.Node], Optional[fx.Node], list
             if any(G.opname(n) == "permute" for n in chain) and not _keeps_layout(sm, chain):
                 raise Unsupported("the probabilities are permuted before the value product")
             return u, x, chain, notes
+        if name == "native_dropout":
+            raise Unsupported("native_dropout on the probabilities (model in training mode)")
         if name in G.DROPOUT_OPS:
             p = float(G.arg(u, 1, "p", 0.0))
             train = G.arg(u, 2, "train", True)
             if p > 0 and train:
                 raise Unsupported("dropout on the attention probabilities is active (model in training mode)")
         chain.append(u)
-        x = u if name != "native_dropout" else None
-        if x is None:
-            raise Unsupported("native_dropout on the probabilities")
+        x = u
 
 
 # ----------------------------------------------------------------------------- heads, cross

@@ -51,3 +51,22 @@ def test_rewrite_removes_the_original_softmax():
     opt = rewriter.optimize(model.eval(), inputs, variants=["dense"], budget=None)
     names = {str(n.target) for n in opt.program.graph.nodes}
     assert not any("softmax" in t or "dropout" in t for t in names), names
+
+
+def test_half_precision_softmax_in_float32_is_found_and_close():
+    from tests.spellings import PaddingBoolFloat32Dropout, _keep, _x
+
+    torch.manual_seed(0)
+    model = PaddingBoolFloat32Dropout().half().eval()
+    inputs = (_x().half(), _keep())
+    (site,) = rewriter.find_attention(model, inputs)
+    assert site.mask_kind == "padding" and site.rewritable
+    opt = rewriter.optimize(model, inputs, variants=["dense"], budget=None)
+    assert opt.plan.decisions[0].variant == "dense"
+    with torch.no_grad():
+        ref = model.float()(inputs[0].float(), inputs[1])
+        model.half()
+        out = opt(*inputs).float()
+        half = model(*inputs).float()
+    # The rewrite is no further from float32 math than the original half-precision model is.
+    assert rewriter.relative_l2(ref, out) <= 2 * rewriter.relative_l2(ref, half) + 1e-3
