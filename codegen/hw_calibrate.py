@@ -86,6 +86,29 @@ def measure(threads: int | None = None) -> dict[str, float]:
     add = rate(lambda x, y: torch.sub(x, y, out=y))
     red = rate(lambda x, y: torch.amax(x, dim=-1))
     out["other_per_s"] = 2.0 / (1.0 / add + 1.0 / red)
+    # element ops as separate library calls on an attention-sized tensor (10 MiB, fresh outputs):
+    # a representative mix, each weighted by the element ops the cost model counts for it
+    xa = torch.randn(128, 64, 320, generator=g)
+    row = xa.amax(-1, keepdim=True)
+    n_el = xa.numel()
+    mix = [  # (call, element ops it performs, of which exponentials)
+        (lambda: xa - row, 1, 0), (lambda: xa / row, 1, 0), (lambda: xa * 2.0, 1, 0),
+        (lambda: xa.amax(-1), 1, 0), (lambda: xa.sum(-1), 1, 0), (lambda: torch.cumsum(xa, 1), 1, 0),
+        (lambda: torch.softmax(xa, -1), 5, 1), (lambda: torch.nn.functional.elu(xa), 3, 1),
+        (lambda: torch.exp(xa), 1, 1),
+    ]
+    spent, ops = 0.0, 0
+    for fn, n_ops, _ in mix:
+        spent += _best(fn, repeat=7)
+        ops += n_ops * n_el
+    out["eager_other_per_s"] = ops / spent
+    out["eager_exp_per_s"] = n_el / _best(lambda: torch.exp(xa), repeat=7)
+    # batched block matmuls as library calls on attention-sized operands (scores-like outputs)
+    qb, kb = torch.randn(128, 64, 64, generator=g), torch.randn(128, 64, 320, generator=g)
+    pb, vb = torch.randn(128, 64, 320, generator=g), torch.randn(128, 320, 64, generator=g)
+    t_qk = _best(lambda: torch.bmm(qb, kb), repeat=7)
+    t_av = _best(lambda: torch.bmm(pb, vb), repeat=7)
+    out["eager_mac_per_s"] = 2 * 128 * 64 * 64 * 320 / (t_qk + t_av)
     # hand-over between kernels through the last-level cache: copy 8 MiB into 8 MiB
     src, dst = torch.randn(2 << 20, generator=g), torch.empty(2 << 20)
     out["cache_bytes_per_s"] = 2 * src.numel() * 4 / _best(lambda: dst.copy_(src), repeat=20)

@@ -42,6 +42,7 @@ def _core(
     predicate: Predicate | None = None,
     prefix: str = "",
     fdim: str = "f",
+    mask_ops: tuple[str, ...] = ("add",),
 ) -> tuple[list[Einsum], list[tuple[str, tuple[str, ...]]], list[str], list[list[str]]]:
     """Scores, softmax and value reduction over ``key`` in the requested form.
 
@@ -71,7 +72,7 @@ def _core(
                                     "sum", pr)]
         score = acc("BQK", s)
         if mask is not None:
-            ops.append(Einsum(acc("BSM", s), (score, tile(mask)), ("add",), (), None, pr))
+            ops.append(Einsum(acc("BSM", s), (score, tile(mask)), mask_ops, (), None, pr))
             score = acc("BSM", s)
         row = qranks
         cur, nxt, fin = (k1,), (k1 + "+1",), (k1.upper(),)
@@ -100,7 +101,7 @@ def _core(
     groups = [[n + "QK"]]
     score = acc("QK", s)
     if mask is not None:
-        ops.append(Einsum(acc("SM", s), (score, mask), ("add",), (), None, pr))
+        ops.append(Einsum(acc("SM", s), (score, mask), mask_ops, (), None, pr))
         groups.append([n + "SM"])
         score = acc("SM", s)
     ops += [
@@ -300,8 +301,10 @@ def block_sparse(*, block: object = 64, keep: object = None, causal: bool = Fals
                                                               Access("V", ("b", "g", "r", "p1", "w", "f"))), ("copy",)),
     ]
     k, v = Access("KW", ("b", "g", "r", "p1", "w", "e")), Access("VW", ("b", "g", "r", "p1", "w", "f"))
-    mask = Access("SEL", ("b", "g", "r", "p1", "w")) if causal else None
-    ops, splits, it, groups = _core(q, k, v, key="w", qranks=("b", "g", "r", "p1", "p0"), form=form, mask=mask)
+    # positions of the gathered keys against the query's: padding always, the future when causal
+    mask = Access("SEL", ("b", "g", "r", "p1", "w"))
+    ops, splits, it, groups = _core(q, k, v, key="w", qranks=("b", "g", "r", "p1", "p0"), form=form, mask=mask,
+                                    mask_ops=("cmp", "cmp", "add") if causal else ("cmp", "add"))
     ops = pre + ops
     sizes.append(("m", M))
     splits = [("m", ("m1", "m0"))] + splits

@@ -46,6 +46,18 @@ class Hardware:
     tile_k: str = "64"
     source: str = "datasheet"
     extra: tuple[tuple[str, float], ...] = field(default=())
+    #: rates of element ops run as separate library calls on attention-sized tensors (fresh
+    #: outputs, data in cache rather than registers); None: the in-kernel rates apply
+    eager_exp_per_s: float | None = None
+    eager_other_per_s: float | None = None
+    eager_mac_per_s: float | None = None
+
+    def rates(self, fused: bool) -> tuple[float, float, float]:
+        """(mac/s, exp/s, other/s) for a fused kernel or an eager library call."""
+        if fused:
+            return self.mac_per_s, self.exp_per_s, self.other_per_s
+        return (self.eager_mac_per_s or self.mac_per_s, self.eager_exp_per_s or self.exp_per_s,
+                self.eager_other_per_s or self.other_per_s)
 
     def tiles(self) -> tuple[sympy.Expr, sympy.Expr]:
         """The fused attention kernel's (query, key) tiles as sympy expressions of P and M."""
@@ -135,13 +147,15 @@ def cpu_from_measurements(measured: Mapping[str, float], source: str = "measured
     if missing:
         raise ValueError(f"calibration is missing {missing}")
     l2, llc = _cpu_caches()
-    extra = tuple((k, float(v)) for k, v in measured.items() if k not in MEASURED_FIELDS)
+    optional = ("eager_exp_per_s", "eager_other_per_s", "eager_mac_per_s")
+    extra = tuple((k, float(v)) for k, v in measured.items() if k not in MEASURED_FIELDS + optional)
     cores = max(1, int(measured.get("threads", os.cpu_count() or 1)))
     # a CPU core's tiles are backed by its L2 and its share of the last-level cache, which is
     # what stands between it and DRAM (the role shared memory plays on a GPU)
     return Hardware("cpu", **{k: float(measured[k]) for k in MEASURED_FIELDS},
                     onchip_bytes=max(l2, llc / cores), cache_bytes=llc, dtype_bytes=4, overlap_units=False, schedule="eager",
-                    tile_q=CPU_TILE_Q, tile_k=CPU_TILE_K, source=source, extra=extra)
+                    tile_q=CPU_TILE_Q, tile_k=CPU_TILE_K, source=source, extra=extra,
+                    **{k: float(measured[k]) for k in optional if k in measured})
 
 
 def cpu_profile(refresh: bool = False, measure: Callable[[], Mapping[str, float]] | None = None) -> Hardware:

@@ -40,7 +40,8 @@ def kernel_costs(c: Cascade, hw: Hardware) -> list[KernelCost]:
     out = []
     for k in c.kernel_list():
         oc = op_counts(c, k.einsums)
-        parts = [oc.macs / hw.mac_per_s, oc.exps / hw.exp_per_s, oc.others / hw.other_per_s]
+        mac_rate, exp_rate, other_rate = hw.rates(k.fused)
+        parts = [oc.macs / mac_rate, oc.exps / exp_rate, oc.others / other_rate]
         compute = sympy.Max(*parts) if hw.overlap_units else sum(parts)
         t = traffic[k.name]
         memory = (t.reads / hw.read_bytes_per_s + t.writes / hw.write_bytes_per_s
