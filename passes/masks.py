@@ -66,14 +66,8 @@ def _evaluate(ctx, node: fx.Node) -> Optional[torch.Tensor]:
     for n in ctx.graph.nodes:
         if n not in anc:
             continue
-        if n.op == "placeholder":
-            t = ctx.constants.get(n.name)
-            if t is None:
-                return None
-            env[n] = sub.placeholder(n.name)
-            values.append(t)
-        elif n.op == "get_attr":
-            t = ctx.constants.get(n.target)
+        if n.op in ("placeholder", "get_attr"):
+            t = ctx.constants.get(n.name if n.op == "placeholder" else n.target)
             if t is None:
                 return None
             env[n] = sub.placeholder(n.name)

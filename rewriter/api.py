@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Optional
 
 import torch
@@ -17,9 +18,13 @@ logger = logging.getLogger(__name__)
 
 
 def _analyse(model: torch.nn.Module, example_inputs: Any):
+    t0 = time.perf_counter()
+    logger.info("capturing %s with torch.export (non-strict)...", type(model).__name__)
     ep, spec = capture(model, example_inputs)
+    logger.info("captured %d graph nodes in %.1fs; finding attention...", len(ep.graph.nodes), time.perf_counter() - t0)
     ctx = graph_context(ep)
     matches, rejected = find_matches(ctx)
+    logger.info("found %d attention site(s) (%d softmaxes were not attention)", len(matches), len(rejected))
     return ep, spec, matches, rejected
 
 
