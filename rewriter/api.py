@@ -9,6 +9,7 @@ import torch
 
 from passes.find import Match, Rejection, find_matches
 from passes.plan import Decision, Plan
+from passes.pricing import predicted_speedup, profile
 from passes.planner import VariantSpec, choose, normalise_variants
 from passes.rewrite import rewrite_graph
 from passes.site import AttentionSite
@@ -96,7 +97,12 @@ def _infer_target(example_inputs: Any) -> str:
     return "cpu"
 
 
-def _rewrite(ep, matches: list[Match], allowed) -> list[Decision]:
+def _price(site: AttentionSite, variant: str, params: dict, target: str) -> Optional[float]:
+    device = torch.cuda.get_device_name() if target == "cuda" and torch.cuda.is_available() else ""
+    return predicted_speedup(site, variant, params, profile(target, device))
+
+
+def _rewrite(ep, matches: list[Match], allowed, target: str = "cpu") -> list[Decision]:
     chosen, pending = [], []
     for m in matches:
         variant, params, reason = choose(m, allowed)
@@ -110,7 +116,8 @@ def _rewrite(ep, matches: list[Match], allowed) -> list[Decision]:
             decisions.append(Decision(m.site, "original", {}, None, None, failures.get(m.site.index, reason)))
         else:
             note = "; ".join((reason, *m.site.notes))
-            decisions.append(Decision(m.site, variant, params, None, None, note))
+            speedup = _price(m.site, variant, params, target)
+            decisions.append(Decision(m.site, variant, params, speedup, None, note))
     return decisions
 
 
@@ -132,7 +139,7 @@ def optimize(
     # The captured graph before surgery: the rewrite's error is measured against it, so a fast path
     # eager mode takes (nested tensors for padding, say) is not charged to the rewrite.
     captured = None if on_meta else ep.module()
-    decisions = _rewrite(ep, matches, allowed)
+    decisions = _rewrite(ep, matches, allowed, target)
     notes = () if matches else ("no attention was found in the model; it runs unchanged",)
 
     def rebuild(kw: dict):

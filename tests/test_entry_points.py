@@ -256,3 +256,12 @@ def test_transformer_layers_through_backend_and_export(name, tmp_path):
     loaded = rewriter.load(tmp_path / "art")  # same process here; the fresh-process round trip is tested above
     with torch.no_grad():
         assert rewriter.relative_l2(opt(*inputs), loaded(*inputs)) < 1e-6
+
+
+def test_plan_prices_each_site_with_the_cost_model():
+    explicit, inputs = BY_NAME["matmul_div"].build()
+    (d,) = rewriter.optimize(explicit.eval(), inputs).plan.decisions
+    assert d.predicted_speedup is not None and d.predicted_speedup > 1.0  # three passes -> one fused kernel
+    fused, inputs = BY_NAME["sdpa_enable_gqa"].build()
+    (d,) = rewriter.optimize(fused.eval(), inputs).plan.decisions
+    assert d.predicted_speedup == pytest.approx(1.0)  # SDPA was already the fused kernel
