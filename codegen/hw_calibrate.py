@@ -58,7 +58,13 @@ def _best(fn: Callable[[], object], repeat: int = 15, inner: int = 1) -> float:
     return best
 
 
-def measure(threads: int | None = None) -> dict[str, float]:
+#: (m, n, k) block-matmul shapes timed for the eager MAC-rate table
+GEMM_SHAPES = ((64, 64, 64), (64, 64, 128), (64, 128, 64), (128, 128, 128), (64, 320, 64), (64, 64, 320),
+               (64, 320, 128), (64, 128, 320), (64, 1, 64), (1, 64, 64), (256, 256, 64), (256, 64, 256),
+               (64, 64, 16), (64, 16, 64), (16, 64, 64))
+
+
+def measure(threads: int | None = None) -> dict[str, object]:
     """Run the micro-benchmarks and return the fields of a CPU profile."""
     if threads:
         torch.set_num_threads(threads)
@@ -110,6 +116,14 @@ def measure(threads: int | None = None) -> dict[str, float]:
     t_qk = _best(lambda: torch.bmm(qb, kb), repeat=7)
     t_av = _best(lambda: torch.bmm(pb, vb), repeat=7)
     out["eager_mac_per_s"] = 2 * 128 * 64 * 64 * 320 / (t_qk + t_av)
+    # library matmul efficiency depends on the block shape: a small table of (m, n, k) -> MAC/s,
+    # batches sized like attention's (operands and outputs of a few MiB)
+    table = []
+    for m, n, k in GEMM_SHAPES:
+        bt = max(1, int(8e6 // (m * n + m * k + k * n)))
+        a, b = torch.randn(bt, m, k, generator=g), torch.randn(bt, k, n, generator=g)
+        table.append([m, n, k, bt * m * n * k / _best(lambda: torch.bmm(a, b), repeat=5)])
+    out["gemm_table"] = table
     # hand-over between kernels through the last-level cache: copy 8 MiB into 8 MiB
     src, dst = torch.randn(2 << 20, generator=g), torch.empty(2 << 20)
     out["cache_bytes_per_s"] = 2 * src.numel() * 4 / _best(lambda: dst.copy_(src), repeat=20)
@@ -121,8 +135,13 @@ def measure(threads: int | None = None) -> dict[str, float]:
     out["write_bytes_per_s"] = n_w * 4 / _best(lambda: torch.empty(n_w).fill_(1.0), repeat=3)
     del big
     # per-call overhead of a tiny op
-    z = torch.ones(4)
-    out["launch_s"] = _best(lambda: torch.add(z, 1.0), repeat=20, inner=200)
+    # per-call overhead of library calls on tiny operands (dispatch, allocation, threading):
+    # the median over the kinds of call an eager attention makes
+    z, zm = torch.ones(4), torch.ones(2, 4, 4)
+    calls = [lambda: torch.add(z, 1.0), lambda: torch.matmul(zm, zm.transpose(-1, -2)),
+             lambda: torch.softmax(zm, -1), lambda: zm.sum(-1), lambda: torch.exp(z)]
+    costs = sorted(_best(fn, repeat=20, inner=200) for fn in calls)
+    out["launch_s"] = costs[len(costs) // 2]
     logger.info("calibration: %s", out)
     return out
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import logging
 import os
 import platform
@@ -51,6 +52,18 @@ class Hardware:
     eager_exp_per_s: float | None = None
     eager_other_per_s: float | None = None
     eager_mac_per_s: float | None = None
+    #: measured library-matmul rates by block shape: ((m, n, k, mac/s), ...)
+    gemm_table: tuple[tuple[float, float, float, float], ...] = ()
+
+    def gemm_rate(self, m: float, n: float, k: float) -> float:
+        """MAC/s of a library matmul with blocks (m x k) @ (k x n): the nearest measured shape."""
+        if not self.gemm_table:
+            return self.eager_mac_per_s or self.mac_per_s
+
+        def dist(row: tuple[float, float, float, float]) -> float:
+            return sum(abs(math.log(max(a, 1.0) / max(b, 1.0))) for a, b in zip((m, n, k), row[:3]))
+
+        return min(self.gemm_table, key=dist)[3]
 
     def rates(self, fused: bool) -> tuple[float, float, float]:
         """(mac/s, exp/s, other/s) for a fused kernel or an eager library call."""
@@ -148,13 +161,15 @@ def cpu_from_measurements(measured: Mapping[str, float], source: str = "measured
         raise ValueError(f"calibration is missing {missing}")
     l2, llc = _cpu_caches()
     optional = ("eager_exp_per_s", "eager_other_per_s", "eager_mac_per_s")
-    extra = tuple((k, float(v)) for k, v in measured.items() if k not in MEASURED_FIELDS + optional)
+    extra = tuple((k, float(v)) for k, v in measured.items()
+                  if k not in MEASURED_FIELDS + optional + ("gemm_table",))
+    table = tuple(tuple(float(x) for x in row) for row in measured.get("gemm_table", ()))
     cores = max(1, int(measured.get("threads", os.cpu_count() or 1)))
     # a CPU core's tiles are backed by its L2 and its share of the last-level cache, which is
     # what stands between it and DRAM (the role shared memory plays on a GPU)
     return Hardware("cpu", **{k: float(measured[k]) for k in MEASURED_FIELDS},
                     onchip_bytes=max(l2, llc / cores), cache_bytes=llc, dtype_bytes=4, overlap_units=False, schedule="eager",
-                    tile_q=CPU_TILE_Q, tile_k=CPU_TILE_K, source=source, extra=extra,
+                    tile_q=CPU_TILE_Q, tile_k=CPU_TILE_K, source=source, extra=extra, gemm_table=table,
                     **{k: float(measured[k]) for k in optional if k in measured})
 
 

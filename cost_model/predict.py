@@ -8,10 +8,10 @@ from typing import Mapping
 
 import sympy
 
-from .analysis import footprint, kernel_traffic, op_counts, passes
+from .analysis import einsum_counts, footprint, kernel_traffic, op_counts, passes
 from .cascades import build
 from .hardware import Hardware
-from .ir import Cascade, sym
+from .ir import Cascade, Einsum, Kernel, sym
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +34,54 @@ class KernelCost:
     seconds: sympy.Expr
 
 
-def kernel_costs(c: Cascade, hw: Hardware) -> list[KernelCost]:
-    """Roofline per kernel: launches * overhead + max(compute time, memory time)."""
+def gemm_dims(c: Cascade, e: Einsum) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr]:
+    """(m, n, k) of one block matmul of a contraction: rows of the first operand, columns of
+    the second, reduced depth (ranks shared by both operands and the output are batch)."""
+    sizes = c.size_map
+    a, b = (set(x.ranks) for x in e.inputs)
+    o = set(e.out.ranks)
+    m = _prod_sizes(sizes, (a & o) - b)
+    n = _prod_sizes(sizes, (b & o) - a)
+    k = _prod_sizes(sizes, set(e.reduce))
+    return m, n, k
+
+
+def _prod_sizes(sizes: Mapping[str, sympy.Expr], ranks: set[str]) -> sympy.Expr:
+    out = sympy.Integer(1)
+    for r in ranks:
+        out *= sizes[r]
+    return out
+
+
+def _mac_time(c: Cascade, k: Kernel, hw: Hardware, subs: Mapping[sympy.Symbol, object] | None) -> sympy.Expr:
+    """MAC time of a kernel; an eager kernel's matmuls run at the measured rate of their block shape."""
+    total = sympy.Integer(0)
+    prod = c.producer()
+    for name in k.einsums:
+        e = prod[name]
+        if not e.is_contraction:
+            continue
+        macs = einsum_counts(c, e).macs
+        rate = hw.rates(k.fused)[0]
+        if not k.fused and hw.gemm_table:
+            dims = [sympy.sympify(d).subs(subs or {}) for d in gemm_dims(c, e)]
+            if all(d.is_number for d in dims):
+                rate = hw.gemm_rate(*(float(d) for d in dims))
+        total += macs / rate
+    return total
+
+
+def kernel_costs(c: Cascade, hw: Hardware, subs: Mapping[sympy.Symbol, object] | None = None) -> list[KernelCost]:
+    """Roofline per kernel: launches * overhead + max(compute time, memory time).
+
+    ``subs`` (known sizes) lets eager matmuls pick the measured rate of their block shape.
+    """
     traffic = {t.kernel: t for t in kernel_traffic(c, hw.onchip_bytes, hw.cache_bytes, hw.dtype_bytes)}
     out = []
     for k in c.kernel_list():
         oc = op_counts(c, k.einsums)
         mac_rate, exp_rate, other_rate = hw.rates(k.fused)
-        parts = [oc.macs / mac_rate, oc.exps / exp_rate, oc.others / other_rate]
+        parts = [_mac_time(c, k, hw, subs), oc.exps / exp_rate, oc.others / other_rate]
         compute = sympy.Max(*parts) if hw.overlap_units else sum(parts)
         t = traffic[k.name]
         memory = (t.reads / hw.read_bytes_per_s + t.writes / hw.write_bytes_per_s
@@ -53,9 +93,9 @@ def kernel_costs(c: Cascade, hw: Hardware) -> list[KernelCost]:
     return out
 
 
-def time_expr(c: Cascade, hw: Hardware) -> sympy.Expr:
+def time_expr(c: Cascade, hw: Hardware, subs: Mapping[sympy.Symbol, object] | None = None) -> sympy.Expr:
     """Predicted seconds of a cascade as a sympy expression of its symbolic sizes."""
-    return sum((k.seconds for k in kernel_costs(c, hw)), sympy.Integer(0))
+    return sum((k.seconds for k in kernel_costs(c, hw, subs)), sympy.Integer(0))
 
 
 def cascade_for(variant: str, hw: Hardware, *, causal: bool = False, form: str | None = None,
@@ -103,7 +143,7 @@ def predict(variant: str, shape: Mapping[str, object], hw: Hardware, *, causal: 
     """Predict one variant's op counts, bytes, footprint and seconds at a concrete shape."""
     c = cascade_for(variant, hw, causal=causal, form=form, **params)
     subs = _subs(shape)
-    ks = kernel_costs(c, hw)
+    ks = kernel_costs(c, hw, subs)
     return Prediction(
         variant=variant,
         passes=passes(c),
@@ -162,7 +202,7 @@ def crossovers(candidates: Mapping[str, Mapping[str, object]], shape: Mapping[st
     subs.setdefault(sym("M"), shape.get("M", n))
     subs = {k: (sympy.sympify(v).subs(sym(n_symbol), n) if isinstance(v, (str, sympy.Expr)) else v)
             for k, v in subs.items()}
-    exprs = {name: time_expr(cascade_for(name.split("@")[0], hw, causal=causal, **dict(p)), hw).subs(subs)
+    exprs = {name: time_expr(cascade_for(name.split("@")[0], hw, causal=causal, **dict(p)), hw, subs).subs(subs)
              for name, p in candidates.items()}
 
     def best(x: float) -> str:
