@@ -14,8 +14,12 @@ import argparse
 import resource
 import sys
 import time
+from pathlib import Path
 
-import torch
+# The repo root first: bench/cost_model.py would otherwise shadow the cost_model package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
 
 
 def peak_rss_bytes() -> int:
