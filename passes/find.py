@@ -505,7 +505,8 @@ def _site(
         v_head_dim=as_int(v_head_dim),
         q_len=as_int(p_len),
         kv_len=as_int(m_len),
-        batch=as_int(batch[0]) if len(batch) >= 2 else (1 if batch else 1),
+        # Flattened [B*H, ...] layouts (bmm) carry the batch inside the first dim.
+        batch=as_int(batch[0]) if len(batch) >= 2 else max(1, as_int(G.prod(batch)) // max(1, heads)),
         scale=scale,
         rewritable=analysis.reason == "",
         reason=analysis.reason,

@@ -270,8 +270,8 @@ def _keep():
 
 
 def _self(**kw):
-    base = dict(count=None, causal=False, is_cross=False, num_heads=H, num_kv_heads=H, head_dim=D,
-                q_len=N, kv_len=N, mask_kind="none")
+    base = dict(causal=False, is_cross=False, num_heads=H, num_kv_heads=H, head_dim=D,
+                q_len=N, kv_len=N, mask_kind="none", batch=B)
     base.update(kw)
     return base
 

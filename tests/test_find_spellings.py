@@ -7,7 +7,7 @@ import torch
 import rewriter
 from tests.spellings import CASES
 
-FIELDS = ("causal", "is_cross", "num_heads", "num_kv_heads", "head_dim", "q_len", "kv_len", "mask_kind")
+FIELDS = ("causal", "is_cross", "num_heads", "num_kv_heads", "head_dim", "q_len", "kv_len", "mask_kind", "batch")
 
 
 @pytest.fixture(autouse=True)
