@@ -474,10 +474,9 @@ def _site(
     name_node: fx.Node,
     score_dtype: Optional[torch.dtype] = None,
 ) -> Match:
-    p_len = _canon_len(q)
-    m_len = _canon_len(k)
-    head_dim = _canon_last(q)
-    v_head_dim = _canon_last(v)
+    cq, ck, cv = _canon(q), _canon(k), _canon(v)
+    p_len, head_dim = cq[-2:]
+    m_len, v_head_dim = ck[-2], cv[-1]
     analysis = analyse_masks(ctx, masks, p_len, m_len, sdpa_causal, score_dtype)
     kv_src = _repeat_kv_source(k.node) if not k.steps else None
     vv_src = _repeat_kv_source(v.node) if not v.steps else None
@@ -486,7 +485,7 @@ def _site(
     if kv_src is not None:
         kv_heads = as_int(G.shape(kv_src)[1])
     else:
-        kb = _canon_batch(k)
+        kb = ck[:-2]
         if len(batch) >= 2 and len(kb) == len(batch) and 0 < as_int(kb[-1]) < as_int(batch[-1]):
             kv_heads = as_int(kb[-1])  # broadcast (MQA) or enable_gqa heads
     q_src = _projection_sources(ctx, q.node)
@@ -546,18 +545,6 @@ def _steps_shape(shape: tuple, steps: list[Step]) -> tuple:
 
 def _canon(op: Operand) -> tuple:
     return _steps_shape(G.shape(op.node), op.steps)
-
-
-def _canon_len(op: Operand):
-    return _canon(op)[-2]
-
-
-def _canon_last(op: Operand):
-    return _canon(op)[-1]
-
-
-def _canon_batch(op: Operand) -> tuple:
-    return _canon(op)[:-2]
 
 
 def _match_sdpa(ctx: GraphContext, node: fx.Node, index: int) -> Match:

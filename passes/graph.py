@@ -101,10 +101,7 @@ def scalar_value(x: Any, constants: dict[str, torch.Tensor]) -> Optional[float]:
         if name in ("sqrt",):
             inner = scalar_value(x.args[0], constants)
             return math.sqrt(inner) if inner is not None and inner >= 0 else None
-        if name in ("lift_fresh_copy", "clone", "detach", "_to_copy", "to"):
-            return scalar_value(x.args[0], constants)
-        s = shape(x)
-        if s == () and name in CAST_OPS:
+        if name in CAST_OPS | {"lift_fresh_copy", "clone", "detach"}:
             return scalar_value(x.args[0], constants)
     return None
 

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 
-from passes.find import Match, Rejection, find_matches
+from passes.find import Match, find_matches
 from passes.plan import Decision, Plan
 from passes.pricing import predicted_speedup, profile
 from passes.planner import VariantSpec, choose, normalise_variants
@@ -179,4 +179,4 @@ def optimize(
     return opt
 
 
-__all__ = ["OptimizedModel", "find_attention", "optimize", "relative_l2", "Rejection"]
+__all__ = ["OptimizedModel", "find_attention", "optimize", "relative_l2"]
