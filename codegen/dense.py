@@ -1,12 +1,33 @@
 """Kernel for the ``dense`` variant: exact attention, fused by PyTorch's SDPA on CPU and CUDA."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from codegen.ops import register_kernel
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+              causal: bool, *, softcap: float = 0.0, fill: Optional[float] = None) -> torch.Tensor:
+    """Plain three-pass softmax attention in float32 with every modifier of the op's contract."""
+    g, h = k.shape[1], q.shape[1]
+    if g != h:
+        k, v = k.repeat_interleave(h // g, dim=1), v.repeat_interleave(h // g, dim=1)
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            s = s.masked_fill(~mask, float("-inf") if fill is None else float(fill))
+        else:
+            s = s + mask.float()
+    if causal:
+        p_len, m_len = s.shape[-2:]
+        keep = torch.ones(p_len, m_len, dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    return (s.softmax(-1) @ v.float()).to(q.dtype)
 
 
 @register_kernel("dense")
@@ -17,8 +38,14 @@ def dense(
     mask: Optional[torch.Tensor],
     scale: float,
     causal: bool,
+    *,
+    extra: Sequence[torch.Tensor] = (),
+    softcap: float = 0.0,
+    fill: Optional[float] = None,
 ) -> torch.Tensor:
     """Exact softmax attention with an online-softmax fused kernel where PyTorch has one."""
+    if softcap > 0 or (fill is not None and mask is not None and mask.dtype == torch.bool):
+        return reference(q, k, v, mask, scale, causal, softcap=softcap, fill=fill)
     if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
         mask = mask.to(q.dtype)
     gqa = k.shape[1] != q.shape[1]

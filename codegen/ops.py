@@ -2,12 +2,26 @@
 
 The op carries the variant name and its parameters (JSON) so an exported graph keeps the
 plan; the kernel for each variant is looked up at run time from ``KERNELS``.
+
+Contract every kernel implements (``run`` below is the op without the dispatcher)::
+
+    kernel(q, k, v, mask, scale, causal, *, extra, softcap, fill, **params) -> [B, H, P, F]
+
+* q [B,H,P,E], k [B,G,M,E], v [B,G,M,F] with H % G == 0 (GQA/MQA: K/V heads are never repeated).
+* scores s = scale * q.kᵀ; with ``softcap`` > 0, s = softcap * tanh(s / softcap).
+* ``mask`` broadcasts to [B,H,P,M]: bool (True = attend) or float (added to s: padding,
+  ALiBi, relative position bias, ...).
+* ``causal`` is top-left aligned: key j is visible to query i when j <= i.
+* A position the bool mask hides scores -inf, or ``fill`` when given (the finite value a model's
+  ``masked_fill`` used, in the units of s): then a row with every key hidden averages its values
+  exactly as the original did.  Causally hidden keys are always -inf.
+* ``extra``: tensors a variant needs (latent up-projections, learned feature maps); [] otherwise.
 """
 from __future__ import annotations
 
 import json
 import logging
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -18,13 +32,43 @@ KERNELS: dict[str, Kernel] = {}
 
 
 def register_kernel(name: str) -> Callable[[Kernel], Kernel]:
-    """Register ``fn`` as the CPU/CUDA kernel that runs variant ``name``."""
+    """Register ``fn`` as the kernel that runs variant ``name``."""
 
     def deco(fn: Kernel) -> Kernel:
         KERNELS[name] = fn
         return fn
 
     return deco
+
+
+def run(
+    variant: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    *,
+    extra: Sequence[torch.Tensor] = (),
+    softcap: float = 0.0,
+    fill: Optional[float] = None,
+    **params,
+) -> torch.Tensor:
+    """Run variant ``variant``'s kernel directly (what the op does, without the custom-op wrapper)."""
+    try:
+        kernel = KERNELS[variant]
+    except KeyError:
+        raise ValueError(
+            f"rewriter::attention has no kernel for variant {variant!r}; known: {sorted(KERNELS)}. "
+            "Import the package that defines it (import rewriter) before running the graph."
+        ) from None
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    out = kernel(q, k, v, mask, float(scale), bool(causal), extra=list(extra), softcap=float(softcap),
+                 fill=fill, **params)
+    # The op's contract is a contiguous [B,H,P,F] result: the fake kernel promises it to compilers.
+    return out.contiguous()
 
 
 @torch.library.custom_op("rewriter::attention", mutates_args=())
@@ -37,26 +81,21 @@ def attention(
     causal: bool,
     variant: str,
     params: str,
+    extra: Sequence[torch.Tensor],
+    softcap: float = 0.0,
+    fill: Optional[float] = None,
 ) -> torch.Tensor:
-    """Attention over q [B,H,P,E], k [B,G,M,E], v [B,G,M,F] -> [B,H,P,F] by ``variant``.
-
-    ``mask`` broadcasts to [B,H,P,M]: bool (True = attend) or additive float.
-    ``causal`` is top-left aligned (key j visible to query i when j <= i).
-    """
-    try:
-        kernel = KERNELS[variant]
-    except KeyError:
-        raise ValueError(
-            f"rewriter::attention has no kernel for variant {variant!r}; known: {sorted(KERNELS)}. "
-            "Import the package that defines it (import rewriter) before running the graph."
-        ) from None
-    # The op's contract is a contiguous [B,H,P,F] result: the fake kernel promises it to compilers.
-    return kernel(q, k, v, mask, scale, causal, **json.loads(params or "{}")).contiguous()
+    """Attention over q [B,H,P,E], k [B,G,M,E], v [B,G,M,F] -> [B,H,P,F] by ``variant`` (see module doc)."""
+    return run(variant, q, k, v, mask, scale, causal, extra=extra, softcap=softcap, fill=fill,
+               **json.loads(params or "{}"))
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, mask, scale, causal, variant, params):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+def _attention_fake(q, k, v, mask, scale, causal, variant, params, extra, softcap=0.0, fill=None):
+    f = v.shape[-1]
+    if variant == "latent" and len(extra) == 2:  # values are low rank; the output is up-projected to F
+        f = extra[1].shape[-1]
+    return q.new_empty((*q.shape[:-1], f))
 
 
 # Import kernels after the op exists so each module can register itself.

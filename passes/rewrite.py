@@ -137,7 +137,7 @@ def rewrite_site(graph: fx.Graph, m: Match, variant: str, params: dict) -> fx.No
     mask = _combined_mask(em, m)
     out = em(
         torch.ops.rewriter.attention.default, q, k, v, mask, float(m.scale), bool(m.analysis.op_causal),
-        variant, json.dumps(params, sort_keys=True),
+        variant, json.dumps(params, sort_keys=True), [],
     )
     p_len, f = G.shape(out)[-2:]
     out = em.steps(out, [("reshape", (*m.batch, p_len, f)), *m.out_steps, ("to", G.dtype(m.anchor))])
