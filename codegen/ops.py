@@ -86,8 +86,13 @@ def run(
         ) from None
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    delta = int(params.pop("delta", 0) or 0)
     out = kernel(q, k, v, mask, float(scale), bool(causal), extra=list(extra), softcap=float(softcap),
                  fill=fill, **params).contiguous()
+    if delta > 1 and variant != "dense":
+        from codegen.corrections import delta_correct
+
+        out = delta_correct(out, q, k, v, mask, float(scale), bool(causal), delta, softcap=float(softcap))
     # The op's contract is a contiguous [B,H,P,F] result: the fake kernel promises it to compilers.
     calls = getattr(_RECORD, "calls", None)
     if calls is not None:
