@@ -131,3 +131,9 @@ def _attention_fake(q, k, v, mask, scale, causal, variant, params, extra, softca
 
 # Import kernels after the op exists so each module can register itself.
 from codegen import dense as _dense  # noqa: E402,F401
+from codegen import sliding_window as _sliding_window  # noqa: E402,F401
+from codegen import sinks_window as _sinks_window  # noqa: E402,F401
+from codegen import block_sparse as _block_sparse  # noqa: E402,F401
+from codegen import neighborhood_2d as _neighborhood_2d  # noqa: E402,F401
+from codegen import linear as _linear  # noqa: E402,F401
+from codegen import latent as _latent  # noqa: E402,F401
