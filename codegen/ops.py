@@ -137,3 +137,4 @@ from codegen import block_sparse as _block_sparse  # noqa: E402,F401
 from codegen import neighborhood_2d as _neighborhood_2d  # noqa: E402,F401
 from codegen import linear as _linear  # noqa: E402,F401
 from codegen import latent as _latent  # noqa: E402,F401
+from codegen import adaptive as _adaptive  # noqa: E402,F401

@@ -72,7 +72,8 @@ def normalise_variants(spec: VariantSpec) -> dict[str, Optional[dict]]:
         if name not in CATALOGUE:
             raise ValueError(f"unknown variant {name!r}; the catalogue is: {', '.join(CATALOGUE)}")
         if name not in VARIANTS or name not in KERNELS:
-            have = "a planner module but no kernel yet" if name in VARIANTS else "no implementation yet"
+            have = ("a planner module but no kernel yet" if name in VARIANTS else
+                    "a kernel, but the planner does not offer it yet" if name in KERNELS else "no implementation yet")
             raise ValueError(f"variant {name!r} is in the catalogue but has {have}; "
                              f"available now: {', '.join(available())}")
         if items[name] is not None:
