@@ -52,7 +52,7 @@ def feature(x: torch.Tensor, which: str, scale: float, w: Optional[torch.Tensor]
             b: Optional[torch.Tensor] = None) -> torch.Tensor:
     """φ(x) for x [B, heads, N, E] (float32); w [heads,E,Dφ], b [heads,Dφ] for hedgehog."""
     if which == "elu1":
-        return F.elu(x) + 1
+        return F.elu(x).add_(1)
     if which == "taylor":
         e = x.shape[-1]
         outer = (x[..., :, None] * x[..., None, :]).flatten(-2) * (scale / math.sqrt(2))
@@ -181,7 +181,8 @@ def linear_attention(q, k, v, keep, scale, causal, which, qmap, kmap, chunk) -> 
             a.mul_(kc)
         res = a @ vc.unsqueeze(2)  # intra-chunk [B,G,R,n,C,F+1]
         ckv = fk.transpose(-1, -2) @ vc  # [B,G,n,D,F+1]
-        before = torch.cumsum(ckv, 2).sub_(ckv).add_(state[:, :, None])
+        # exclusive prefix sum with the carried state in front: the state before each chunk
+        before = torch.cumsum(torch.cat([state[:, :, None], ckv[:, :, :-1]], 2), 2)
         res += fq @ before.unsqueeze(2)
         out[:, :, :, lo:hi] = res.view(bsz, g, rep, n * chunk, f1)[:, :, :, :hi - lo]
         state = before[:, :, -1] + ckv[:, :, -1]
@@ -241,4 +242,6 @@ def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
         out = _window_correction(q, k, v, keep, scale, causal, feature_map, qmap, kmap, int(window), num, den)
     else:
         out = num / den[..., None]
-    return out.nan_to_num(0.0).to(q.dtype)
+    if keep is not None:  # a row whose every key is padding has 0/0: give 0
+        out = out.nan_to_num(0.0)
+    return out.to(q.dtype)
