@@ -235,3 +235,13 @@ def test_block_map_skips_blocks_outside_the_window():
         i = torch.arange(qb * 64, qb * 64 + 64)[:, None]
         j = torch.arange(kb * 64, kb * 64 + 64)[None, :]
         assert bool(bm.full[qb, s]) == bool(((j <= i) & (i - j < 100)).all())
+
+
+def test_kernel_sources_round_trip():
+    from codegen.sources import kernel_sources, verify_sources
+    src = kernel_sources("sliding_window", {"window": 64})
+    (name, (text, digest)), = src.items()
+    assert name.startswith("sliding_window_cpu_") and '"window": 64' in text
+    assert verify_sources("sliding_window", {"window": 64}, src) == []
+    assert verify_sources("sliding_window", {"window": 65}, src) != []
+    assert kernel_sources("sliding_window", {"window": 64}) == src  # deterministic
