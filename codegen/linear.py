@@ -28,7 +28,7 @@ from codegen.ops import register_kernel
 
 VARIANT = "linear"
 FEATURE_MAPS = ("elu1", "taylor", "hedgehog")
-_BUDGET_BYTES = 64 << 20
+_BUDGET_BYTES = 256 << 20
 
 
 def key_keep(mask: Optional[torch.Tensor], bsz: int, m: int) -> Optional[torch.Tensor]:
@@ -52,7 +52,7 @@ def feature(x: torch.Tensor, which: str, scale: float, w: Optional[torch.Tensor]
             b: Optional[torch.Tensor] = None) -> torch.Tensor:
     """φ(x) for x [B, heads, N, E] (float32); w [heads,E,Dφ], b [heads,Dφ] for hedgehog."""
     if which == "elu1":
-        return F.elu(x) + 1
+        return F.elu(x).add_(1)
     if which == "taylor":
         e = x.shape[-1]
         outer = (x[..., :, None] * x[..., None, :]).flatten(-2) * (scale / math.sqrt(2))
@@ -123,12 +123,17 @@ def _pair(which: str, scale: float) -> Callable[[torch.Tensor, torch.Tensor, tor
 
 
 def linear_attention(q, k, v, keep, scale, causal, which, qmap, kmap, chunk) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unnormalised (numerator [B,H,P,F], denominator [B,H,P]) of the linear part over every visible key."""
+    """Unnormalised (numerator [B,H,P,F], denominator [B,H,P]) of the linear part over every visible key.
+
+    Values carry an extra ones column, so one matmul gives numerator and denominator together.
+    """
     bsz, h, p, e = q.shape
     g, m, f = k.shape[1], k.shape[2], v.shape[-1]
     rep = h // g
     off = m - p
-    qf32, kf32, vf32 = q.float(), k.float(), v.float()
+    qf32, kf32 = q.float(), k.float()
+    v1 = torch.cat([v.float(), torch.ones(bsz, g, m, 1)], -1)  # [B,G,M,F+1]
+    f1 = f + 1
 
     def phi_k(lo: int, hi: int) -> torch.Tensor:
         fk = feature(kf32[:, :, lo:hi], which, scale, *kmap)
@@ -138,55 +143,51 @@ def linear_attention(q, k, v, keep, scale, causal, which, qmap, kmap, chunk) -> 
         return feature(qf32[:, :, lo:hi], which, scale, *qmap)
 
     d = 1 + e + e * e if which == "taylor" else (2 * qmap[0].shape[-1] if which == "hedgehog" else e)
-    per_tok = 4 * (bsz * g * d * f // max(1, chunk) + bsz * h * (d + 2 * chunk) + bsz * g * (d + f))
+    per_tok = 4 * (bsz * g * d * f1 // max(1, chunk) + bsz * h * (d + 2 * chunk + f1) + bsz * g * (d + f1))
     seg = max(chunk, (_BUDGET_BYTES // max(1, per_tok)) // chunk * chunk)
-    state = torch.zeros(bsz, g, d, f)
-    zsum = torch.zeros(bsz, g, d)
+    state = torch.zeros(bsz, g, d, f1)
     # keys before the first query (or, non-causal, every key) reduce to the initial state
     end = off if causal else m
     for lo in range(0, end, seg):
         hi = min(end, lo + seg)
-        fk = phi_k(lo, hi)
-        state += fk.transpose(-1, -2) @ vf32[:, :, lo:hi]
-        zsum += fk.sum(-2)
-    num = torch.empty(bsz, g, rep, p, f)
-    den = torch.empty(bsz, g, rep, p)
+        state += phi_k(lo, hi).transpose(-1, -2) @ v1[:, :, lo:hi]
+    out = torch.empty(bsz, g, rep, p, f1)
     if not causal:
         for lo in range(0, p, seg):
             hi = min(p, lo + seg)
-            fq = phi_q(lo, hi).view(bsz, g, rep, hi - lo, d)
-            num[:, :, :, lo:hi] = fq @ state[:, :, None]
-            den[:, :, :, lo:hi] = (fq @ zsum[:, :, None, :, None]).squeeze(-1)
-        return num.view(bsz, h, p, f), den.view(bsz, h, p)
+            out[:, :, :, lo:hi] = phi_q(lo, hi).view(bsz, g, rep, hi - lo, d) @ state[:, :, None]
+        out = out.view(bsz, h, p, f1)
+        return out[..., :f], out[..., f]
     pair = _pair(which, scale)
-    tril = torch.ones(chunk, chunk).tril()
+    hide = torch.ones(chunk, chunk, dtype=torch.bool).triu(1)
     for lo in range(0, p, seg):
         hi = min(p, lo + seg)
         n = math.ceil((hi - lo) / chunk)
         pad = n * chunk - (hi - lo)
-        fq = F.pad(phi_q(lo, hi), (0, 0, 0, pad)).view(bsz, g, rep, n, chunk, d)
-        fk = F.pad(phi_k(off + lo, off + hi), (0, 0, 0, pad)).view(bsz, g, n, chunk, d)
-        vc = F.pad(vf32[:, :, off + lo:off + hi], (0, 0, 0, pad)).view(bsz, g, n, chunk, f)
-        qr = F.pad(qf32[:, :, lo:hi], (0, 0, 0, pad)).view(bsz, g, rep, n, chunk, e)
-        kr = F.pad(kf32[:, :, off + lo:off + hi], (0, 0, 0, pad)).view(bsz, g, 1, n, chunk, e)
-        a = pair(qr, kr, fq, fk.unsqueeze(2)) * tril  # [B,G,R,n,C,C]
-        if keep is not None:  # padded keys (and the tail pad) weigh nothing
+        fq = phi_q(lo, hi)
+        fk = phi_k(off + lo, off + hi)
+        vc = v1[:, :, off + lo:off + hi]
+        qr, kr = qf32[:, :, lo:hi], kf32[:, :, off + lo:off + hi]
+        if pad:  # zero-padded tail keys sit after every real query: the causal mask hides them
+            fq, fk, vc = F.pad(fq, (0, 0, 0, pad)), F.pad(fk, (0, 0, 0, pad)), F.pad(vc, (0, 0, 0, pad))
+            qr, kr = F.pad(qr, (0, 0, 0, pad)), F.pad(kr, (0, 0, 0, pad))
+        fq = fq.view(bsz, g, rep, n, chunk, d)
+        fk = fk.view(bsz, g, n, chunk, d)
+        vc = vc.view(bsz, g, n, chunk, f1)
+        a = pair(qr.view(bsz, g, rep, n, chunk, e), kr.view(bsz, g, 1, n, chunk, e), fq, fk.unsqueeze(2))
+        a.masked_fill_(hide, 0.0)  # [B,G,R,n,C,C]
+        if keep is not None and which == "taylor":  # φ-based maps already zeroed hidden keys' features
             kc = F.pad(keep[:, :, off + lo:off + hi], (0, pad)).view(keep.shape[0], 1, 1, n, 1, chunk)
-            a = a * kc
-        # zero-padded tail keys sit after every real query, so the causal tril already hides them
-        cnum = a @ vc.unsqueeze(2)
-        cden = a.sum(-1)
-        ckv = fk.transpose(-1, -2) @ vc  # [B,G,n,D,F]
-        cks = fk.sum(-2)
-        before = torch.cumsum(ckv, 2) - ckv + state[:, :, None]
-        zbefore = torch.cumsum(cks, 2) - cks + zsum[:, :, None]
-        cnum = cnum + fq @ before.unsqueeze(2)
-        cden = cden + (fq @ zbefore.unsqueeze(2).unsqueeze(-1)).squeeze(-1)
-        num[:, :, :, lo:hi] = cnum.reshape(bsz, g, rep, n * chunk, f)[:, :, :, :hi - lo]
-        den[:, :, :, lo:hi] = cden.reshape(bsz, g, rep, n * chunk)[:, :, :, :hi - lo]
+            a.mul_(kc)
+        res = a @ vc.unsqueeze(2)  # intra-chunk [B,G,R,n,C,F+1]
+        ckv = fk.transpose(-1, -2) @ vc  # [B,G,n,D,F+1]
+        # exclusive prefix sum with the carried state in front: the state before each chunk
+        before = torch.cumsum(torch.cat([state[:, :, None], ckv[:, :, :-1]], 2), 2)
+        res += fq @ before.unsqueeze(2)
+        out[:, :, :, lo:hi] = res.view(bsz, g, rep, n * chunk, f1)[:, :, :, :hi - lo]
         state = before[:, :, -1] + ckv[:, :, -1]
-        zsum = zbefore[:, :, -1] + cks[:, :, -1]
-    return num.view(bsz, h, p, f), den.view(bsz, h, p)
+    out = out.view(bsz, h, p, f1)
+    return out[..., :f], out[..., f]
 
 
 def _window_correction(q, k, v, keep, scale, causal, which, qmap, kmap, window, num, den, block: int = 128):
@@ -241,4 +242,6 @@ def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
         out = _window_correction(q, k, v, keep, scale, causal, feature_map, qmap, kmap, int(window), num, den)
     else:
         out = num / den[..., None]
-    return out.nan_to_num(0.0).to(q.dtype)
+    if keep is not None:  # a row whose every key is padding has 0/0: give 0
+        out = out.nan_to_num(0.0)
+    return out.to(q.dtype)

@@ -105,11 +105,12 @@ def test_neighborhood_2d(shape, causal, mask_name):
     mask = _masks(b, h, p, m)[mask_name]
     rows, cols = 4, 7
     for kernel, prefix in (([3, 5], 2), ([1, 3], 0), ([9, 9], 1)):
-        out = codegen.run("neighborhood_2d", q, k, v, mask, 0.3, causal, grid=[rows, cols], kernel=kernel,
-                          prefix=prefix, block=16)
         vis = _neigh_visible(p, m, rows, cols, *kernel, prefix, causal)
         ref = naive_attention(q, k, v, mask, 0.3, visible=vis)
-        assert _rel(out, ref) < 1e-5, (kernel, prefix)
+        for block in (16, 64):  # 64 runs the compiled kernel where it builds, 16 the gathered path
+            out = codegen.run("neighborhood_2d", q, k, v, mask, 0.3, causal, grid=[rows, cols], kernel=kernel,
+                              prefix=prefix, block=block)
+            assert _rel(out, ref) < 1e-5, (kernel, prefix, block)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -119,7 +120,7 @@ def test_block_sparse(shape, causal, mask_name):
     b, h, g, p, m, e, f = shape
     q, k, v = _inputs(*shape)
     mask = _masks(b, h, p, m)[mask_name]
-    for keep, block in ((0.3, 16), (0.5, 8)):
+    for keep, block in ((0.3, 16), (0.5, 8), (0.4, 64)):
         out = codegen.run("block_sparse", q, k, v, mask, 0.3, causal, keep=keep, block=block)
         ref = block_sparse.reference(q, k, v, mask, 0.3, causal, keep=keep, block=block)
         assert _rel(out, ref) < 1e-5
@@ -234,3 +235,13 @@ def test_block_map_skips_blocks_outside_the_window():
         i = torch.arange(qb * 64, qb * 64 + 64)[:, None]
         j = torch.arange(kb * 64, kb * 64 + 64)[None, :]
         assert bool(bm.full[qb, s]) == bool(((j <= i) & (i - j < 100)).all())
+
+
+def test_kernel_sources_round_trip():
+    from codegen.sources import kernel_sources, verify_sources
+    src = kernel_sources("sliding_window", {"window": 64})
+    (name, (text, digest)), = src.items()
+    assert name.startswith("sliding_window_cpu_") and '"window": 64' in text
+    assert verify_sources("sliding_window", {"window": 64}, src) == []
+    assert verify_sources("sliding_window", {"window": 65}, src) != []
+    assert kernel_sources("sliding_window", {"window": 64}) == src  # deterministic
