@@ -18,6 +18,7 @@ class MaskTerm:
     node: fx.Node
     factor: float = 1.0
     fill: float = -math.inf
+    layout: Optional[tuple] = None  # shape of the scores where the term is applied (flattened [B*H] or not)
 
 
 class NotAttention(Exception):

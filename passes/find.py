@@ -24,9 +24,10 @@ from passes import graph as G
 from passes.context import GraphContext, MaskTerm, NotAttention, Unsupported
 from passes.masks import MaskAnalysis, analyse_masks
 from passes.operands import (
-    Operand, Step, canon, count_heads, projection_sources, repeat_kv_source, score_operands, value_operand,
+    Operand, Step, canon, count_heads, kv_heads, projection_sources, repeat_kv_source, score_operands,
+    value_operand,
 )
-from passes.scores import scalar_operand, softmax_input, walk_probs, walk_scores
+from passes.scores import SHAPE_ONLY, scalar_operand, softmax_input, walk_probs, walk_scores
 from passes.site import AttentionSite, as_int
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class Match:
     gqa_source: Optional[fx.Node] = None  # k/v before repeat_kv, when that pattern was seen
     v_gqa_source: Optional[fx.Node] = None
     nodes: tuple = ()
+    softcap: float = 0.0  # scores are soft-capped (softcap * tanh(s / softcap)) before the masks
 
 
 def _site(
@@ -72,6 +74,8 @@ def _site(
     nodes: tuple,
     name_node: fx.Node,
     score_dtype: Optional[torch.dtype] = None,
+    softcap: float = 0.0,
+    problems: tuple = (),
 ) -> Match:
     cq, ck, cv = canon(q), canon(k), canon(v)
     p_len, head_dim = cq[-2:]
@@ -80,13 +84,13 @@ def _site(
     kv_src = repeat_kv_source(k.node) if not k.steps else None
     vv_src = repeat_kv_source(v.node) if not v.steps else None
     heads = count_heads(q.node, batch, as_int(head_dim))
-    kv_heads = heads
-    if kv_src is not None:
-        kv_heads = as_int(G.shape(kv_src)[1])
-    else:
-        kb = ck[:-2]
-        if len(batch) >= 2 and len(kb) == len(batch) and 0 < as_int(kb[-1]) < as_int(batch[-1]):
-            kv_heads = as_int(kb[-1])  # broadcast (MQA) or enable_gqa heads
+    # Flattened [B*H, ...] layouts (bmm) carry the batch inside the first dim.
+    bsz = as_int(batch[0]) if len(batch) >= 2 else max(1, as_int(G.prod(batch)) // max(1, heads))
+    n_kv = kv_heads(k.node, heads, bsz, as_int(m_len), as_int(head_dim))
+    kb = ck[:-2]
+    if len(batch) >= 2 and len(kb) == len(batch) and 0 < as_int(kb[-1]) < as_int(batch[-1]):
+        n_kv = as_int(kb[-1])  # broadcast (MQA) or enable_gqa heads
+    reason = "; ".join(dict.fromkeys([*problems, *([analysis.reason] if analysis.reason else [])]))
     q_src = projection_sources(ctx, q.node)
     k_src = projection_sources(ctx, k.node)
     is_cross = q_src.isdisjoint(k_src)
@@ -98,17 +102,19 @@ def _site(
         mask_kind=analysis.kind,
         is_cross=is_cross,
         num_heads=heads,
-        num_kv_heads=kv_heads,
+        num_kv_heads=n_kv,
         head_dim=as_int(head_dim),
         v_head_dim=as_int(v_head_dim),
         q_len=as_int(p_len),
         kv_len=as_int(m_len),
-        # Flattened [B*H, ...] layouts (bmm) carry the batch inside the first dim.
-        batch=as_int(batch[0]) if len(batch) >= 2 else max(1, as_int(G.prod(batch)) // max(1, heads)),
+        batch=bsz,
         scale=scale,
-        rewritable=analysis.reason == "",
-        reason=analysis.reason,
+        rewritable=not reason,
+        reason=reason,
         notes=tuple(notes),
+        window=analysis.window,
+        softcap=softcap,
+        has_bias=analysis.has_bias,
     )
     return Match(
         site=site,
@@ -122,6 +128,7 @@ def _site(
         scale=scale,
         sdpa_causal=sdpa_causal,
         analysis=analysis,
+        softcap=softcap,
         gqa_source=kv_src if (kv_src is not None and vv_src is not None) else None,
         v_gqa_source=vv_src if (kv_src is not None and vv_src is not None) else None,
         nodes=nodes,
@@ -192,21 +199,9 @@ def _match_explicit(ctx: GraphContext, sm: fx.Node, index: int) -> Match:
     if v.node not in ctx.activations:
         raise NotAttention("values are weights, not activations (pooling over weights)")
     for node in chain:
-        if node is not x_in and len(G.users(node)) > 1:
+        if node is not x_in and len([u for u in G.users(node) if G.opname(u) not in SHAPE_ONLY]) > 1:
             raise Unsupported(f"an intermediate of the scores ({node.name}) is used outside the attention")
-    scale = 1.0
-    masks: list[MaskTerm] = []
-    for op in ops:
-        if isinstance(op, MaskTerm):
-            masks.append(op)
-        else:
-            s = op[1]
-            scale *= s
-            for m in masks:
-                if m.kind == "add":
-                    m.factor *= s
-                else:
-                    m.fill *= s
+    scale, softcap, masks, problems = _fold_ops(ops)
     # A scale applied to q or k before the product is part of the attention's scale.
     for opnd in (q, k):
         while True:
@@ -222,8 +217,48 @@ def _match_explicit(ctx: GraphContext, sm: fx.Node, index: int) -> Match:
     spelling = G.opname(c1)
     return _site(
         ctx, index, c2, spelling, q, k, v, batch, masks, scale, False, out_steps, notes,
-        tuple([c1, *chain, sm, *post, c2]), sm, G.dtype(x_in),
+        tuple([c1, *chain, sm, *post, c2]), sm, G.dtype(x_in), softcap, tuple(problems),
     )
+
+
+def _fold_ops(ops: list) -> tuple[float, float, list[MaskTerm], list[str]]:
+    """(scale, softcap, masks, problems) from the scores ops in forward order.
+
+    ``a * tanh(b * s)`` equals the op's ``c * tanh(s' / c)`` with c = |a| and s' = a·b·s, so any
+    scalar placement around the tanh is one soft-cap; masks must come after it (the op caps first).
+    """
+    scale, post, softcap = 1.0, 1.0, 0.0
+    masks: list[MaskTerm] = []
+    problems: list[str] = []
+    capped = False
+    for op in ops:
+        if isinstance(op, MaskTerm):
+            masks.append(op)
+        elif op[0] == "unsupported":
+            problems.append(op[1])
+        elif op[0] == "tanh":
+            if capped:
+                problems.append("the scores pass through tanh twice")
+            if masks:
+                problems.append("a mask or bias is applied before the soft-cap (tanh); rewriter::attention "
+                                "caps the scores first")
+            capped = True
+        else:
+            s = op[1]
+            if capped:
+                post *= s
+            else:
+                scale *= s
+            for m in masks:
+                if m.kind == "add":
+                    m.factor *= s
+                else:
+                    m.fill *= s
+    if capped:
+        if post == 0:
+            problems.append("the soft-capped scores are multiplied by zero")
+        softcap, scale = abs(post), scale * post
+    return scale, softcap, masks, problems
 
 
 @dataclass(frozen=True)

@@ -206,3 +206,30 @@ def projection_sources(ctx: GraphContext, node: fx.Node, limit: int = 400) -> se
             continue
         stack.extend(i for i in x.all_input_nodes if i in acts)
     return out
+
+
+# Ops that copy or view K/V without computing: replicating heads (repeat_kv, repeat_interleave,
+# a broadcasting expand) is seen as a numel increase along them.
+_REPLICATING = G.VIEW_OPS | G.CAST_OPS | frozenset(
+    {"permute", "transpose", "t", "repeat_interleave", "repeat", "index_select", "_unsafe_index"}
+)
+
+
+def kv_heads(node: fx.Node, heads: int, batch: int, kv_len: int, head_dim: int) -> int:
+    """Distinct K/V heads: elements of K before any head replication over batch·M·D (layout-free)."""
+    x = node
+    smallest = G.prod(G.shape(x) or (0,))
+    for _ in range(40):
+        if G.opname(x) not in _REPLICATING or not isinstance(x.args[0], fx.Node):
+            break
+        x = x.args[0]
+        s = G.shape(x)
+        if s is None:
+            break
+        smallest = min(smallest, G.prod(s), key=as_int)
+    per_head = batch * kv_len * head_dim
+    n = as_int(smallest)
+    if per_head <= 0 or n <= 0 or n % per_head:
+        return heads
+    g = n // per_head
+    return g if 0 < g <= heads and heads % g == 0 else heads

@@ -7,6 +7,7 @@ product with the values.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Optional
 
 import torch
@@ -14,7 +15,9 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from passes import graph as G
+from passes import masks
 from passes.context import GraphContext, MaskTerm, NotAttention, Unsupported
+from passes.site import as_int
 
 logger = logging.getLogger(__name__)
 
@@ -51,39 +54,107 @@ def _singleton_permute(node: fx.Node) -> bool:
 
 
 def _score_root(ctx: GraphContext, x: Any, depth: int = 0) -> Optional[fx.Node]:
-    """The contraction that produced scores ``x`` through scale/mask/view ops, or None."""
+    """The contraction that produced scores ``x`` through scale/mask/modifier/view ops, or None."""
     if not isinstance(x, fx.Node) or depth > 40:
         return None
     name = G.opname(x)
     if name in G.CONTRACTION_OPS:
         return x
-    if name in PASS_THROUGH or _singleton_permute(x):
+    if name in PASS_THROUGH or _singleton_permute(x) or name == "masked_fill":
         return _score_root(ctx, x.args[0], depth + 1)
     if name in ("mul", "div"):
         so = scalar_operand(ctx, x)
-        return _score_root(ctx, so[0], depth + 1) if so else None
-    if name in ("add", "sub"):
+        if so:
+            return _score_root(ctx, so[0], depth + 1)
+    if name in ("add", "sub", "mul", "div"):
         roots = [r for r in (_score_root(ctx, a, depth + 1) for a in x.args[:2]) if r is not None]
         return roots[0] if len(roots) == 1 else None
-    if name == "masked_fill":
-        return _score_root(ctx, x.args[0], depth + 1)
     if name == "where":
         roots = [r for r in (_score_root(ctx, a, depth + 1) for a in x.args[1:3]) if r is not None]
         return roots[0] if len(roots) == 1 else None
+    inner = _unary_input(x)
+    return _score_root(ctx, inner, depth + 1) if inner is not None else None
+
+
+# Ops that read only a tensor's shape, dtype and device, never its values (full_like(s, min)).
+SHAPE_ONLY = frozenset({
+    "full_like", "zeros_like", "ones_like", "empty_like", "new_full", "new_zeros", "new_ones", "new_empty",
+    "sym_size", "sym_numel", "sym_stride",
+})
+# Shape-keeping ops that are not elementwise functions of their input's values.
+_NOT_ELEMENTWISE = G.SOFTMAX_OPS | SHAPE_ONLY | frozenset({
+    "cumsum", "cumprod", "sort", "flip", "roll", "amax", "amin", "sum", "mean", "rand_like", "randn_like",
+    "log_softmax", "_log_softmax", "logcumsumexp",
+})
+
+
+def _unary_input(x: fx.Node) -> Optional[fx.Node]:
+    """The only tensor input of an elementwise op that keeps its input's shape (tanh, clamp, ...), else None."""
+    ins = [a for a in x.args if isinstance(a, fx.Node)]
+    if x.op != "call_function" or len(ins) != 1 or x.kwargs.get("dim") is not None:
+        return None
+    s_in, s_out = G.shape(ins[0]), G.shape(x)
+    if s_in is None or s_out is None or not G.same_sizes(s_in, s_out):
+        return None
+    if G.opname(x) in _NOT_ELEMENTWISE:
+        return None
+    return ins[0]
+
+
+def _contracted_size(root: fx.Node) -> int:
+    """Size of the dim a contraction reduces over (1 for an outer product)."""
+    name = G.opname(root)
+    a = root.args[1] if name in ("baddbmm", "einsum") else root.args[0]
+    if name == "einsum":
+        a = root.args[1][0]
+    s = G.shape(a)
+    return as_int(s[-1]) if s else -1
+
+
+def _pick_scores(ctx: GraphContext, node: fx.Node, a: Any, b: Any) -> Optional[int]:
+    """0 or 1: which of two operands carries the scores; None when neither or both could."""
+    ra, rb = _score_root(ctx, a), _score_root(ctx, b)
+    if (ra is None) != (rb is None):
+        return 0 if ra is not None else 1
+    if ra is None or ra is rb:
+        return None
+    # A mask can itself come from a product (an outer product of padding vectors): the scores are
+    # the side whose product contracts a real head dim and whose shape is the result's own.
+    full = G.shape(node)
+    score_like = [
+        _contracted_size(r) > 1 and G.same_sizes(G.shape(x) or (), full or ())
+        for r, x in ((ra, a), (rb, b))
+    ]
+    if score_like.count(True) == 1:
+        return score_like.index(True)
     return None
 
 
-def _fill_value(ctx: GraphContext, x: Any) -> float:
+def _fill_value(ctx: GraphContext, x: Any) -> tuple[float, str]:
+    """(value, problem) of a mask's fill; problem is "" when the value is known."""
     v = G.scalar_value(x, ctx.constants)
-    if v is None:
-        raise Unsupported(f"mask fill value {getattr(x, 'name', x)!r} is not a known constant")
-    return v
+    if v is not None:
+        return v, ""
+    if isinstance(x, fx.Node):
+        name = G.opname(x)
+        if name in ("full_like", "new_full", "full"):  # a constant whatever the shape it borrows
+            v = G.scalar_value(G.arg(x, 1, "fill_value"), ctx.constants)
+            if v is not None:
+                return v, ""
+        if x not in ctx.activations:
+            t = masks.evaluate(ctx, x)
+            if t is not None and t.numel() >= 1:
+                flat = t.reshape(-1)
+                if bool((flat == flat[0]).all()):
+                    return float(flat[0]), ""
+    return -math.inf, f"mask fill value {getattr(x, 'name', x)!r} is not a known constant"
 
 
 def walk_scores(ctx: GraphContext, x: fx.Node) -> tuple[fx.Node, list, list[fx.Node]]:
     """Walk back from the softmax input to the scores contraction.
 
-    Returns (contraction, ops in forward order, chain nodes). ops are ("scale", s) or MaskTerm.
+    Returns (contraction, ops in forward order, chain nodes). ops are ("scale", s), ("tanh",),
+    ("unsupported", reason) or MaskTerm.
     """
     ops: list = []
     chain: list[fx.Node] = []
@@ -96,7 +167,7 @@ def walk_scores(ctx: GraphContext, x: fx.Node) -> tuple[fx.Node, list, list[fx.N
                 # beta*bias + alpha*(q@kT) == (q@kT + bias*beta/alpha) * alpha; ops are collected backwards.
                 ops.append(("scale", float(alpha)))
                 if float(beta) != 0.0:
-                    ops.append(MaskTerm("add", x.args[0], factor=float(beta) / float(alpha)))
+                    ops.append(MaskTerm("add", x.args[0], factor=float(beta) / float(alpha), layout=G.shape(x)))
             ops.reverse()
             return x, ops, chain
         chain.append(x)
@@ -105,44 +176,64 @@ def walk_scores(ctx: GraphContext, x: fx.Node) -> tuple[fx.Node, list, list[fx.N
             continue
         if name in ("mul", "div"):
             so = scalar_operand(ctx, x)
-            if so is None:
-                raise NotAttention(f"scores multiplied by a tensor ({x.name})")
-            ops.append(("scale", so[1]))
-            x = so[0]
-            continue
+            if so is not None:
+                ops.append(("scale", so[1]))
+                x = so[0]
+                continue
         if name in ("add", "sub"):
             a, b = x.args[0], x.args[1]
             alpha = x.kwargs.get("alpha", 1)
-            ra, rb = _score_root(ctx, a), _score_root(ctx, b)
-            if (ra is None) == (rb is None):
+            side = _pick_scores(ctx, x, a, b)
+            if side is None:
                 raise NotAttention(f"cannot tell scores from bias at {x.name}")
-            if ra is not None:
+            if side == 0:
                 sign = -1.0 if name == "sub" else 1.0
                 if isinstance(b, fx.Node):
-                    ops.append(MaskTerm("add", b, factor=sign * float(alpha)))
+                    ops.append(MaskTerm("add", b, factor=sign * float(alpha), layout=G.shape(x)))
+                elif b != 0:
+                    ops.append(("unsupported", f"a constant {b!r} is added to the scores"))
                 x = a
             else:
                 if name == "sub" or float(alpha) != 1.0:
-                    raise Unsupported(f"scores are subtracted or scaled inside {x.name}")
+                    ops.append(("unsupported", f"scores are subtracted or scaled inside {x.name}"))
                 if isinstance(a, fx.Node):
-                    ops.append(MaskTerm("add", a))
+                    ops.append(MaskTerm("add", a, layout=G.shape(x)))
                 x = b
             continue
+        if name in ("mul", "div"):
+            side = _pick_scores(ctx, x, x.args[0], x.args[1])
+            if side is None or (name == "div" and side == 1):
+                raise NotAttention(f"scores multiplied by a tensor ({x.name})")
+            ops.append(("unsupported", f"the scores are multiplied by a tensor at {x.name} (a per-element scale)"))
+            x = x.args[side]
+            continue
         if name == "masked_fill":
-            ops.append(MaskTerm("drop", x.args[1], fill=_fill_value(ctx, x.args[2])))
+            fill, problem = _fill_value(ctx, x.args[2])
+            if problem:
+                ops.append(("unsupported", problem))
+            ops.append(MaskTerm("drop", x.args[1], fill=fill, layout=G.shape(x)))
             x = x.args[0]
             continue
         if name == "where":
             cond, a, b = x.args[0], x.args[1], x.args[2]
-            ra, rb = _score_root(ctx, a), _score_root(ctx, b)
-            if (ra is None) == (rb is None):
+            side = _pick_scores(ctx, x, a, b)
+            if side is None:
                 raise NotAttention(f"cannot tell scores from fill at {x.name}")
-            if ra is not None:
-                ops.append(MaskTerm("keep", cond, fill=_fill_value(ctx, b)))
-                x = a
-            else:
-                ops.append(MaskTerm("drop", cond, fill=_fill_value(ctx, a)))
-                x = b
+            fill, problem = _fill_value(ctx, b if side == 0 else a)
+            if problem:
+                ops.append(("unsupported", problem))
+            ops.append(MaskTerm("keep" if side == 0 else "drop", cond, fill=fill, layout=G.shape(x)))
+            x = a if side == 0 else b
+            continue
+        if name == "tanh":
+            ops.append(("tanh",))
+            x = x.args[0]
+            continue
+        inner = _unary_input(x)
+        if inner is not None and _score_root(ctx, inner) is not None:
+            ops.append(("unsupported", f"{name or x.op} modifies the scores before the softmax; "
+                                       "rewriter::attention cannot express it"))
+            x = inner
             continue
         raise NotAttention(f"{name or x.op} between scores and softmax")
 
