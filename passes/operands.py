@@ -161,21 +161,33 @@ def repeat_kv_source(node: fx.Node) -> Optional[fx.Node]:
 
 
 def count_heads(node: fx.Node, batch: tuple, head_dim: int) -> int:
-    """Number of heads: the head batch dim when visible, else the width of the projection / head dim."""
+    """Number of heads: the head batch dim when visible, else where a flattening merged it, else the
+    width of the projection / head dim."""
     if len(batch) >= 2:
         return as_int(G.prod(batch[1:]))
     x = node
-    for _ in range(12):
+    for _ in range(24):
         s = G.shape(x)
         if s is None:
             break
         if s[-1] != head_dim and as_int(s[-1]) % head_dim == 0:
             return as_int(s[-1]) // head_dim
         name = G.opname(x)
-        if name in G.VIEW_OPS | G.CAST_OPS | {"transpose", "permute", "mul", "div", "select", "getitem"}:
-            x = x.args[0]
-        else:
+        if name in G.PROJECTION_OPS - {"mm", "matmul", "bmm", "baddbmm", "einsum"} or not x.all_input_nodes:
             break
+        src = x.args[0] if isinstance(x.args[0], fx.Node) else x.all_input_nodes[0]
+        si = G.shape(src)
+        # [B, H, L, D] -> [B*H, L, D]: the flattening shows the heads it merged.
+        if (name in G.VIEW_OPS and si is not None and len(si) == len(s) + 1 and G.same_sizes(si[-2:], s[-2:])
+                and len(s) == 3):
+            return as_int(si[1])
+        if name not in G.VIEW_OPS | G.CAST_OPS | {"transpose", "permute", "select", "getitem", "slice"}:
+            # an elementwise op (rotary, norm, scale): follow the input of the same size
+            same = [i for i in x.all_input_nodes if G.shape(i) is not None and G.same_sizes(G.shape(i), s)]
+            if not same:
+                break
+            src = same[0]
+        x = src
     return as_int(batch[-1]) if batch else 1
 
 
@@ -220,9 +232,17 @@ def kv_heads(node: fx.Node, heads: int, batch: int, kv_len: int, head_dim: int) 
     x = node
     smallest = G.prod(G.shape(x) or (0,))
     for _ in range(40):
-        if G.opname(x) not in _REPLICATING or not isinstance(x.args[0], fx.Node):
+        name = G.opname(x)
+        if name in _REPLICATING and isinstance(x.args[0], fx.Node):
+            x = x.args[0]
+        elif name and name not in G.PROJECTION_OPS:
+            # an elementwise op after the replication (a scale, rotary): follow the input of the same shape
+            same = [i for i in x.all_input_nodes if G.shape(i) is not None and G.same_sizes(G.shape(i), G.shape(x))]
+            if not same:
+                break
+            x = same[0]
+        else:
             break
-        x = x.args[0]
         s = G.shape(x)
         if s is None:
             break
