@@ -19,9 +19,11 @@ Contract every kernel implements (``run`` below is the op without the dispatcher
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from typing import Callable, Optional, Sequence
+import threading
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -39,6 +41,25 @@ def register_kernel(name: str) -> Callable[[Kernel], Kernel]:
         return fn
 
     return deco
+
+
+_RECORD = threading.local()
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[dict]]:
+    """Record every kernel call made in this thread (its inputs, output and variant), in call order.
+
+    Calibration runs a graph whose sites are all rewritten to exact ``dense`` inside this context:
+    the i-th record is the i-th op call, which is the i-th op node in graph order.
+    """
+    calls: list[dict] = []
+    prev = getattr(_RECORD, "calls", None)
+    _RECORD.calls = calls
+    try:
+        yield calls
+    finally:
+        _RECORD.calls = prev
 
 
 def run(
@@ -66,9 +87,14 @@ def run(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     out = kernel(q, k, v, mask, float(scale), bool(causal), extra=list(extra), softcap=float(softcap),
-                 fill=fill, **params)
+                 fill=fill, **params).contiguous()
     # The op's contract is a contiguous [B,H,P,F] result: the fake kernel promises it to compilers.
-    return out.contiguous()
+    calls = getattr(_RECORD, "calls", None)
+    if calls is not None:
+        calls.append({"variant": variant, "q": q, "k": k, "v": v, "mask": mask, "scale": float(scale),
+                      "causal": bool(causal), "extra": list(extra), "softcap": float(softcap), "fill": fill,
+                      "params": params, "out": out})
+    return out
 
 
 @torch.library.custom_op("rewriter::attention", mutates_args=())

@@ -331,8 +331,21 @@ def kernel_traffic(
     return out
 
 
+def _nonnegative(x: sympy.Expr) -> bool | None:
+    """Whether ``x`` >= 0 from the symbols' own assumptions (sizes are positive), else None.
+
+    The old assumptions system answers in microseconds; ``sympy.ask``'s SAT solver took seconds per
+    call and decided nothing more for these expressions (an undecided case stays a Piecewise that is
+    resolved once sizes are known).
+    """
+    x = sympy.sympify(x)
+    if x.is_number:
+        return bool(x >= 0)
+    return x.is_nonnegative
+
+
 def _fits(cap: sympy.Expr, size: sympy.Expr) -> bool:
-    return sympy.ask(sympy.Q.nonnegative(cap - size)) is True
+    return _nonnegative(cap - size) is True
 
 
 def _if_fits(cap: sympy.Expr, size: sympy.Expr, cost: sympy.Expr) -> sympy.Expr:
@@ -342,7 +355,7 @@ def _if_fits(cap: sympy.Expr, size: sympy.Expr, cost: sympy.Expr) -> sympy.Expr:
 
 def _unless_fits(cap: sympy.Expr, size: sympy.Expr, cost: sympy.Expr) -> sympy.Expr:
     """``cost`` if ``size`` exceeds ``cap``, else 0 (a Piecewise while undecided)."""
-    verdict = sympy.ask(sympy.Q.nonnegative(cap - size))
+    verdict = _nonnegative(cap - size)
     if verdict is True:
         return ZERO
     if verdict is False:

@@ -1,8 +1,10 @@
 """Latency prediction: a roofline per kernel, and crossover lengths between variants."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -76,10 +78,10 @@ def kernel_costs(c: Cascade, hw: Hardware, subs: Mapping[sympy.Symbol, object] |
 
     ``subs`` (known sizes) lets eager matmuls pick the measured rate of their block shape.
     """
-    traffic = {t.kernel: t for t in kernel_traffic(c, hw.onchip_bytes, hw.cache_bytes, hw.dtype_bytes)}
+    traffic, counts = _static(c, hw)
     out = []
     for k in c.kernel_list():
-        oc = op_counts(c, k.einsums)
+        oc = counts[k.name]
         mac_rate, exp_rate, other_rate = hw.rates(k.fused)
         parts = [_mac_time(c, k, hw, subs), oc.exps / exp_rate, oc.others / other_rate]
         compute = sympy.Max(*parts) if hw.overlap_units else sum(parts)
@@ -93,6 +95,20 @@ def kernel_costs(c: Cascade, hw: Hardware, subs: Mapping[sympy.Symbol, object] |
     return out
 
 
+# Shape-independent analyses of a cascade (op counts simplify symbolically, which is slow): computed
+# once per cascade object and hardware profile.
+_STATIC: "weakref.WeakKeyDictionary[Cascade, dict]" = weakref.WeakKeyDictionary()
+
+
+def _static(c: Cascade, hw: Hardware) -> tuple[dict, dict]:
+    per = _STATIC.setdefault(c, {})
+    key = (hw.onchip_bytes, hw.cache_bytes, hw.dtype_bytes)
+    if key not in per:
+        traffic = {t.kernel: t for t in kernel_traffic(c, hw.onchip_bytes, hw.cache_bytes, hw.dtype_bytes)}
+        per[key] = (traffic, {k.name: op_counts(c, k.einsums) for k in c.kernel_list()})
+    return per[key]
+
+
 def time_expr(c: Cascade, hw: Hardware, subs: Mapping[sympy.Symbol, object] | None = None) -> sympy.Expr:
     """Predicted seconds of a cascade as a sympy expression of its symbolic sizes."""
     return sum((k.seconds for k in kernel_costs(c, hw, subs)), sympy.Integer(0))
@@ -101,8 +117,17 @@ def time_expr(c: Cascade, hw: Hardware, subs: Mapping[sympy.Symbol, object] | No
 def cascade_for(variant: str, hw: Hardware, *, causal: bool = False, form: str | None = None,
                 **params: object) -> Cascade:
     """The variant's cascade as it runs on ``hw`` (its schedule and attention tiles)."""
+    try:
+        return _cascade_cached(variant, hw, causal, form, tuple(sorted(params.items())))
+    except TypeError:  # unhashable parameters (sympy objects are hashable; lists are not)
+        tq, tk = hw.tiles()
+        return build(variant, causal=causal, form=form, schedule=hw.schedule, tile_q=tq, tile_k=tk, **params)
+
+
+@functools.lru_cache(maxsize=512)
+def _cascade_cached(variant: str, hw: Hardware, causal: bool, form: str | None, params: tuple) -> Cascade:
     tq, tk = hw.tiles()
-    return build(variant, causal=causal, form=form, schedule=hw.schedule, tile_q=tq, tile_k=tk, **params)
+    return build(variant, causal=causal, form=form, schedule=hw.schedule, tile_q=tq, tile_k=tk, **dict(params))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ class Decision:
     variant: str  # the variant the site now runs, or "original" when it stays as it was
     params: dict = field(default_factory=dict)
     predicted_speedup: Optional[float] = None  # from the cost model; None until it prices this site
-    error: Optional[float] = None  # measured relative L2 error of the model output, when measured
+    error: Optional[float] = None  # measured relative L2 error of the site's output on calibration records
     reason: str = ""
 
 
@@ -28,8 +28,10 @@ class Plan:
     decisions: tuple[Decision, ...]
     target: str = "cpu"
     budget: Optional[float] = None
-    error: Optional[float] = None  # measured end-to-end relative L2 error on the calibration inputs
+    error: Optional[float] = None  # measured end-to-end error (the metric) on the calibration rows
     notes: tuple[str, ...] = ()
+    holdout_error: Optional[float] = None  # the same on rows held back from fitting and choosing
+    metric: str = "l2"
 
     @property
     def sites(self) -> list[AttentionSite]:
@@ -71,7 +73,10 @@ class Plan:
             lines.append(f"{rewritten} of {len(self.decisions)} attention sites rewritten; target={self.target}")
         if self.error is not None:
             budget = "none" if self.budget is None else f"{self.budget:g}"
-            lines.append(f"measured output error (relative L2): {self.error:.2e}  budget: {budget}")
+            what = {"l2": "relative L2", "kl": "KL of next-token distributions", "cosine": "1 - cosine"}.get(
+                self.metric, self.metric)
+            held = "" if self.holdout_error is None else f", held-out {self.holdout_error:.2e}"
+            lines.append(f"measured output error ({what}): calibration {self.error:.2e}{held}; budget: {budget}")
         lines.extend(self.notes)
         return "\n".join(lines)
 
@@ -92,6 +97,8 @@ class Plan:
             budget=data.get("budget"),
             error=data.get("error"),
             notes=tuple(data.get("notes", ())),
+            holdout_error=data.get("holdout_error"),
+            metric=data.get("metric", "l2"),
         )
 
     def dumps(self) -> str:

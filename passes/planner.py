@@ -1,47 +1,87 @@
-"""Choose a variant per site. Until the cost model prices candidates, dense is the only choice."""
+"""Choose a variant per site: the cheapest candidate (by the cost model) whose error fits the budget.
+
+Per site, every allowed variant that applies offers a grid of parameters. Each candidate is priced
+by the Einsum-cascade cost model at the site's shapes on the target's profile, and scored on the
+site's calibration records (its kernel on the recorded q, k, v against the exact output). The
+cheapest candidate whose site error fits the site's share of the budget is chosen. Then the
+end-to-end error is measured, and while it is over the budget the site with the worst error per
+unit of time saved backs off to its next more accurate candidate (eventually exact ``dense``).
+"""
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Union
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Union
 
 from codegen import KERNELS
+from passes import pricing
+from passes.calibrate import SiteRecord, site_error
 from passes.find import Match
+from passes.site import AttentionSite
 from passes.variants import VARIANTS
 
 logger = logging.getLogger(__name__)
 
-# Every name the design reserves; those without a module yet are refused with a clear message.
+# Every name the design reserves; those without a module or kernel yet are refused with a clear message.
 CATALOGUE = (
     "dense", "sliding_window", "sinks_window", "neighborhood_2d", "block_sparse", "linear", "latent", "gqa_merge",
 )
 
-VariantSpec = Union[None, list, tuple, dict]
+VariantSpec = Union[None, str, list, tuple, dict]
+
+
+def available() -> list[str]:
+    """Variants that have both a planner module and a registered kernel."""
+    return [n for n in CATALOGUE if n in VARIANTS and n in KERNELS]
+
+
+def _check_params(name: str, params: dict) -> dict:
+    accepted: dict = getattr(VARIANTS[name], "PARAMS", {})
+    out = {}
+    for k, v in params.items():
+        if k not in accepted:
+            raise ValueError(f"variant {name!r} takes no parameter {k!r}; it takes: {', '.join(accepted) or 'none'}")
+        want = accepted[k]
+        ok = isinstance(v, want) if isinstance(want, tuple) else (
+            isinstance(v, (int, float)) and not isinstance(v, bool) if want is float else isinstance(v, want)
+            and not (want is int and isinstance(v, bool)))
+        if not ok:
+            raise ValueError(f"variant {name!r}: parameter {k!r} must be {getattr(want, '__name__', want)}, "
+                             f"not {v!r}")
+        out[k] = v
+    check = getattr(VARIANTS[name], "check_params", None)
+    if check is not None:
+        check(out)
+    return out
 
 
 def normalise_variants(spec: VariantSpec) -> dict[str, Optional[dict]]:
-    """Turn the user's ``variants=`` argument into {name: fixed params or None}, validating names."""
+    """Turn the user's ``variants=`` argument into {name: fixed params or None}, validating names and params."""
     if spec is None:
-        return {name: None for name in VARIANTS if name in KERNELS}
+        return {name: None for name in available()}
     if isinstance(spec, str):
         spec = [spec]
-    items: dict[str, Optional[dict]] = (
-        {k: (dict(v) if v is not None else None) for k, v in spec.items()} if isinstance(spec, dict)
-        else {name: None for name in spec}
-    )
-    for name in items:
+    if isinstance(spec, dict):
+        items = {k: (dict(v) if v is not None else None) for k, v in spec.items()}
+    elif isinstance(spec, (list, tuple)):
+        items = {name: None for name in spec}
+    else:
+        raise TypeError(f"variants must be None, a name, a list of names or a dict of name -> params, not {spec!r}")
+    for name in list(items):
         if name not in CATALOGUE:
             raise ValueError(f"unknown variant {name!r}; the catalogue is: {', '.join(CATALOGUE)}")
         if name not in VARIANTS or name not in KERNELS:
-            have = "reference math but no kernel yet" if name in VARIANTS else "no implementation yet"
-            raise ValueError(
-                f"variant {name!r} is in the design catalogue but has {have}; "
-                f"rewritable now: {', '.join(sorted(n for n in VARIANTS if n in KERNELS))}"
-            )
+            have = "a planner module but no kernel yet" if name in VARIANTS else "no implementation yet"
+            raise ValueError(f"variant {name!r} is in the catalogue but has {have}; "
+                             f"available now: {', '.join(available())}")
+        if items[name] is not None:
+            items[name] = _check_params(name, items[name])
     return items
 
 
 def choose(m: Match, allowed: dict[str, Optional[dict]]) -> tuple[Optional[str], dict, str]:
-    """(variant, params, reason) for one site; variant None means the site stays as it was."""
+    """(variant, params, reason) without calibration: the first allowed variant that applies (backend)."""
     if not m.site.rewritable:
         return None, {}, m.site.reason
     refusals = []
@@ -52,6 +92,158 @@ def choose(m: Match, allowed: dict[str, Optional[dict]]) -> tuple[Optional[str],
             refusals.append(f"{name}: {why}")
             continue
         params: dict[str, Any] = {**getattr(module, "DEFAULTS", {}), **(fixed or {})}
-        reason = "exact; fused kernel" if name == "dense" else "forced" if fixed is not None else "cheapest in budget"
+        reason = "exact; fused kernel" if name == "dense" else "forced"
         return name, params, reason
     return None, {}, "; ".join(refusals) or "no allowed variant applies"
+
+
+@dataclass
+class Candidate:
+    """One (variant, params) for one site, with its predicted time and measured site error."""
+
+    variant: str
+    params: dict
+    seconds: float
+    exact: bool = False
+    error: Optional[float] = None  # None until scored
+
+    def label(self) -> str:
+        """``variant(k=v,...)``, as the plan prints it."""
+        ps = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()) if k != "block")
+        return f"{self.variant}({ps})" if ps else self.variant
+
+
+@dataclass
+class SitePlan:
+    """The planner's state for one site."""
+
+    site: AttentionSite
+    dense: Candidate
+    options: list[Candidate]  # priced, applicable, cheaper than dense; cheapest first
+    refusals: list[str] = field(default_factory=list)
+    chosen: Optional[Candidate] = None
+    note: str = ""
+
+
+def site_candidates(site: AttentionSite, allowed: dict[str, Optional[dict]], hw, forced: bool) -> SitePlan:
+    """Every allowed variant's applicable parameter choices for ``site``, priced (cheapest first)."""
+    dense_s = pricing.seconds(site, "dense", {}, hw)
+    dense = Candidate("dense", {}, dense_s if dense_s is not None else math.inf, exact=True, error=0.0)
+    sp = SitePlan(site, dense, [])
+    for name, fixed in allowed.items():
+        if name == "dense":
+            continue
+        module = VARIANTS[name]
+        why = module.applies(site)
+        if why:
+            sp.refusals.append(f"{name}: {why}")
+            continue
+        grid = [{**getattr(module, "DEFAULTS", {}), **fixed}] if fixed is not None else module.grid(site)
+        if not grid:
+            sp.refusals.append(f"{name}: no parameter choice fits the site's shape")
+        for params in grid:
+            params = {**{k: v for k, v in getattr(module, "DEFAULTS", {}).items() if k not in params}, **params}
+            t = pricing.seconds(site, name, params, hw)
+            if t is None:
+                sp.refusals.append(f"{name}: cannot be priced at this site")
+                continue
+            exact = bool(getattr(module, "exact", lambda s, p: False)(site, params))
+            if forced or t < dense.seconds:
+                sp.options.append(Candidate(name, params, t, exact=exact))
+    sp.options.sort(key=lambda c: c.seconds)
+    return sp
+
+
+def _score(sp: SitePlan, cand: Candidate, records: Sequence[SiteRecord]) -> float:
+    if cand.error is None:
+        if cand.exact:
+            cand.error = 0.0  # float rounding of an exact rewrite is not spent from the budget
+        else:
+            try:
+                cand.error = site_error(records, cand.variant, cand.params)
+            except (ValueError, RuntimeError, NotImplementedError) as e:
+                logger.info("site %s: %s failed on calibration records: %s", sp.site.name, cand.label(), e)
+                cand.error = math.inf
+    return cand.error
+
+
+def _next_more_accurate(sp: SitePlan, records: Sequence[SiteRecord]) -> Candidate:
+    cur = sp.chosen
+    assert cur is not None
+    for cand in sp.options:
+        if cand.seconds < cur.seconds or cand is cur:
+            continue
+        if _score(sp, cand, records) < (cur.error or 0.0):
+            return cand
+    return sp.dense
+
+
+Evaluate = Callable[[dict[int, tuple[str, dict]]], tuple[float, Optional[float]]]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the search settled on."""
+
+    sites: tuple  # SitePlan per site, in input order
+    error: Optional[float]  # end-to-end error on the calibration rows
+    holdout_error: Optional[float]
+    backoffs: int
+
+
+def search(
+    sites: Sequence[SitePlan],
+    records: Sequence[Sequence[SiteRecord]],
+    evaluate: Evaluate,
+    budget: Optional[float],
+    progress: Optional[Callable[[str], None]] = None,
+    max_rounds: int = 64,
+) -> Outcome:
+    """Choose per site, then back off until the measured end-to-end error fits ``budget``."""
+    say = progress or (lambda msg: None)
+    active = [i for i, sp in enumerate(sites) if sp.options]
+    share = None if budget is None else budget / math.sqrt(max(1, len(active)))
+    for i, sp in enumerate(sites):
+        sp.chosen = sp.dense
+        if budget is None:  # no gate: the cheapest (a forced variant) wherever one applies
+            if sp.options:
+                sp.chosen = sp.options[0]
+                _score(sp, sp.chosen, records[i])
+                sp.note = "forced, no accuracy gate"
+            continue
+        for cand in sp.options:
+            if _score(sp, cand, records[i]) <= share:
+                sp.chosen = cand
+                sp.note = "exact" if cand.exact else f"cheapest within the site's share {share:.2g}"
+                break
+        else:
+            if sp.options:
+                best = min(sp.options, key=lambda c: c.error if c.error is not None else math.inf)
+                sp.note = f"no candidate within the site's share {share:.2g} (closest: {best.label()} at {best.error:.2g})"
+        say(f"site {i} {sp.site.name}: {sp.chosen.label()}")
+
+    def assignment() -> dict[int, tuple[str, dict]]:
+        return {i: (sp.chosen.variant, sp.chosen.params) for i, sp in enumerate(sites)}
+
+    err, held = evaluate(assignment())
+    say(f"end-to-end error {err:.3g}" + ("" if budget is None else f" (budget {budget:g})"))
+    rounds = 0
+    while budget is not None and err > budget and rounds < max_rounds:
+        movable = [i for i, sp in enumerate(sites) if sp.chosen is not sp.dense and not sp.chosen.exact]
+        if not movable:
+            break
+
+        def cost_of_error(i: int) -> float:
+            sp = sites[i]
+            saved = max(sp.dense.seconds - sp.chosen.seconds, 1e-12)
+            return (sp.chosen.error or 0.0) / saved
+
+        worst = max(movable, key=cost_of_error)
+        sp = sites[worst]
+        prev = sp.chosen
+        sp.chosen = _next_more_accurate(sp, records[worst])
+        sp.note = (f"backed off from {prev.label()} (site error {prev.error:.2g}) to fit the whole-model budget")
+        rounds += 1
+        err, held = evaluate(assignment())
+        say(f"back-off {rounds}: site {worst} -> {sp.chosen.label()}, end-to-end error {err:.3g}")
+    return Outcome(tuple(sites), err, held, rounds)

@@ -1,8 +1,9 @@
-"""Price a site's original attention and its rewrite with the Einsum-cascade cost model."""
+"""Price a site's original attention and its candidates with the Einsum-cascade cost model."""
 from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import Optional
 
 from cost_model import hardware
@@ -22,33 +23,78 @@ def profile(target: str, device_name: str = "") -> hardware.Hardware:
     return hardware.get("h200" if "H200" in name else "a100" if "A100" in name else "h100")
 
 
-def site_shape(site: AttentionSite) -> Optional[dict[str, int]]:
-    """The cost model's rank sizes for a site, or None when a size is symbolic."""
-    shape = {"B": site.batch, "H": site.num_heads, "G": site.num_kv_heads, "P": site.q_len,
-             "M": site.kv_len, "E": site.head_dim, "F": site.v_head_dim}
-    return shape if all(v > 0 for v in shape.values()) else None
+def site_shape(site: AttentionSite, length: Optional[int] = None) -> Optional[dict[str, int]]:
+    """The cost model's rank sizes for a site (at another sequence length if given), or None when symbolic."""
+    p, m = site.q_len, site.kv_len
+    if length is not None:
+        p, m = (length, length) if p == m else (p, length)
+    shape = {"B": site.batch, "H": site.num_heads, "G": site.num_kv_heads, "P": p,
+             "M": m, "E": site.head_dim, "F": site.v_head_dim}
+    return shape if all(isinstance(v, int) and v > 0 for v in shape.values()) else None
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=8192)
 def _seconds(cascade: str, shape: tuple, causal: bool, form: Optional[str], hw: hardware.Hardware,
              params: tuple) -> float:
     return predict(cascade, dict(shape), hw, causal=causal, form=form, **dict(params)).seconds
 
 
-def predicted_speedup(site: AttentionSite, variant: str, params: dict, hw: hardware.Hardware) -> Optional[float]:
-    """Predicted time of the site as written over its time as ``variant`` (None if it cannot be priced)."""
-    shape = site_shape(site)
+def _terms(site: AttentionSite, variant: str, params: dict, shape: dict) -> list[tuple[str, dict, dict, Optional[str]]]:
+    """(cascade, its params, shape, form) terms whose times add up to the variant's time."""
+    p = {k: v for k, v in params.items() if k != "block"}
+    if variant == "dense":
+        return [("dense", {}, shape, "online")]
+    if variant == "linear":
+        module = get_variant("linear")
+        terms = [("linear", {"chunk": int(p.get("chunk", 64))}, {**shape, "E": module.feature_dim(site, p)}, None)]
+        if int(p.get("window", 0)) > 0:
+            terms.append(("sliding_window", {"window": int(p["window"])}, shape, None))
+        return terms
+    if variant == "neighborhood_2d":
+        kh, kw = p.get("kernel", (7, 7))
+        # a grid query visits kh*kw keys: the 1D non-causal window with the same number of keys
+        window = max(1, math.ceil((kh * kw + 1) / 2))
+        return [("sliding_window", {"window": window}, shape, None)]
+    if variant == "gqa_merge":
+        return [("dense", {}, {**shape, "G": int(p.get("groups", shape["G"]))}, "online")]
+    cascade = getattr(get_variant(variant), "CASCADE", variant)
+    keep = {k: v for k, v in p.items() if k in ("window", "sinks", "keep", "rank", "chunk")}
+    return [(cascade, keep, shape, None)]
+
+
+def seconds(site: AttentionSite, variant: str, params: dict, hw: hardware.Hardware,
+            length: Optional[int] = None) -> Optional[float]:
+    """Predicted seconds of ``variant`` at the site (None if it cannot be priced)."""
+    shape = site_shape(site, length)
     if shape is None:
         return None
-    key = tuple(sorted(shape.items()))
-    # Written out as matmul/softmax/matmul, attention runs the naive three passes; SDPA is fused.
-    original_form = "online" if site.spelling == "sdpa" else "3pass"
-    cascade = getattr(get_variant(variant), "CASCADE", variant)
+    causal = site.causal and not (variant == "neighborhood_2d")
+    total = 0.0
     try:
-        before = _seconds("dense", key, site.causal, original_form, hw, ())
-        after = _seconds(cascade, key, site.causal, "online" if cascade == "dense" else None, hw,
-                         tuple(sorted((k, v) for k, v in params.items() if k != "block")))
+        for cascade, prm, shp, form in _terms(site, variant, params, shape):
+            total += _seconds(cascade, tuple(sorted(shp.items())), causal, form, hw, tuple(sorted(prm.items())))
     except (KeyError, ValueError, TypeError) as e:
         logger.info("cannot price %s for %s: %s", variant, site.name, e)
         return None
-    return before / after if after > 0 else None
+    return total
+
+
+def original_seconds(site: AttentionSite, hw: hardware.Hardware, length: Optional[int] = None) -> Optional[float]:
+    """Predicted seconds of the site as written: SDPA is fused; matmul/softmax/matmul runs three passes."""
+    shape = site_shape(site, length)
+    if shape is None:
+        return None
+    form = "online" if site.spelling == "sdpa" else "3pass"
+    try:
+        return _seconds("dense", tuple(sorted(shape.items())), site.causal, form, hw, ())
+    except (KeyError, ValueError, TypeError) as e:
+        logger.info("cannot price %s: %s", site.name, e)
+        return None
+
+
+def predicted_speedup(site: AttentionSite, variant: str, params: dict, hw: hardware.Hardware) -> Optional[float]:
+    """Predicted time of the site as written over its time as ``variant`` (None if it cannot be priced)."""
+    before, after = original_seconds(site, hw), seconds(site, variant, params, hw)
+    if before is None or after is None or after <= 0:
+        return None
+    return before / after

@@ -1,6 +1,7 @@
 """The front door: ``find_attention`` and ``optimize``."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, Optional
@@ -8,12 +9,14 @@ from typing import Any, Optional
 import torch
 
 from passes.find import Match, find_matches
+from passes.metrics import Metric
+from passes.metrics import validate as validate_metric
+from passes.pipeline import plan_program
 from passes.plan import Decision, Plan
-from passes.pricing import predicted_speedup, profile
 from passes.planner import VariantSpec, choose, normalise_variants
 from passes.rewrite import rewrite_graph
 from passes.site import AttentionSite
-from rewriter.capture import CallSpec, capture, graph_context, split_inputs
+from rewriter.capture import CallSpec, call_spec, capture, graph_context, split_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -97,86 +100,108 @@ def _infer_target(example_inputs: Any) -> str:
     return "cpu"
 
 
-def _price(site: AttentionSite, variant: str, params: dict, target: str) -> Optional[float]:
-    device = torch.cuda.get_device_name() if target == "cuda" and torch.cuda.is_available() else ""
-    return predicted_speedup(site, variant, params, profile(target, device))
+def _check_budget(budget: Any) -> Optional[float]:
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget != budget:
+        raise TypeError(f"budget must be a number >= 0 or None (no accuracy gate), not {budget!r}")
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0 (the largest output error allowed) or None for no gate, not {budget}")
+    return float(budget)
 
 
-def _rewrite(ep, matches: list[Match], allowed, target: str = "cpu") -> list[Decision]:
-    chosen, pending = [], []
-    for m in matches:
-        variant, params, reason = choose(m, allowed)
-        pending.append((m, variant, params, reason))
-        if variant is not None:
-            chosen.append((m, variant, params))
-    failures = rewrite_graph(ep.graph_module, chosen)
-    decisions = []
-    for m, variant, params, reason in pending:
-        if variant is None or m.site.index in failures:
-            decisions.append(Decision(m.site, "original", {}, None, None, failures.get(m.site.index, reason)))
-        else:
-            note = "; ".join((reason, *m.site.notes))
-            speedup = _price(m.site, variant, params, target)
-            decisions.append(Decision(m.site, variant, params, speedup, None, note))
-    return decisions
+def _samples(calibration: Any, example_inputs: Any, spec: CallSpec, signature: str) -> list[dict]:
+    """Calibration samples bound to the captured inputs; a clear error before any work if one does not fit."""
+    raw = calibration if isinstance(calibration, list) else [example_inputs if calibration is None else calibration]
+    if not raw:
+        raise ValueError("calibration is an empty list; pass at least one sample (or None to use example_inputs)")
+    out = []
+    for i, sample in enumerate(raw):
+        args, kwargs = split_inputs(sample)
+        try:
+            kw = spec.bind(args, kwargs)
+        except TypeError as e:
+            raise ValueError(f"calibration sample {i} does not fit the model's inputs: {e}") from None
+        got = input_signature(kw)
+        if got != signature:
+            raise ValueError(
+                f"calibration sample {i} has inputs {got}, but the model was captured for {signature}; "
+                "pass calibration samples with the example inputs' shapes and dtypes (batch several sequences "
+                "into one sample, or pad them to the example's length)")
+        out.append(kw)
+    return out
+
+
+def _decisions_for(plan: Plan) -> dict[int, tuple[str, dict]]:
+    return {d.site.index: (d.variant, d.params) for d in plan.decisions if d.variant != "original"}
+
+
+def _rewrite_as(ep, matches: list[Match], chosen: dict[int, tuple[str, dict]]) -> None:
+    rewrite_graph(ep.graph_module, [(m, *chosen[m.site.index]) for m in matches if m.site.index in chosen])
 
 
 def optimize(
     model: torch.nn.Module,
     example_inputs: Any,
     budget: Optional[float] = 0.01,
+    metric: Metric = None,
     variants: VariantSpec = None,
     target: Optional[str] = None,
     calibration: Any = None,
 ) -> OptimizedModel:
-    """Capture ``model``, rewrite every attention it can inside ``budget`` and return the optimized module."""
+    """Capture ``model``, rewrite every attention it can inside ``budget`` and return the optimized module.
+
+    ``budget`` is the largest output error allowed (see ``metric``); None applies the given variants
+    with no accuracy gate. ``calibration`` is a sample or a list of samples shaped like
+    ``example_inputs``; a share of their batch rows is held back to measure the plan.
+    """
+    budget = _check_budget(budget)
+    validate_metric(metric)
     allowed = normalise_variants(variants)
     target = target or _infer_target(example_inputs)
     if target not in ("cpu", "cuda"):
         raise ValueError(f"target must be 'cpu', 'cuda' or None, not {target!r}")
-    ep, spec, matches, _ = _analyse(model, example_inputs)
-    on_meta = any(p.device.type == "meta" for p in model.parameters())
-    # The captured graph before surgery: the rewrite's error is measured against it, so a fast path
-    # eager mode takes (nested tensors for padding, say) is not charged to the rewrite.
-    captured = None if on_meta else ep.module()
-    decisions = _rewrite(ep, matches, allowed, target)
-    notes = () if matches else ("no attention was found in the model; it runs unchanged",)
-
-    def rebuild(kw: dict):
-        ep2, _, matches2, _ = _analyse(model, kw)
-        _rewrite(ep2, matches2, allowed)
-        return ep2
-
-    plan = Plan(tuple(decisions), target=target, budget=budget, notes=notes)
     args0, kwargs0 = split_inputs(example_inputs)
-    signature = input_signature(spec.bind(args0, kwargs0))
-    opt = OptimizedModel(ep, spec, plan, rebuild, captured_for=signature)
-    if on_meta:
-        return opt
-    samples = calibration if isinstance(calibration, list) else [calibration if calibration is not None else example_inputs]
-    errors, capture_gap = [], 0.0
+    spec0 = call_spec(model, args0, kwargs0)
+    signature = input_signature(spec0.bind(args0, kwargs0)) if not spec0.var_positional else None
+    on_meta = any(p.device.type == "meta" for p in model.parameters())
+    samples = None
+    if not on_meta and signature is not None:
+        samples = _samples(calibration, example_inputs, spec0, signature)
+    ep, spec, matches, _ = _analyse(model, example_inputs)
+    if signature is None:
+        signature = input_signature(spec.bind(args0, kwargs0))
+        samples = None if on_meta else _samples(calibration, example_inputs, spec, signature)
+    notes = () if matches else ("no attention was found in the model; it runs unchanged",)
+    if on_meta or samples is None:  # nothing to run: exact rewrites only, unmeasured
+        rest = {k: v for k, v in allowed.items() if k == "dense"} or allowed
+        chosen = {m.site.index: choose(m, rest)[:2] for m in matches if choose(m, rest)[0] is not None}
+        _rewrite_as(ep, matches, chosen)
+        decisions = tuple(Decision(m.site, *chosen[m.site.index], None, None, "exact; not measured (meta device)")
+                          if m.site.index in chosen else Decision(m.site, "original", {}, None, None, m.site.reason)
+                          for m in matches)
+        return OptimizedModel(ep, spec, Plan(decisions, target=target, budget=budget, notes=notes), None,
+                              captured_for=signature)
+    # The captured graph before surgery is the reference: a fast path eager mode takes (nested tensors
+    # for padding, say) is not charged to the rewrite.
+    captured = ep.module()
+    plan = plan_program(ep, matches, samples, captured, budget, allowed, target, metric)
+    capture_gap = 0.0
     with torch.no_grad():
-        for sample in samples:
-            args, kwargs = split_inputs(sample)
-            kw = spec.bind(args, kwargs)
-            reference = captured(**kw)
-            errors.append(relative_l2(reference, opt(*args, **kwargs)))
-            capture_gap = max(capture_gap, relative_l2(model(*args, **{**spec.injected, **kwargs}), reference))
-    error = max(errors)
+        kw = samples[0]
+        capture_gap = relative_l2(model(**kw), captured(**kw))
     if capture_gap > 1e-4:
         notes = (*notes, f"note: the captured graph differs from eager by {capture_gap:.1e} (relative L2) before any "
                          "rewrite; eager took a path export does not trace (e.g. nested-tensor padding)")
-    opt.plan = Plan(tuple(decisions), target=target, budget=budget, error=error, notes=notes)
-    if budget is not None and error > budget:
-        logger.warning("measured error %.2e exceeds the budget %.2e: every site stays as it was", error, budget)
-        ep, spec, matches, _ = _analyse(model, example_inputs)
-        kept = tuple(
-            Decision(d.site, "original", {}, None, None, f"whole-model error {error:.1e} exceeded budget {budget:g}")
-            for d in decisions
-        )
-        opt = OptimizedModel(ep, spec, Plan(kept, target=target, budget=budget, error=0.0, notes=notes), None,
-                             captured_for=signature)
-    return opt
+    plan = dataclasses.replace(plan, notes=(*plan.notes, *notes))
+    chosen = _decisions_for(plan)
+
+    def rebuild(kw: dict):
+        ep2, _, matches2, _ = _analyse(model, kw)
+        _rewrite_as(ep2, matches2, chosen)
+        return ep2
+
+    return OptimizedModel(ep, spec, plan, rebuild, captured_for=signature)
 
 
 __all__ = ["OptimizedModel", "find_attention", "optimize", "relative_l2"]

@@ -15,13 +15,41 @@ from typing import Optional
 
 import torch
 
+from passes.variants._grid import modifier_reason
+
 CASCADE = "block_sparse"
 DEFAULTS: dict = {"block": 64, "keep": 0.25}
+PARAMS: dict = {"keep": float, "block": int}
+
+
+def _block(site) -> int:
+    return 64 if site.kv_len >= 1024 else 32 if site.kv_len >= 256 else 16
 
 
 def applies(site) -> Optional[str]:
-    """Block-sparse applies to any attention; returns None."""
-    return None
+    """Block-sparse applies when the keys span several blocks; returns a reason if not."""
+    if site.kv_len < 0:
+        return "the key length is not known"
+    if math.ceil(site.kv_len / _block(site)) < 4:
+        return f"{site.kv_len} keys make fewer than 4 blocks of {_block(site)}"
+    return modifier_reason(site)
+
+
+def grid(site) -> list[dict]:
+    """Kept fractions of key blocks to try, sparsest first."""
+    return [{"keep": keep, "block": _block(site)} for keep in (0.125, 0.25, 0.5)]
+
+
+def exact(site, params: dict) -> bool:
+    """True when every key block is kept."""
+    return float(params.get("keep", 0)) >= 1.0
+
+def check_params(params: dict) -> None:
+    """Raise a ValueError for parameter values the kernel cannot run."""
+    if "keep" in params and not 0 < params["keep"] <= 1:
+        raise ValueError(f"block_sparse: keep is the kept fraction of key blocks, in (0, 1], not {params['keep']}")
+    if params.get("block", 1) < 1:
+        raise ValueError(f"block_sparse: block must be >= 1, not {params['block']}")
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,

@@ -7,6 +7,7 @@ import torch
 
 CASCADE = "dense"
 DEFAULTS: dict = {}
+PARAMS: dict = {}
 
 
 def applies(site) -> Optional[str]:

@@ -12,13 +12,35 @@ from typing import Optional
 
 import torch
 
+from passes.variants._grid import modifier_reason
+
 CASCADE = "latent"
 DEFAULTS: dict = {"rank": 32}
+PARAMS: dict = {"rank": int}
 
 
 def applies(site) -> Optional[str]:
-    """Latent applies to any attention (the rank is checked against the head dim); returns None."""
-    return None
+    """Latent applies when K and V come from projections the rewrite can factor; returns a reason if not."""
+    if site.head_dim < 8:
+        return f"head dim {site.head_dim} is too small to factor"
+    return modifier_reason(site)
+
+
+def grid(site) -> list[dict]:
+    """Ranks to try, lowest first (a fraction of the head dim, rounded to a multiple of 4)."""
+    d = site.head_dim
+    ranks = sorted({max(4, (d * f) // 4 * 4 // 4) for f in (1, 2, 3)} - {d})
+    return [{"rank": r} for r in ranks if r < d]
+
+
+def exact(site, params: dict) -> bool:
+    """True at full rank."""
+    return int(params.get("rank", 0)) >= site.head_dim
+
+def check_params(params: dict) -> None:
+    """Raise a ValueError for parameter values the kernel cannot run."""
+    if params.get("rank", 1) < 1:
+        raise ValueError(f"latent: rank must be >= 1, not {params['rank']}")
 
 
 def _factor(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,13 +13,55 @@ from typing import Callable, Optional
 
 import torch
 
+from passes.variants._grid import modifier_reason, powers_below
+
 CASCADE = "linear"
-DEFAULTS: dict = {"chunk": 64}
+DEFAULTS: dict = {"chunk": 64, "feature_map": "elu1", "window": 0}
+PARAMS: dict = {"feature_map": str, "window": int, "chunk": int}
+FEATURE_MAPS = ("elu1", "taylor", "hedgehog")
 
 
 def applies(site) -> Optional[str]:
-    """Linear attention applies to any attention (accuracy is for the planner); returns None."""
-    return None
+    """Linear attention needs keys that are only padded or causally hidden; returns a reason if not."""
+    if site.q_len < 0 or site.kv_len < 0:
+        return "the lengths are not known"
+    if site.q_len > site.kv_len:
+        return "more queries than keys"
+    return modifier_reason(site, softcap=False, masks=("none", "causal", "padding"))
+
+
+def grid(site) -> list[dict]:
+    """Feature maps to try: Taylor with a softmax window (Based), learned maps with a window, plain elu+1."""
+    out: list[dict] = []
+    for w in powers_below(site.kv_len, lo=32, hi=256):
+        if site.head_dim <= 64:  # the Taylor map has 1 + d + d² features
+            out.append({"feature_map": "taylor", "window": w, "chunk": 64})
+        out.append({"feature_map": "hedgehog", "window": w, "chunk": 64})
+    out.append({"feature_map": "elu1", "window": 0, "chunk": 64})
+    return out
+
+
+def feature_dim(site, params: dict) -> int:
+    """Width of the feature map the variant prices: φ(q)·φ(k) runs over this many features."""
+    fm = params.get("feature_map", "elu1")
+    d = site.head_dim
+    if fm == "taylor":
+        return 1 + d + d * d
+    if fm == "hedgehog":
+        return 2 * d
+    return d
+
+
+def exact(site, params: dict) -> bool:
+    """True when the softmax window covers every key."""
+    return int(params.get("window", 0)) >= max(site.q_len, site.kv_len)
+
+def check_params(params: dict) -> None:
+    """Raise a ValueError for parameter values the kernel cannot run."""
+    if params.get("feature_map", "elu1") not in FEATURE_MAPS:
+        raise ValueError(f"linear: feature_map must be one of {', '.join(FEATURE_MAPS)}, not {params['feature_map']!r}")
+    if params.get("chunk", 1) < 1 or params.get("window", 0) < 0:
+        raise ValueError("linear: chunk must be >= 1 and window >= 0")
 
 
 def elu1(x: torch.Tensor) -> torch.Tensor:

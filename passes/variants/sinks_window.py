@@ -10,17 +10,35 @@ from typing import Optional
 
 import torch
 
+from passes.variants._grid import modifier_reason, powers_below, sequence_reason
 from passes.variants.sliding_window import local_attention
 
 CASCADE = "sinks_window"
 DEFAULTS: dict = {"window": 256, "sinks": 4, "block": 64}
+PARAMS: dict = {"window": int, "sinks": int, "block": int}
 
 
 def applies(site) -> Optional[str]:
     """Sinks + window applies to self-attention over a sequence; returns a reason if not."""
-    if getattr(site, "is_cross", False):
-        return "cross-attention has no sequence order between queries and keys"
-    return None
+    return sequence_reason(site) or modifier_reason(site)
+
+
+def grid(site) -> list[dict]:
+    """Windows to try, narrowest first, each with 4 sink tokens (StreamingLLM)."""
+    return [{"window": w, "sinks": 4} for w in powers_below(site.q_len, lo=16)]
+
+
+def exact(site, params: dict) -> bool:
+    """True when the window alone covers every key."""
+    return int(params.get("window", 0)) >= max(site.q_len, site.kv_len)
+
+def check_params(params: dict) -> None:
+    """Raise a ValueError for parameter values the kernel cannot run."""
+    for k in ("window", "block"):
+        if k in params and params[k] < 1:
+            raise ValueError(f"sinks_window: {k} must be >= 1, not {params[k]}")
+    if params.get("sinks", 0) < 0:
+        raise ValueError(f"sinks_window: sinks must be >= 0, not {params['sinks']}")
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,

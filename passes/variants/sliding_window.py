@@ -13,15 +13,38 @@ from typing import Optional
 
 import torch
 
+from passes.variants._grid import modifier_reason, powers_below, sequence_reason
+
 CASCADE = "sliding_window"
 DEFAULTS: dict = {"window": 256, "block": 64}
+PARAMS: dict = {"window": int, "block": int}
+EXACT_WHEN = "the site's own mask is a band of the same window"
 
 
 def applies(site) -> Optional[str]:
     """Sliding window applies to self-attention over a sequence; returns a reason if not."""
-    if getattr(site, "is_cross", False):
-        return "cross-attention has no sequence order between queries and keys"
-    return None
+    return sequence_reason(site) or modifier_reason(site)
+
+
+def grid(site) -> list[dict]:
+    """Windows to try, narrowest first: the site's own window alone when it has one (exact)."""
+    native = getattr(site, "window", None)
+    if native:
+        return [{"window": int(native)}]
+    return [{"window": w} for w in powers_below(site.q_len, lo=16)]
+
+
+def exact(site, params: dict) -> bool:
+    """True when the window reproduces the site exactly (its own band, or a window covering every key)."""
+    native = getattr(site, "window", None)
+    w = int(params.get("window", 0))
+    return (native is not None and w == native) or w >= max(site.q_len, site.kv_len)
+
+def check_params(params: dict) -> None:
+    """Raise a ValueError for parameter values the kernel cannot run."""
+    for k in ("window", "block"):
+        if k in params and params[k] < 1:
+            raise ValueError(f"sliding_window: {k} must be >= 1, not {params[k]}")
 
 
 def _spans(x: torch.Tensor, start: int, n_blocks: int, block: int, span: int) -> torch.Tensor:

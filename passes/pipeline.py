@@ -1,0 +1,184 @@
+"""One call from a captured program to a planned, rewritten one: calibrate, price, choose, rewrite.
+
+Every rewritable site is first rewritten to the exact ``dense`` op; that program is run once on the
+calibration samples to record each site's q, k, v, mask and output. The planner then prices and
+scores candidates from those records, and a candidate assignment is tried by editing the op
+nodes' variant and parameters in place: no re-capture per candidate. Batch rows of the samples are
+split into calibration rows (used to fit and choose) and held-out rows (only measured).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from passes import metrics, pricing
+from passes.calibrate import SiteRecord, record_sites
+from passes.find import Match
+from passes.plan import Decision, Plan
+from passes.planner import Outcome, SitePlan, choose, search, site_candidates
+from passes.rewrite import rewrite_graph
+
+logger = logging.getLogger(__name__)
+
+OP = "rewriter.attention"
+
+
+def op_nodes(graph: fx.Graph) -> list[fx.Node]:
+    """The ``rewriter::attention`` calls of a graph, in graph (= execution) order."""
+    return [n for n in graph.nodes if n.op == "call_function" and OP in str(n.target)]
+
+
+def assign(node: fx.Node, variant: str, params: dict) -> None:
+    """Point one op call at another variant (args 6 and 7 of the op are the variant and its JSON params)."""
+    args = list(node.args)
+    args[6], args[7] = variant, json.dumps(params, sort_keys=True)
+    node.args = tuple(args)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Which batch rows of each sample are for calibration and which are held out."""
+
+    calib: tuple[tuple[int, ...], ...]
+    held: tuple[tuple[int, ...], ...]
+
+
+def split_rows(batches: Sequence[int], holdout: float = 0.25) -> Rows:
+    """Hold back the last ``holdout`` share of all batch rows (at least one when there are two or more)."""
+    units = [(s, r) for s, b in enumerate(batches) for r in range(b)]
+    n_held = 0 if len(units) < 2 else max(1, int(round(holdout * len(units))))
+    held = set(units[len(units) - n_held:])
+    calib = tuple(tuple(r for r in range(b) if (s, r) not in held) for s, b in enumerate(batches))
+    hold = tuple(tuple(r for r in range(b) if (s, r) in held) for s, b in enumerate(batches))
+    return Rows(calib, hold)
+
+
+def _batch_of(kw: dict) -> int:
+    for t in kw.values():
+        if isinstance(t, torch.Tensor) and t.dim() >= 1:
+            return int(t.shape[0])
+    return 1
+
+
+def _restrict(rec: SiteRecord, rows: tuple[int, ...], batch: int) -> Optional[SiteRecord]:
+    """The record's calibration rows (when the op's batch is the sample's batch), else the whole record."""
+    if rec.q.shape[0] != batch or len(rows) == batch:
+        return rec
+    if not rows:
+        return None
+    idx = torch.as_tensor(rows, dtype=torch.long)
+
+    def pick(t):
+        return t if t is None or t.dim() == 0 or t.shape[0] != batch else t.index_select(0, idx)
+
+    return SiteRecord(pick(rec.q), pick(rec.k), pick(rec.v), pick(rec.mask), pick(rec.out), rec.scale,
+                      rec.causal, rec.softcap, rec.fill, pick(rec.rows))
+
+
+class Measure:
+    """Runs a program on the samples and measures the metric against reference outputs, per row split."""
+
+    def __init__(self, references: list, samples: list[dict], rows: Rows, metric: metrics.Metric):
+        self.references, self.samples, self.rows, self.metric = references, samples, rows, metric
+
+    def __call__(self, module: Callable[..., Any]) -> tuple[float, Optional[float]]:
+        """(error on calibration rows, error on held-out rows or None)."""
+        acc = {"calib": [0.0, 0.0], "held": [0.0, 0.0]}
+        with torch.no_grad():
+            for kw, ref, rc, rh in zip(self.samples, self.references, self.rows.calib, self.rows.held):
+                out = module(**kw)
+                b = _batch_of(kw)
+                pad = metrics.padding_rows(kw)
+                for key, rows in (("calib", rc), ("held", rh)):
+                    if not rows:
+                        continue
+                    sel = lambda x: metrics.select_rows(x, rows, b)  # noqa: E731
+                    n, d = metrics.sums(sel(ref), sel(out), self.metric,
+                                        None if pad is None else pad[list(rows)])
+                    acc[key][0] += n
+                    acc[key][1] += d
+        calib = metrics.finish(*acc["calib"], self.metric)
+        held = metrics.finish(*acc["held"], self.metric) if any(self.rows.held) else None
+        return calib, held
+
+
+def plan_program(
+    ep: torch.export.ExportedProgram,
+    matches: list[Match],
+    samples: list[dict],
+    reference: Callable[..., Any],
+    budget: Optional[float],
+    allowed: dict[str, Optional[dict]],
+    target: str,
+    metric: metrics.Metric = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> Plan:
+    """Rewrite ``ep`` in place to the planned variants and return the plan (see module doc)."""
+    say = progress or (lambda msg: logger.info("%s", msg))
+    hw = pricing.profile(target, torch.cuda.get_device_name() if target == "cuda" and torch.cuda.is_available() else "")
+    pending = [(m, *choose(m, {"dense": None})) for m in matches]
+    failures = rewrite_graph(ep.graph_module, [(m, v, p) for m, v, p, _ in pending if v is not None])
+    live = [m for m, v, _, _ in pending if v is not None and m.site.index not in failures]
+    nodes = op_nodes(ep.graph_module.graph)
+    if len(nodes) != len(live):
+        raise RuntimeError(f"{len(nodes)} attention ops in the rewritten graph for {len(live)} rewritten sites")
+    say(f"{len(live)} of {len(matches)} site(s) rewritten to exact dense; calibrating on {len(samples)} sample(s)")
+    references = [reference(**kw) for kw in samples]
+    records = record_sites(lambda kw: ep.module()(**kw), samples, len(live))
+    batches = [_batch_of(kw) for kw in samples]
+    rows = split_rows(batches)
+    calib_records: list[list[SiteRecord]] = []
+    for per in records:
+        kept = [_restrict(r, rows.calib[s], batches[s]) for s, r in enumerate(per)]
+        calib_records.append([r for r in kept if r is not None])
+    measure = Measure(references, samples, rows, metric)
+
+    plans: list[SitePlan] = [site_candidates(m.site, allowed, hw, forced=budget is None) for m in live]
+
+    def evaluate(assignment: dict[int, tuple[str, dict]]) -> tuple[float, Optional[float]]:
+        for i, (variant, params) in assignment.items():
+            assign(nodes[i], variant, params)
+        ep.graph_module.recompile()
+        return measure(ep.module())
+
+    outcome: Outcome = search(plans, calib_records, evaluate, budget, progress=say)
+    for i, sp in enumerate(outcome.sites):
+        assign(nodes[i], sp.chosen.variant, sp.chosen.params)
+    ep.graph_module.recompile()
+    return _plan(matches, live, outcome, pending, failures, hw, target, budget, metric, rows)
+
+
+def _plan(matches, live, outcome: Outcome, pending, failures, hw, target, budget, metric, rows) -> Plan:
+    by_site = {m.site.index: sp for m, sp in zip(live, outcome.sites)}
+    decisions = []
+    for m, variant, _, reason in pending:
+        idx = m.site.index
+        if variant is None or idx in failures:
+            decisions.append(Decision(m.site, "original", {}, None, None, failures.get(idx, reason)))
+            continue
+        sp = by_site[idx]
+        c = sp.chosen
+        before = pricing.original_seconds(m.site, hw)
+        speedup = before / c.seconds if before and c.seconds and math.isfinite(c.seconds) else None
+        why = sp.note or ("exact; fused kernel" if c.variant == "dense" else "")
+        if c.variant == "dense" and not sp.options and sp.refusals:
+            why = f"{why}; not applicable: {'; '.join(sp.refusals)}" if why else "not applicable: " + "; ".join(sp.refusals)
+        note = "; ".join(x for x in (why, *m.site.notes) if x)
+        decisions.append(Decision(m.site, c.variant, dict(c.params), speedup, c.error, note))
+    notes = []
+    if budget is not None and outcome.error is not None and outcome.error > budget:
+        notes.append(f"every remaining rewrite is exact; the measured {outcome.error:.1e} is float rounding, "
+                     "which is not charged to the budget")
+    if not any(rows.held):
+        notes.append("no held-out rows: pass more calibration samples (or a batch of 2+) to measure held-out error")
+    if outcome.backoffs:
+        notes.append(f"{outcome.backoffs} back-off step(s) to fit the budget")
+    return Plan(tuple(decisions), target=target, budget=budget, error=outcome.error,
+                holdout_error=outcome.holdout_error, metric=metric if isinstance(metric, str) else
+                ("l2" if metric is None else "custom"), notes=tuple(notes))
