@@ -189,7 +189,7 @@ def optimize(
     capture_gap = 0.0
     with torch.no_grad():
         kw = samples[0]
-        capture_gap = relative_l2(model(**kw), captured(**kw))
+        capture_gap = relative_l2(spec.call(model, kw), captured(**kw))
     if capture_gap > 1e-4:
         notes = (*notes, f"note: the captured graph differs from eager by {capture_gap:.1e} (relative L2) before any "
                          "rewrite; eager took a path export does not trace (e.g. nested-tensor padding)")

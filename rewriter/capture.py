@@ -54,6 +54,14 @@ class CallSpec:
             )
         return {k: bound[k] for k in self.captured}
 
+    def call(self, model: torch.nn.Module, kw: dict) -> Any:
+        """Call the original ``model`` with bound keyword inputs (input_0, ... go back to positions)."""
+        if not self.var_positional:
+            return model(**kw)
+        rest = dict(kw)
+        args = [rest.pop(n) for n in self.names if n in rest]
+        return model(*args, **rest)
+
     def to_json(self) -> dict:
         """JSON-ready form (injected values must be JSON scalars)."""
         return {"names": self.names, "captured": self.captured, "injected": self.injected,
