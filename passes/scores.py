@@ -112,12 +112,15 @@ def _contracted_size(root: fx.Node) -> int:
 
 
 def _pick_scores(ctx: GraphContext, node: fx.Node, a: Any, b: Any) -> Optional[int]:
-    """0 or 1: which of two operands carries the scores; None when neither or both could."""
+    """0 or 1: which of two operands carries the scores; -1 when both are functions of the same
+    scores (x / (1 + |x|)); None when neither or it cannot be told."""
     ra, rb = _score_root(ctx, a), _score_root(ctx, b)
     if (ra is None) != (rb is None):
         return 0 if ra is not None else 1
-    if ra is None or ra is rb:
+    if ra is None:
         return None
+    if ra is rb:
+        return -1
     # A mask can itself come from a product (an outer product of padding vectors): the scores are
     # the side whose product contracts a real head dim and whose shape is the result's own.
     full = G.shape(node)
@@ -186,6 +189,11 @@ def walk_scores(ctx: GraphContext, x: fx.Node) -> tuple[fx.Node, list, list[fx.N
             side = _pick_scores(ctx, x, a, b)
             if side is None:
                 raise NotAttention(f"cannot tell scores from bias at {x.name}")
+            if side == -1:
+                ops.append(("unsupported", f"{name} of two functions of the scores ({x.name}) before the softmax; "
+                                           "rewriter::attention cannot express it"))
+                x = a
+                continue
             if side == 0:
                 sign = -1.0 if name == "sub" else 1.0
                 if isinstance(b, fx.Node):
@@ -204,6 +212,11 @@ def walk_scores(ctx: GraphContext, x: fx.Node) -> tuple[fx.Node, list, list[fx.N
             side = _pick_scores(ctx, x, x.args[0], x.args[1])
             if side is None or (name == "div" and side == 1):
                 raise NotAttention(f"scores multiplied by a tensor ({x.name})")
+            if side == -1:
+                ops.append(("unsupported", f"{name} of two functions of the scores ({x.name}) before the softmax; "
+                                           "rewriter::attention cannot express it"))
+                x = x.args[0]
+                continue
             ops.append(("unsupported", f"the scores are multiplied by a tensor at {x.name} (a per-element scale)"))
             x = x.args[side]
             continue
@@ -217,7 +230,7 @@ def walk_scores(ctx: GraphContext, x: fx.Node) -> tuple[fx.Node, list, list[fx.N
         if name == "where":
             cond, a, b = x.args[0], x.args[1], x.args[2]
             side = _pick_scores(ctx, x, a, b)
-            if side is None:
+            if side is None or side == -1:
                 raise NotAttention(f"cannot tell scores from fill at {x.name}")
             fill, problem = _fill_value(ctx, b if side == 0 else a)
             if problem:

@@ -55,11 +55,14 @@ class CallSpec:
         return {k: bound[k] for k in self.captured}
 
     def call(self, model: torch.nn.Module, kw: dict) -> Any:
-        """Call the original ``model`` with bound keyword inputs (input_0, ... go back to positions)."""
-        if not self.var_positional:
-            return model(**kw)
+        """Call the original ``model`` with bound keyword inputs, leading ones by position (input_0, ...
+        of a varargs forward must be; the model's hooks expect them so)."""
         rest = dict(kw)
-        args = [rest.pop(n) for n in self.names if n in rest]
+        args = []
+        for n in self.names:
+            if n not in rest:
+                break
+            args.append(rest.pop(n))
         return model(*args, **rest)
 
     def to_json(self) -> dict:
@@ -105,7 +108,17 @@ def capture(model: torch.nn.Module, example_inputs: Any) -> tuple[torch.export.E
     args, kwargs = split_inputs(example_inputs)
     spec = call_spec(model, args, kwargs)
     call_kwargs = spec.bind(args, kwargs)
-    target = _VarargsCall(model, spec.names) if _has_varargs(model) else model
+    target: torch.nn.Module = model
+    if _has_varargs(model):
+        target = _VarargsCall(model, spec.names)
+    elif _has_root_hooks(model):
+        # The model's own hooks read positional arguments, as a user's call passes them.
+        leading = []
+        for n in spec.names:
+            if n not in call_kwargs:
+                break
+            leading.append(n)
+        target = _VarargsCall(model, leading)
     try:
         with torch.no_grad():
             ep = torch.export.export(target, (), call_kwargs, strict=False)
@@ -118,8 +131,13 @@ def _has_varargs(model: torch.nn.Module) -> bool:
     return any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values())
 
 
+def _has_root_hooks(model: torch.nn.Module) -> bool:
+    return bool(model._forward_pre_hooks or model._forward_hooks)
+
+
 class _VarargsCall(torch.nn.Module):
-    """Calls a ``forward(*args, **kwargs)`` model from keyword inputs only (input_0, input_1, ...)."""
+    """Calls a model positionally from keyword inputs only (input_0, ... for ``forward(*args)``), so
+    varargs forwards and the model's own hooks see the arguments as a user's call passes them."""
 
     def __init__(self, model: torch.nn.Module, names: list[str]):
         super().__init__()

@@ -66,7 +66,7 @@ class SoftCap(Attn):
         n = x.shape[1]
         s = q @ k.transpose(-1, -2) * 0.3  # a query_pre_attn_scalar-style scale, not 1/sqrt(d)
         s = torch.tanh(s / self.cap) * self.cap
-        mask = torch.full((n, n), float("-inf")).triu(1)
+        mask = torch.full((n, n), float("-inf"), dtype=x.dtype, device=x.device).triu(1)
         return self.o(_merge((s + mask).softmax(-1) @ v))
 
 
@@ -135,7 +135,7 @@ class MixedLocalGlobal(nn.Module):
 
     def forward(self, x):
         n = x.shape[1]
-        i = torch.arange(n)
+        i = torch.arange(n, device=x.device)
         causal = i[None, :] <= i[:, None]
         local = causal & (i[:, None] - i[None, :] < self.window)
         for li, layer in enumerate(self.layers):
