@@ -115,6 +115,7 @@ def _site(
         window=analysis.window,
         softcap=softcap,
         has_bias=analysis.has_bias,
+        fill=analysis.fill if analysis.as_bool else None,
     )
     return Match(
         site=site,

@@ -306,7 +306,8 @@ def _analyse_masks(ctx, masks, p_len, m_len, sdpa_causal, score_dtype) -> MaskAn
     window = acc.window
     base = dict(window=window, band_terms=tuple(acc.band_terms), band_separable=not acc.fused_band,
                 has_bias=acc.bias)
-    if static_only and not acc.unexplained:
+    hiding = all(m.kind == "add" or is_exact_fill(m.fill, score_dtype) for m in masks)
+    if static_only and not acc.unexplained and hiding:
         # Every mask is a static causal (top-left) or all-visible pattern: the op applies it itself.
         return MaskAnalysis(acc.causal, "causal" if acc.causal else "none", False, acc.causal, **base)
     for k in ("additive", "bool", "padding"):

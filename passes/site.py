@@ -29,6 +29,7 @@ class AttentionSite:
     window: Optional[int] = None  # the site's own mask is a band: key j visible to query i when |i - j| < window
     softcap: float = 0.0  # scores soft-capped as softcap * tanh(s / softcap) before the mask (0: none)
     has_bias: bool = False  # a float term adds values at visible positions (ALiBi, relative position bias)
+    fill: Optional[float] = None  # finite score of positions the mask hides (a model's masked_fill value)
 
     def describe(self) -> str:
         """A one-line human summary of the site."""

@@ -170,7 +170,7 @@ def generate(seed: int) -> Program:
             alpha = scale_val if scale_at == "alpha" else "1.0"
             base = r.choice(["torch.zeros(1, 1, 1)", "torch.zeros(b * H, n, m)"])
             s_expr = f"torch.baddbmm({base}, q, k.transpose(1, 2), beta=0.0, alpha={alpha})"
-            if bias == "alibi" and r.random() < 0.5:
+            if bias == "alibi" and r.random() < 0.5 and not softcap:  # a bias before the cap is not expressible
                 bias = "alibi_baddbmm"
                 s_expr = f"torch.baddbmm(self_alibi(b, n, m), q, k.transpose(1, 2), beta=1.0, alpha={alpha})"
     elif layout == "bnhd":
@@ -218,7 +218,9 @@ def generate(seed: int) -> Program:
     if cross:
         inputs.append("    memory = torch.randn(B, M, E, generator=g)")
     if padding:
-        inputs += ["    keep = torch.ones(B, M, dtype=torch.bool)", "    keep[-1, M - 1 - seed % (M // 2):] = False"]
+        # trailing padding shorter than any window, so no query row loses every key
+        pad = "1" if window else "1 + seed % (M // 2)"
+        inputs += ["    keep = torch.ones(B, M, dtype=torch.bool)", f"    keep[-1, M - ({pad}):] = False"]
     if user_bool:
         inputs += ["    umask = torch.rand(B, 1, N, M, generator=g) > 0.4",
                    "    umask[..., 0] = True  # no fully masked row"]
