@@ -22,6 +22,8 @@ from passes.calibrate import SiteRecord, record_sites
 from passes.find import Match
 from passes.plan import Decision, Plan
 from passes.planner import Outcome, SitePlan, choose, search, site_candidates
+from passes import graph as G
+from passes.grid import token_grid
 from passes.rewrite import rewrite_graph
 from passes.surgery import Projection, factors, find_projection, project
 
@@ -145,6 +147,7 @@ def plan_program(
     measure = Measure(references, samples, rows, metric)
 
     projections: list[Optional[tuple[Projection, Projection]]] = []
+    dg = G.to_digraph(ep.graph_module.graph) if "neighborhood_2d" in allowed else None
     plans: list[SitePlan] = []
     for i, m in enumerate(live):
         blocked = {}
@@ -156,7 +159,13 @@ def plan_program(
                 blocked["latent"] = f"its {'keys' if pk is None else 'values'}: {why_k or why_v}"
         else:
             projections.append(None)
-        sp = site_candidates(m.site, allowed, hw, forced=budget is None, blocked=blocked)
+        facts = {}
+        if "neighborhood_2d" in allowed:
+            grid = token_grid(dg, nodes[i].args[0], m.site.q_len) if m.site.q_len > 0 else None
+            facts["grid"] = grid
+            if grid is None:
+                blocked["neighborhood_2d"] = "its tokens do not come from one patch embedding (no image grid found)"
+        sp = site_candidates(m.site, allowed, hw, forced=budget is None, blocked=blocked, facts=facts)
         _prepare_latent(sp, calib_records[i], i)
         plans.append(sp)
 

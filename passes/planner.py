@@ -9,6 +9,7 @@ unit of time saved backs off to its next more accurate candidate (eventually exa
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from dataclasses import dataclass, field
@@ -139,7 +140,7 @@ class SitePlan:
 
 
 def site_candidates(site: AttentionSite, allowed: dict[str, Optional[dict]], hw, forced: bool,
-                    blocked: Optional[dict[str, str]] = None) -> SitePlan:
+                    blocked: Optional[dict[str, str]] = None, facts: Optional[dict] = None) -> SitePlan:
     """Every allowed variant's applicable parameter choices for ``site``, priced (cheapest first).
 
     ``blocked``: variants the graph rules out at this site, with the reason (e.g. latent without factorable K/V).
@@ -155,7 +156,12 @@ def site_candidates(site: AttentionSite, allowed: dict[str, Optional[dict]], hw,
         if why:
             sp.refusals.append(f"{name}: {why}")
             continue
-        grid = [{**getattr(module, "DEFAULTS", {}), **fixed}] if fixed is not None else module.grid(site)
+        takes_facts = "facts" in inspect.signature(module.grid).parameters
+        if fixed is not None:
+            complete = getattr(module, "complete", lambda p, f: p)
+            grid = [complete({**getattr(module, "DEFAULTS", {}), **fixed}, facts)]
+        else:
+            grid = module.grid(site, facts) if takes_facts else module.grid(site)
         if not grid:
             sp.refusals.append(f"{name}: no parameter choice fits the site's shape")
         for params in grid:
