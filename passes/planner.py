@@ -119,6 +119,7 @@ class Candidate:
     extra: tuple = ()  # fitted tensors the variant's kernel takes (latent factors)
     inputs: Optional[Callable] = None  # record -> (q, k, v) the variant reads (latent: low-rank K/V)
     probe: Optional[tuple[str, dict]] = None  # (variant, params) that evaluates it on the unchanged graph
+    prepare: Optional[Callable[["Candidate"], None]] = None  # fits what the candidate needs, before scoring
 
     def label(self) -> str:
         """``variant(k=v,...)``, as the plan prints it."""
@@ -179,6 +180,9 @@ def site_candidates(site: AttentionSite, allowed: dict[str, Optional[dict]], hw,
 
 
 def _score(sp: SitePlan, cand: Candidate, records: Sequence[SiteRecord]) -> float:
+    if cand.error is None and cand.prepare is not None:
+        cand.prepare(cand)
+        cand.prepare = None
     if cand.error is None:
         if cand.exact:
             cand.error = 0.0  # float rounding of an exact rewrite is not spent from the budget
