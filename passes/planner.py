@@ -120,6 +120,7 @@ class Candidate:
     inputs: Optional[Callable] = None  # record -> (q, k, v) the variant reads (latent: low-rank K/V)
     probe: Optional[tuple[str, dict]] = None  # (variant, params) that evaluates it on the unchanged graph
     prepare: Optional[Callable[["Candidate"], None]] = None  # fits what the candidate needs, before scoring
+    score_as: Optional[tuple[str, dict]] = None  # (kernel variant, its params) when they differ from the plan's
 
     def label(self) -> str:
         """``variant(k=v,...)``, as the plan prints it."""
@@ -188,7 +189,8 @@ def _score(sp: SitePlan, cand: Candidate, records: Sequence[SiteRecord]) -> floa
             cand.error = 0.0  # float rounding of an exact rewrite is not spent from the budget
         else:
             try:
-                cand.error = site_error(records, cand.variant, cand.params, extra=cand.extra, inputs=cand.inputs)
+                variant, params = cand.score_as or (cand.variant, cand.params)
+                cand.error = site_error(records, variant, params, extra=cand.extra, inputs=cand.inputs)
             except (ValueError, RuntimeError, NotImplementedError) as e:
                 logger.info("site %s: %s failed on calibration records: %s", sp.site.name, cand.label(), e)
                 cand.error = math.inf
