@@ -64,20 +64,35 @@ GEMM_SHAPES = ((64, 64, 64), (64, 64, 128), (64, 128, 64), (128, 128, 128), (64,
                (64, 64, 16), (64, 16, 64), (16, 64, 64))
 
 
-def measure(threads: int | None = None) -> dict[str, object]:
-    """Run the micro-benchmarks and return the fields of a CPU profile."""
+#: the block shapes the quick mode keeps (the ones attention kernels use most)
+QUICK_SHAPES = ((64, 64, 64), (64, 320, 64), (64, 64, 320), (128, 128, 128), (64, 1, 64))
+
+
+def measure(threads: int | None = None, quick: bool = False,
+            progress: Callable[[str], None] | None = None) -> dict[str, object]:
+    """Run the micro-benchmarks and return the fields of a CPU profile.
+
+    ``quick`` (a few seconds) skips waiting for a quiet CPU, takes fewer repetitions, a smaller GEMM
+    table and a smaller main-memory probe; the profile records ``quick: 1`` so a full run can replace it.
+    """
+    say = progress or (lambda msg: logger.info("calibration: %s", msg))
     if threads:
         torch.set_num_threads(threads)
-    busy = wait_quiet()
+    # reps(n): the full mode's repetition count, cut for the quick mode (min-of-n is robust at small n)
+    reps = (lambda n: max(2, n // 4)) if quick else (lambda n: n)
+    busy = busy_share(0.1) if quick else wait_quiet()
     g = torch.Generator().manual_seed(0)
     out: dict[str, float] = {"threads": float(torch.get_num_threads()), "busy_share_before": busy}
+    if quick:
+        out["quick"] = 1.0
+    say("matmul rate")
     # matmul units: batched GEMMs at attention tile shapes, operands cache-resident
     rates = []
     for m, n, k in ((256, 512, 64), (256, 64, 512), (64, 320, 128), (128, 128, 128)):
         bt = max(1, int(3e7 // (m * n * k)))
         a, b = torch.randn(bt, m, k, generator=g), torch.randn(bt, k, n, generator=g)
         c = torch.empty(bt, m, n)
-        rates.append(bt * m * n * k / _best(lambda: torch.bmm(a, b, out=c)))
+        rates.append(bt * m * n * k / _best(lambda: torch.bmm(a, b, out=c), repeat=reps(15)))
     out["mac_per_s"] = sorted(rates)[len(rates) // 2]
     # exp and other element ops: the slope between two cache-resident sizes, so the per-call
     # overhead drops out and what remains is the vector units' rate; operands stay in L1 as
@@ -85,10 +100,11 @@ def measure(threads: int | None = None) -> dict[str, object]:
     def rate(op: Callable[[torch.Tensor, torch.Tensor], object]) -> float:
         small, large = torch.randn(8, 128, generator=g), torch.randn(8, 512, generator=g)
         ys, yl = torch.empty_like(small), torch.empty_like(large)
-        t_small = _best(lambda: op(small, ys), repeat=30, inner=200)
-        t_large = _best(lambda: op(large, yl), repeat=30, inner=200)
+        t_small = _best(lambda: op(small, ys), repeat=reps(30), inner=reps(200))
+        t_large = _best(lambda: op(large, yl), repeat=reps(30), inner=reps(200))
         return (large.numel() - small.numel()) / max(t_large - t_small, 1e-9)
 
+    say("element-op rates")
     out["exp_per_s"] = rate(lambda x, y: torch.exp(x, out=y))
     add = rate(lambda x, y: torch.sub(x, y, out=y))
     red = rate(lambda x, y: torch.amax(x, dim=-1))
@@ -106,32 +122,34 @@ def measure(threads: int | None = None) -> dict[str, object]:
     ]
     spent, ops = 0.0, 0
     for fn, n_ops, _ in mix:
-        spent += _best(fn, repeat=7)
+        spent += _best(fn, repeat=reps(7))
         ops += n_ops * n_el
     out["eager_other_per_s"] = ops / spent
-    out["eager_exp_per_s"] = n_el / _best(lambda: torch.exp(xa), repeat=7)
+    out["eager_exp_per_s"] = n_el / _best(lambda: torch.exp(xa), repeat=reps(7))
+    say("library matmuls")
     # batched block matmuls as library calls on attention-sized operands (scores-like outputs)
     qb, kb = torch.randn(128, 64, 64, generator=g), torch.randn(128, 64, 320, generator=g)
     pb, vb = torch.randn(128, 64, 320, generator=g), torch.randn(128, 320, 64, generator=g)
-    t_qk = _best(lambda: torch.bmm(qb, kb), repeat=7)
-    t_av = _best(lambda: torch.bmm(pb, vb), repeat=7)
+    t_qk = _best(lambda: torch.bmm(qb, kb), repeat=reps(7))
+    t_av = _best(lambda: torch.bmm(pb, vb), repeat=reps(7))
     out["eager_mac_per_s"] = 2 * 128 * 64 * 64 * 320 / (t_qk + t_av)
     # library matmul efficiency depends on the block shape: a small table of (m, n, k) -> MAC/s,
     # batches sized like attention's (operands and outputs of a few MiB)
     table = []
-    for m, n, k in GEMM_SHAPES:
+    for m, n, k in (QUICK_SHAPES if quick else GEMM_SHAPES):
         bt = max(1, int(8e6 // (m * n + m * k + k * n)))
         a, b = torch.randn(bt, m, k, generator=g), torch.randn(bt, k, n, generator=g)
-        table.append([m, n, k, bt * m * n * k / _best(lambda: torch.bmm(a, b), repeat=5)])
+        table.append([m, n, k, bt * m * n * k / _best(lambda: torch.bmm(a, b), repeat=reps(5))])
     out["gemm_table"] = table
     # hand-over between kernels through the last-level cache: copy 8 MiB into 8 MiB
     src, dst = torch.randn(2 << 20, generator=g), torch.empty(2 << 20)
-    out["cache_bytes_per_s"] = 2 * src.numel() * 4 / _best(lambda: dst.copy_(src), repeat=20)
+    say("bandwidths")
+    out["cache_bytes_per_s"] = 2 * src.numel() * 4 / _best(lambda: dst.copy_(src), repeat=reps(20))
     # main memory: read a 512 MiB tensor; write into freshly allocated 256 MiB (page faults included,
-    # as every eager op writes into a new allocation)
-    big = torch.ones(128 << 20)
+    # as every eager op writes into a new allocation). Quick mode: 128/64 MiB, still far past the LLC.
+    big = torch.ones((32 if quick else 128) << 20)
     out["read_bytes_per_s"] = big.numel() * 4 / _best(lambda: big.sum(), repeat=3)
-    n_w = 64 << 20
+    n_w = (16 if quick else 64) << 20
     out["write_bytes_per_s"] = n_w * 4 / _best(lambda: torch.empty(n_w).fill_(1.0), repeat=3)
     del big
     # per-call overhead of a tiny op
@@ -140,19 +158,34 @@ def measure(threads: int | None = None) -> dict[str, object]:
     z, zm = torch.ones(4), torch.ones(2, 4, 4)
     calls = [lambda: torch.add(z, 1.0), lambda: torch.matmul(zm, zm.transpose(-1, -2)),
              lambda: torch.softmax(zm, -1), lambda: zm.sum(-1), lambda: torch.exp(z)]
-    costs = sorted(_best(fn, repeat=20, inner=200) for fn in calls)
+    say("call overhead")
+    costs = sorted(_best(fn, repeat=reps(20), inner=reps(200)) for fn in calls)
     out["launch_s"] = costs[len(costs) // 2]
     logger.info("calibration: %s", out)
     return out
 
 
-def calibrate(force: bool = False, threads: int | None = None) -> hardware.Hardware:
+def is_generic(hw: hardware.Hardware) -> bool:
+    """True when a profile's figures are the generic defaults, not measured on this machine."""
+    return hw.source.startswith("generic")
+
+
+def ensure_calibrated(progress: Callable[[str], None] | None = None) -> tuple[hardware.Hardware, bool]:
+    """This CPU's cached profile, or a quick measurement (seconds) cached now; returns (profile, measured_now)."""
+    if hardware.cache_path().exists():
+        hw = hardware.cpu_profile()
+        if not is_generic(hw):
+            return hw, False
+    return hardware.cpu_profile(refresh=True, measure=lambda: measure(quick=True, progress=progress)), True
+
+
+def calibrate(force: bool = False, threads: int | None = None, quick: bool = False) -> hardware.Hardware:
     """Return this CPU's profile, measuring (and caching) it if absent or forced."""
-    hw = hardware.cpu_profile(refresh=force, measure=lambda: measure(threads))
+    hw = hardware.cpu_profile(refresh=force, measure=lambda: measure(threads, quick=quick))
     measured_threads = dict(hw.extra).get("threads")
     if threads and measured_threads is not None and int(measured_threads) != threads:
         logger.info("cached profile was measured with %s threads; re-measuring with %s", measured_threads, threads)
-        hw = hardware.cpu_profile(refresh=True, measure=lambda: measure(threads))
+        hw = hardware.cpu_profile(refresh=True, measure=lambda: measure(threads, quick=quick))
     return hw
 
 
@@ -161,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m codegen.hw_calibrate", description=__doc__)
     ap.add_argument("--force", action="store_true", help="re-measure even if a cached profile exists")
     ap.add_argument("--threads", type=int, default=None, help="torch threads while measuring")
+    ap.add_argument("--quick", action="store_true", help="a few seconds: fewer repetitions, smaller probes")
     args = ap.parse_args(argv)
-    hw = calibrate(force=args.force, threads=args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    hw = calibrate(force=args.force, threads=args.threads, quick=args.quick)
     print(json.dumps(hardware.as_dict(hw), indent=2, default=str))
     return 0
 

@@ -32,6 +32,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     holdout_error: Optional[float] = None  # the same on rows held back from fitting and choosing
     metric: str = "l2"
+    calibrated: Optional[bool] = None  # False: predicted times came from generic, not measured, hardware figures
 
     @property
     def sites(self) -> list[AttentionSite]:
@@ -99,6 +100,7 @@ class Plan:
             notes=tuple(data.get("notes", ())),
             holdout_error=data.get("holdout_error"),
             metric=data.get("metric", "l2"),
+            calibrated=data.get("calibrated"),
         )
 
     def dumps(self) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -189,6 +189,7 @@ def optimize(
     target: Optional[str] = None,
     calibration: Any = None,
     dynamic: bool = True,
+    progress: Optional[Callable[[str], None]] = None,
 ) -> OptimizedModel:
     """Capture ``model``, rewrite every attention it can inside ``budget`` and return the optimized module.
 
@@ -197,6 +198,7 @@ def optimize(
     ``example_inputs``; a share of their batch rows is held back to measure the plan. With ``dynamic``,
     the result is one program for every sequence length up to the example's (when the model can be
     captured so), dispatching each site by length where the cost model says its variant starts to pay.
+    ``progress`` receives one line per planning step (capture, calibration, fitting, search).
     """
     budget = _check_budget(budget)
     validate_metric(metric)
@@ -211,7 +213,11 @@ def optimize(
     samples = None
     if not on_meta and signature is not None:
         samples = _samples(calibration, example_inputs, spec0, signature)
+    if progress:
+        progress(f"capturing {type(model).__name__} with torch.export")
     ep, spec, matches, _ = _analyse(model, example_inputs)
+    if progress:
+        progress(f"found {len(matches)} attention site(s)")
     if signature is None:
         signature = input_signature(spec.bind(args0, kwargs0))
         samples = None if on_meta else _samples(calibration, example_inputs, spec, signature)
@@ -228,8 +234,13 @@ def optimize(
     # The captured graph before surgery is the reference: a fast path eager mode takes (nested tensors
     # for padding, say) is not charged to the rewrite.
     captured = ep.module()
-    planned = plan_program(ep, matches, samples, captured, budget, allowed, target, metric)
+    planned = plan_program(ep, matches, samples, captured, budget, allowed, target, metric, progress=progress)
     plan = planned.plan
+    if target == "cpu":  # say so when the times behind the plan were not measured on this machine
+        hw = profile("cpu")
+        calibrated = not hw.source.startswith("generic")
+        plan = dataclasses.replace(plan, calibrated=calibrated, notes=plan.notes + (() if calibrated else (
+            "predictions use generic CPU figures (uncalibrated): run `python -m codegen.hw_calibrate --quick`",)))
     source = model
     if planned.surgeries:  # latent: factor the K/V projections of a copy, then capture that
         source = apply_latent(model, [x for s in planned.surgeries for x in ((s.k_proj, s.uk), (s.v_proj, s.uv))])

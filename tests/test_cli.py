@@ -1,0 +1,151 @@
+"""The ``rewriter`` command: bad input is one line and exit code 2; a small model goes through end to end."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from rewriter import cli
+
+TINY = textwrap.dedent('''
+    import torch, torch.nn as nn, torch.nn.functional as F
+
+    class Attn(nn.Module):
+        def __init__(self, d=32, h=4):
+            super().__init__()
+            self.h, self.qkv, self.o = h, nn.Linear(d, 3 * d), nn.Linear(d, d)
+        def forward(self, x):
+            b, n, d = x.shape
+            q, k, v = self.qkv(x).view(b, n, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.o(y.transpose(1, 2).reshape(b, n, d))
+
+    def factory():
+        torch.manual_seed(0)
+        return Attn().eval(), (torch.randn(2, 96, 32),)
+
+    def not_a_tuple():
+        return Attn()
+
+    def raises():
+        raise RuntimeError("no weights here")
+''')
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    # a calibration written by a test must not change the profile other tests on this machine read
+    monkeypatch.setenv("ATTENTION_REWRITER_CACHE", str(tmp_path / "hw-cache"))
+
+
+@pytest.fixture
+def user_file(tmp_path) -> Path:
+    p = tmp_path / "tiny_model.py"
+    p.write_text(TINY)
+    return p
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    err = [ln for ln in err if not ln.startswith("[")]  # progress lines carry [elapsed]
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+@pytest.mark.parametrize("budget", ["abc", "-0.1", "nan", "inf"])
+def test_bad_budget_is_one_line_exit_2(budget, capsys):
+    assert cli.main(["optimize", "--budget", budget]) == 2
+    assert "--budget" in _err(capsys)
+
+
+def test_budget_none_means_no_gate():
+    assert cli.parse_budget("none") is None
+    assert cli.parse_budget("0") == 0.0
+    assert cli.parse_budget("0.05") == 0.05
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("dense:x=1", ["dense", "'x'"]),
+    ("sliding_window:window", ["window", "NAME=VALUE"]),
+    ("sliding_window:window=0", ["window", ">= 1"]),
+    ("sliding_window:window=abc", ["window", "int"]),
+    ("nosuch", ["nosuch"]),
+])
+def test_bad_variants_are_checked_before_any_work(spec, words, capsys):
+    assert cli.main(["optimize", "--variants", spec]) == 2
+    line = _err(capsys)
+    assert all(w in line for w in words), line
+
+
+def test_variants_spec_parses():
+    assert cli.parse_variants("dense") == ["dense"]
+    assert cli.parse_variants("dense,sliding_window") == ["dense", "sliding_window"]
+    assert cli.parse_variants("sliding_window:window=256") == {"sliding_window": {"window": 256}}
+
+
+@pytest.mark.parametrize("spec, word", [
+    ("{file}:nosuch", "nosuch"),
+    ("{file}:not_a_tuple", "(model, example_inputs)"),
+    ("{file}:raises", "no weights here"),
+    ("missing_file.py:factory", "missing_file.py"),
+    ("no_such_package_xyz:factory", "no_such_package_xyz"),
+    ("gpt5", "gpt5"),
+])
+def test_bad_model_names_it(spec, word, user_file, capsys):
+    assert cli.main(["find", "--model", spec.format(file=user_file)]) == 2
+    assert word in _err(capsys)
+
+
+def test_out_pointing_at_a_file(tmp_path, capsys):
+    f = tmp_path / "taken"
+    f.write_text("x")
+    assert cli.main(["optimize", "--out", str(f)]) == 2
+    assert "taken" in _err(capsys)
+
+
+def test_inspect_on_a_non_artifact(tmp_path, capsys):
+    assert cli.main(["inspect", str(tmp_path)]) == 2
+    assert "not a rewriter artifact" in _err(capsys)
+    assert cli.main(["inspect", str(tmp_path / "nope")]) == 2
+    assert "nope" in _err(capsys)
+
+
+def test_unknown_option_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["optimize", "--bogus"])
+    assert e.value.code == 2
+    assert "--bogus" in _err(capsys)
+
+
+def test_subprocess_bad_budget_has_no_traceback():
+    res = subprocess.run([sys.executable, "-m", "rewriter", "optimize", "--budget", "lots"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()]
+    assert "lots" in res.stderr
+
+
+def test_optimize_find_inspect_explain_on_a_user_model(user_file, tmp_path, capsys):
+    out = tmp_path / "art"
+    model = f"{user_file}:factory"
+    assert cli.main(["find", "--model", model]) == 0
+    assert "1 attention site" in capsys.readouterr().out
+    rc = cli.main(["optimize", "--model", model, "--budget", "none", "--variants", "sliding_window:window=32",
+                   "--out", str(out), "--reps", "3"])
+    text = capsys.readouterr()
+    assert rc == 0, text.err
+    assert "sliding_window" in text.out and "end-to-end speedup" in text.out
+    assert "IQR" in text.out  # timings are a median with the spread, not raw reps
+    assert (out / "model.pt2").exists() and (out / "report.md").exists()
+    assert any((out / "kernels").iterdir())
+    assert cli.main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "provenance" in shown and "sha256" in shown and "verified" in shown
+    assert cli.main(["explain", "--model", model]) == 0
+    shown = capsys.readouterr().out
+    assert "dense" in shown and "passes" in shown and "cheapest by length" in shown
