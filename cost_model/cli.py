@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
@@ -69,6 +70,19 @@ def parse_params(variant: str, items: Sequence[str]) -> dict[str, object]:
     return out
 
 
+EXAMPLES = {"window": 256, "sinks": 4, "keep": 0.125, "rank": 16, "groups": 2, "chunk": 64, "block": 64}
+
+
+def check_required(variant: str, params: dict[str, object], flag: str = "--param ") -> None:
+    """Raise a UsageError up front for parameters the variant's cascade cannot be sized without."""
+    sig = inspect.signature(CASCADES[variant]).parameters
+    # a parameter whose builder default is None stays a free symbol (W, R, ...) that no shape sizes
+    need = [p for p in PARAMS[variant] if p in sig and sig[p].default is None and p not in params]
+    if need:
+        hint = " ".join(f"{flag}{p}={EXAMPLES.get(p, 1)}" for p in need)
+        raise UsageError(f"variant {variant!r} needs {', '.join(need)}: add {hint}")
+
+
 def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
@@ -87,6 +101,7 @@ def explain(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown variant {args.variant!r}; known: {', '.join(sorted(CASCADES))}")
     shape = parse_shape(args.shape)
     params = parse_params(args.variant, args.param or [])
+    check_required(args.variant, params)
     try:
         hw = hardware.get(args.hw)
     except KeyError as exc:
@@ -139,6 +154,8 @@ def crossover(args: argparse.Namespace) -> int:
         if not sep or v not in params:
             raise UsageError(f"malformed --param {item!r}: expected VARIANT:NAME=VALUE")
         params[v].update(parse_params(v, [kv]))
+    for v in names:
+        check_required(v, params[v], flag=f"--param {v}:")
     try:
         hw = hardware.get(args.hw)
     except KeyError as exc:
@@ -188,5 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # e.g. a size the shape does not give: one line, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(e)
     e.add_argument("--target", choices=("cpu", "cuda"), default="cpu")
     e.add_argument("--max-len", type=int, default=None, help="longest length for crossovers (default 16x the site's)")
+    e.add_argument("--variants", default=None, help="only these variants (default: every one that applies)")
     return ap
 
 
@@ -205,7 +206,9 @@ def _run(args) -> int:
             from rewriter.explain import explain_model
             if args.target == "cpu":
                 _calibrate_cpu(say)
-            print(explain_model(model, inputs, target=args.target, max_len=args.max_len))
+            names = parse_variants(args.variants)
+            print(explain_model(model, inputs, target=args.target, max_len=args.max_len,
+                                variants=None if names is None else list(names), progress=say))
             return 0
         return run_optimize(args, model, inputs, budget, variants, out, say)
     except (CaptureError, ValueError, TypeError) as e:

@@ -1,18 +1,24 @@
 """``rewriter explain``: every candidate at each site, priced by the cost model, and where the cheapest changes."""
 from __future__ import annotations
 
+import inspect
 import logging
-import math
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
 
-from cost_model.predict import predict
+import sympy
+
+from cost_model.analysis import passes
+from cost_model.ir import sym
+from cost_model.predict import cascade_for, kernel_costs
 from passes import pricing
-from passes.planner import available, site_candidates
+from passes.planner import available
 from passes.site import AttentionSite
+from passes.variants import VARIANTS
 
 logger = logging.getLogger(__name__)
 
-PER_VARIANT = 3  # candidates shown per variant (the planner's grid can be long)
+PER_VARIANT = 2  # parameter choices shown per variant (its smallest and largest in the planner's grid)
 
 
 def _human(x: float, unit: str) -> str:
@@ -23,22 +29,45 @@ def _human(x: float, unit: str) -> str:
     return f"{x:.3g}"
 
 
-def price(site: AttentionSite, variant: str, params: dict, hw, length: Optional[int] = None) -> dict[str, Any]:
-    """Cascade(s), passes, FLOPs, bytes and predicted seconds of ``variant`` at ``site`` (sum over its kernels)."""
-    shape = pricing.site_shape(site, length)
+@dataclass(frozen=True)
+class Priced:
+    """One candidate's cost as functions of the sequence length N (compiled once from the cascade)."""
+
+    label: str
+    cascade: str
+    passes: int
+    seconds: Callable[[float], float]
+    flops: Callable[[float], float]
+    bytes: Callable[[float], float]
+
+
+def priced(site: AttentionSite, variant: str, params: dict, hw) -> Optional[Priced]:
+    """``variant`` at ``site`` with P = M = N symbolic, compiled to plain functions of N.
+
+    ``predict`` substitutes sizes into sympy expressions (about a second per shape); sweeping
+    lengths needs each expression once and a compiled function evaluated in microseconds.
+    """
+    shape = pricing.site_shape(site)
     if shape is None:
-        return {}
+        return None
+    n = sym("N")
     causal = site.causal and variant != "neighborhood_2d"
-    cascades, passes, flops, nbytes = [], 0, 0.0, 0.0
+    names, n_passes, secs, flops, nbytes = [], 0, sympy.Integer(0), sympy.Integer(0), sympy.Integer(0)
     # pricing's terms are the one place a variant is mapped onto cost-model cascades
     for cascade, prm, shp, form in pricing._terms(site, variant, params, shape):
-        pred = predict(cascade, shp, hw, causal=causal, form=form, **prm)
-        cascades.append(cascade if not prm else f"{cascade}({','.join(f'{k}={v}' for k, v in sorted(prm.items()))})")
-        passes = max(passes, pred.passes)
-        flops += 2 * pred.macs + pred.exps + pred.others
-        nbytes += pred.bytes
-    return {"cascade": " + ".join(cascades), "passes": passes, "flops": flops, "bytes": nbytes,
-            "seconds": pricing.seconds(site, variant, params, hw, length)}
+        sizes = {sym(k): v for k, v in shp.items()}
+        sizes[sym("P")] = n if shp["P"] == site.q_len and site.q_len == site.kv_len else sympy.ceiling(
+            n * shp["P"] / max(1, site.q_len))
+        sizes[sym("M")] = n
+        c = cascade_for(cascade, hw, causal=causal, form=form, **prm)
+        ks = kernel_costs(c, hw, sizes)
+        secs += sum((k.seconds for k in ks), sympy.Integer(0)).subs(sizes)
+        flops += sum((2 * k.macs + k.exps + k.others for k in ks), sympy.Integer(0)).subs(sizes)
+        nbytes += sum((k.reads + k.writes for k in ks), sympy.Integer(0)).subs(sizes)
+        n_passes = max(n_passes, passes(c))
+        names.append(cascade if not prm else f"{cascade}({','.join(f'{k}={v}' for k, v in sorted(prm.items()))})")
+    fn = lambda e: sympy.lambdify(n, e, "math")  # noqa: E731
+    return Priced(_label(variant, params), " + ".join(names), n_passes, fn(secs), fn(flops), fn(nbytes))
 
 
 def _label(variant: str, params: dict) -> str:
@@ -46,33 +75,46 @@ def _label(variant: str, params: dict) -> str:
     return variant + (f"({','.join(f'{k}={v}' for k, v in shown.items())})" if shown else "")
 
 
-def cheapest_changes(site: AttentionSite, cands: list[tuple[str, dict]], hw, high: int,
-                     low: int = 64) -> list[tuple[int, str, str]]:
-    """(length, before, after) where the cheapest candidate changes, on a grid of 4 points per octave."""
-    lengths, n = [], float(low)
-    while n <= high:
-        lengths.append(int(round(n)))
-        n *= 2 ** 0.25
-    changes, prev = [], None
-    for n in lengths:
-        times = {}
-        for v, p in cands:
-            t = pricing.seconds(site, v, p, hw, length=n)
-            if t is not None and math.isfinite(t):
-                times[_label(v, p)] = t
-        if not times:
-            continue
+def cheapest_changes(cands: list[Priced], high: int, low: int = 64) -> list[tuple[int, str, str]]:
+    """(length, before, after) where the cheapest candidate changes, on a grid of 8 points per octave."""
+    changes, prev, x = [], None, float(low)
+    while x <= high:
+        n = int(round(x))
+        times = {c.label: float(c.seconds(n)) for c in cands}
         best = min(times, key=times.get)
         if prev is not None and best != prev:
             changes.append((n, prev, best))
-        prev = best
+        prev, x = best, x * 2 ** 0.125
     return changes
 
 
-def explain_model(model, example_inputs, target: str = "cpu", max_len: Optional[int] = None) -> str:
+def candidates(site: AttentionSite, allowed: Iterable[str]) -> tuple[list[tuple[str, dict]], list[str]]:
+    """(variant, params) to explain at ``site`` (dense first) and the variants refused with the reason."""
+    out, refused = [("dense", {})], []
+    for name in allowed:
+        if name == "dense":
+            continue
+        module = VARIANTS[name]
+        why = module.applies(site)
+        if why:
+            refused.append(f"{name}: {why}")
+            continue
+        takes_facts = "facts" in inspect.signature(module.grid).parameters
+        grid = [p for p in (module.grid(site, {}) if takes_facts else module.grid(site)) if not p.get("delta")]
+        if not grid:
+            refused.append(f"{name}: no parameter choice fits the site's shape")
+        defaults = getattr(module, "DEFAULTS", {})
+        for p in (grid[:1] + grid[-1:] if len(grid) > 1 else grid)[:PER_VARIANT]:
+            out.append((name, {**{k: v for k, v in defaults.items() if k not in p}, **p}))
+    return out, refused
+
+
+def explain_model(model, example_inputs, target: str = "cpu", max_len: Optional[int] = None,
+                  variants: Optional[Iterable[str]] = None, progress: Optional[Callable[[str], None]] = None) -> str:
     """The explain text for every attention site of ``model`` on ``example_inputs``."""
     from rewriter.api import find_attention
 
+    say = progress or (lambda msg: logger.info("%s", msg))
     hw = pricing.profile(target)
     sites = find_attention(model, example_inputs)
     lines = [f"{len(sites)} attention site(s); hardware {hw.name} ({hw.source})"]
@@ -81,39 +123,32 @@ def explain_model(model, example_inputs, target: str = "cpu", max_len: Optional[
         key = (s.num_heads, s.num_kv_heads, s.head_dim, s.v_head_dim, s.q_len, s.kv_len, s.causal, s.mask_kind,
                s.is_cross, s.window, s.rewritable)
         groups.setdefault(key, []).append(s)
-    allowed = {name: None for name in available()}
+    allowed = list(variants) if variants else available()
     for group in groups.values():
         s = group[0]
-        names = ", ".join(str(x.index) for x in group)
-        lines += ["", f"site(s) {names}: {s.describe()}"]
+        lines += ["", f"site(s) {', '.join(str(x.index) for x in group)}: {s.describe()}"]
         if not s.rewritable:
             lines.append(f"  not rewritable: {s.reason}")
             continue
-        sp = site_candidates(s, allowed, hw, forced=True)
-        shown: dict[str, int] = {}
-        cands = [("dense", {})]
-        for c in sp.options:
-            if c.params.get("delta") or shown.get(c.variant, 0) >= PER_VARIANT:
-                continue
-            shown[c.variant] = shown.get(c.variant, 0) + 1
-            cands.append((c.variant, dict(c.params)))
-        rows = [("candidate", "cascade", "passes", "FLOPs", "bytes", "predicted", "vs dense")]
-        dense_t = pricing.seconds(s, "dense", {}, hw)
-        for v, p in cands:
-            f = price(s, v, p, hw)
-            if not f:
-                continue
-            t = f["seconds"]
-            rows.append((_label(v, p), f["cascade"], str(f["passes"]), _human(f["flops"], "FLOP"),
-                         _human(f["bytes"], "B"), "-" if t is None else f"{1e3 * t:.3g} ms",
-                         "-" if not (t and dense_t) else f"{dense_t / t:.2f}x"))
+        todo, refused = candidates(s, allowed)
+        say(f"pricing {len(todo)} candidate(s) at site {s.index} (cascades compiled once per candidate)")
+        cands = [c for c in (priced(s, v, p, hw) for v, p in todo) if c is not None]
+        if not cands:
+            lines.append("  symbolic shape: nothing to price")
+            continue
+        n0 = max(int(s.q_len), int(s.kv_len))
+        dense_t = float(cands[0].seconds(n0))
+        rows = [("candidate", "cascade", "passes", "FLOPs", "bytes", f"predicted @{n0}", "vs dense")]
+        for c in cands:
+            t = float(c.seconds(n0))
+            rows.append((c.label, c.cascade, str(c.passes), _human(float(c.flops(n0)), "FLOP"),
+                         _human(float(c.bytes(n0)), "B"), f"{1e3 * t:.3g} ms", f"{dense_t / t:.2f}x"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-        for why in sp.refusals:
-            lines.append(f"  not offered: {why}")
-        high = max_len or 16 * max(int(s.q_len), int(s.kv_len), 64)
-        changes = cheapest_changes(s, cands, hw, high)
-        lines.append(f"  cheapest by length (64..{high}): " + (
-            "; ".join(f"from ~{n}: {b} (was {a})" for n, a, b in changes) if changes else
-            f"{_label(*cands[0]) if len(cands) == 1 else 'no change'} over the whole range"))
+        lines += [f"  not offered: {why}" for why in refused]
+        high = max_len or 16 * max(n0, 64)
+        changes = cheapest_changes(cands, high)
+        start = min(cands, key=lambda c: float(c.seconds(64))).label
+        lines.append(f"  cheapest by length (64..{high}): {start} at 64" + "".join(
+            f"; {b} from ~{n}" for n, _, b in changes))
     return "\n".join(lines)

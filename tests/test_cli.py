@@ -146,6 +146,37 @@ def test_optimize_find_inspect_explain_on_a_user_model(user_file, tmp_path, caps
     assert cli.main(["inspect", str(out)]) == 0
     shown = capsys.readouterr().out
     assert "provenance" in shown and "sha256" in shown and "verified" in shown
-    assert cli.main(["explain", "--model", model]) == 0
+    assert cli.main(["explain", "--model", model, "--variants", "dense,sliding_window,linear"]) == 0
     shown = capsys.readouterr().out
-    assert "dense" in shown and "passes" in shown and "cheapest by length" in shown
+    assert "sliding_window(window=" in shown and "passes" in shown and "cheapest by length" in shown
+
+
+def test_explain_prices_as_the_planner_does(user_file):
+    """The compiled length functions explain sweeps give the planner's own predictions."""
+    from passes import pricing
+    from rewriter import models
+    from rewriter.api import find_attention
+    from rewriter.explain import priced
+
+    model, inputs = models.from_spec(f"{user_file}:factory")
+    site = find_attention(model, inputs)[0]
+    hw = pricing.profile("cpu")
+    for variant, params in (("dense", {}), ("sliding_window", {"window": 16})):
+        fn = priced(site, variant, params, hw).seconds
+        for n in (96, 700):
+            assert fn(n) == pytest.approx(pricing.seconds(site, variant, params, hw, length=n), rel=1e-9)
+
+
+@pytest.mark.parametrize("argv, word", [
+    (["explain", "sliding_window", "--shape", "B=1,H=8,P=4096,M=4096,E=64"], "window"),
+    (["explain", "latent", "--shape", "B=1,H=8,P=4096,M=4096,E=64"], "rank"),
+    (["crossover", "--variants", "dense,sliding_window", "--shape", "B=1,H=8,E=64"], "sliding_window:window"),
+])
+def test_cost_model_cli_checks_params_up_front(argv, word, capsys):
+    import time
+
+    from cost_model import cli as cm
+    t0 = time.perf_counter()
+    assert cm.main(argv) == 2
+    assert time.perf_counter() - t0 < 2.0  # before any symbolic work, not after it
+    assert word in _err(capsys)
