@@ -48,7 +48,19 @@ def dense(
         return reference(q, k, v, mask, scale, causal, softcap=softcap, fill=fill)
     if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
         mask = mask.to(q.dtype)
+    if causal and mask is not None:  # SDPA refuses both: fold the (top-left) causal mask into the mask
+        keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        mask = mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, float("-inf"))
+        causal = False
     gqa = k.shape[1] != q.shape[1]
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
     )
+
+
+@register_kernel("gqa_merge")
+def gqa_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+              causal: bool, *, extra: Sequence[torch.Tensor] = (), softcap: float = 0.0,
+              fill: Optional[float] = None) -> torch.Tensor:
+    """Exact attention over merged K/V heads: after weight surgery it is the dense kernel."""
+    return dense(q, k, v, mask, scale, causal, extra=extra, softcap=softcap, fill=fill)

@@ -86,8 +86,13 @@ def run(
         ) from None
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    delta = int(params.pop("delta", 0) or 0)
     out = kernel(q, k, v, mask, float(scale), bool(causal), extra=list(extra), softcap=float(softcap),
                  fill=fill, **params).contiguous()
+    if delta > 1 and variant != "dense":
+        from codegen.corrections import delta_correct
+
+        out = delta_correct(out, q, k, v, mask, float(scale), bool(causal), delta, softcap=float(softcap))
     # The op's contract is a contiguous [B,H,P,F] result: the fake kernel promises it to compilers.
     calls = getattr(_RECORD, "calls", None)
     if calls is not None:
@@ -126,3 +131,10 @@ def _attention_fake(q, k, v, mask, scale, causal, variant, params, extra, softca
 
 # Import kernels after the op exists so each module can register itself.
 from codegen import dense as _dense  # noqa: E402,F401
+from codegen import sliding_window as _sliding_window  # noqa: E402,F401
+from codegen import sinks_window as _sinks_window  # noqa: E402,F401
+from codegen import block_sparse as _block_sparse  # noqa: E402,F401
+from codegen import neighborhood_2d as _neighborhood_2d  # noqa: E402,F401
+from codegen import linear as _linear  # noqa: E402,F401
+from codegen import latent as _latent  # noqa: E402,F401
+from codegen import adaptive as _adaptive  # noqa: E402,F401

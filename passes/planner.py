@@ -72,12 +72,21 @@ def normalise_variants(spec: VariantSpec) -> dict[str, Optional[dict]]:
         if name not in CATALOGUE:
             raise ValueError(f"unknown variant {name!r}; the catalogue is: {', '.join(CATALOGUE)}")
         if name not in VARIANTS or name not in KERNELS:
-            have = "a planner module but no kernel yet" if name in VARIANTS else "no implementation yet"
+            have = ("a planner module but no kernel yet" if name in VARIANTS else
+                    "a kernel, but the planner does not offer it yet" if name in KERNELS else "no implementation yet")
             raise ValueError(f"variant {name!r} is in the catalogue but has {have}; "
                              f"available now: {', '.join(available())}")
         if items[name] is not None:
             items[name] = _check_params(name, items[name])
     return items
+
+
+def drops_band(site: AttentionSite, variant: str, params: dict) -> bool:
+    """True when ``variant`` reproduces the site's own band mask itself (its native window), so the rewrite
+    passes the op everything but the band."""
+    return (variant in ("sliding_window", "sinks_window") and site.window is not None
+            and int(params.get("window", -1)) == site.window and int(params.get("sinks", 0) or 0) == 0
+            and not params.get("delta"))
 
 
 def choose(m: Match, allowed: dict[str, Optional[dict]]) -> tuple[Optional[str], dict, str]:
@@ -123,6 +132,7 @@ class SitePlan:
     refusals: list[str] = field(default_factory=list)
     chosen: Optional[Candidate] = None
     note: str = ""
+    gain: float = 1.0  # output error per unit of site error, measured by a probe run
 
 
 def site_candidates(site: AttentionSite, allowed: dict[str, Optional[dict]], hw, forced: bool) -> SitePlan:
@@ -148,8 +158,9 @@ def site_candidates(site: AttentionSite, allowed: dict[str, Optional[dict]], hw,
                 sp.refusals.append(f"{name}: cannot be priced at this site")
                 continue
             exact = bool(getattr(module, "exact", lambda s, p: False)(site, params))
-            if forced or t < dense.seconds:
-                sp.options.append(Candidate(name, params, t, exact=exact))
+            # the model's own window is its semantics, exact and the pattern a window kernel is for
+            if forced or t < dense.seconds or drops_band(site, name, params):
+                sp.options.append(Candidate(name, params, t, exact=exact, error=0.0 if exact else None))
     sp.options.sort(key=lambda c: c.seconds)
     return sp
 
@@ -191,6 +202,28 @@ class Outcome:
     backoffs: int
 
 
+def _probe_gains(sites: Sequence[SitePlan], records, evaluate: Evaluate, base: float,
+                 say: Callable[[str], None]) -> None:
+    """How much of a site's error reaches the model's output, from one run with only that site approximated.
+
+    The residual stream and later layers damp (or amplify) a site's error; the gain converts a site
+    error into the end-to-end error the budget counts. The probe is the site's most accurate
+    non-exact option, so the gain is measured in the small-error regime the plan works in.
+    """
+    dense_all = {i: ("dense", {}) for i in range(len(sites))}
+    for i, sp in enumerate(sites):
+        inexact = [c for c in sp.options if not c.exact and _score(sp, c, records[i]) < math.inf]
+        if not inexact:
+            continue
+        probe = min(inexact, key=lambda c: c.error)
+        if probe.error <= 0:
+            continue
+        err, _ = evaluate({**dense_all, i: (probe.variant, probe.params)})
+        sp.gain = max(err - base, 0.0) / probe.error
+        say(f"site {i} {sp.site.name}: {probe.label()} site error {probe.error:.3g} -> output error {err:.3g} "
+            f"(gain {sp.gain:.2f})")
+
+
 def search(
     sites: Sequence[SitePlan],
     records: Sequence[Sequence[SiteRecord]],
@@ -199,28 +232,40 @@ def search(
     progress: Optional[Callable[[str], None]] = None,
     max_rounds: int = 64,
 ) -> Outcome:
-    """Choose per site, then back off until the measured end-to-end error fits ``budget``."""
+    """Choose per site, then back off until the measured end-to-end error fits ``budget``.
+
+    A site's share is the whole budget, in output-error units (site error times the site's measured
+    gain): each site alone would fit. Together they may not, which the back-off settles with the
+    measured error of the whole model.
+    """
     say = progress or (lambda msg: None)
-    active = [i for i, sp in enumerate(sites) if sp.options]
-    share = None if budget is None else budget / math.sqrt(max(1, len(active)))
-    for i, sp in enumerate(sites):
+    for sp in sites:
         sp.chosen = sp.dense
-        if budget is None:  # no gate: the cheapest (a forced variant) wherever one applies
+    if budget is None:  # no gate: the cheapest (a forced variant) wherever one applies
+        for i, sp in enumerate(sites):
             if sp.options:
                 sp.chosen = sp.options[0]
                 _score(sp, sp.chosen, records[i])
                 sp.note = "forced, no accuracy gate"
-            continue
-        for cand in sp.options:
-            if _score(sp, cand, records[i]) <= share:
-                sp.chosen = cand
-                sp.note = "exact" if cand.exact else f"cheapest within the site's share {share:.2g}"
-                break
-        else:
-            if sp.options:
-                best = min(sp.options, key=lambda c: c.error if c.error is not None else math.inf)
-                sp.note = f"no candidate within the site's share {share:.2g} (closest: {best.label()} at {best.error:.2g})"
-        say(f"site {i} {sp.site.name}: {sp.chosen.label()}")
+    else:
+        base, _ = evaluate({i: ("dense", {}) for i in range(len(sites))})
+        if budget > 0:
+            _probe_gains(sites, records, evaluate, base, say)
+        for i, sp in enumerate(sites):
+            fits = [c for c in sp.options if c.exact or (budget > 0 and _score(sp, c, records[i]) * sp.gain <= budget)]
+            if fits:
+                sp.chosen = fits[0]  # options are cheapest first
+                sp.note = "exact" if sp.chosen.exact else (
+                    f"cheapest whose estimated output error {sp.chosen.error * sp.gain:.2g} fits the budget")
+            elif sp.options:
+                if budget == 0:
+                    sp.note = "budget 0 admits exact rewrites only"
+                else:
+                    scored = [c for c in sp.options if c.error is not None]
+                    best = min(scored, key=lambda c: c.error) if scored else sp.options[0]
+                    sp.note = (f"no candidate fits: the most accurate, {best.label()}, has site error "
+                               f"{best.error:.2g}, about {best.error * sp.gain:.2g} at the output")
+            say(f"site {i} {sp.site.name}: {sp.chosen.label()}")
 
     def assignment() -> dict[int, tuple[str, dict]]:
         return {i: (sp.chosen.variant, sp.chosen.params) for i, sp in enumerate(sites)}
@@ -236,13 +281,13 @@ def search(
         def cost_of_error(i: int) -> float:
             sp = sites[i]
             saved = max(sp.dense.seconds - sp.chosen.seconds, 1e-12)
-            return (sp.chosen.error or 0.0) / saved
+            return (sp.chosen.error or 0.0) * sp.gain / saved
 
         worst = max(movable, key=cost_of_error)
         sp = sites[worst]
         prev = sp.chosen
         sp.chosen = _next_more_accurate(sp, records[worst])
-        sp.note = (f"backed off from {prev.label()} (site error {prev.error:.2g}) to fit the whole-model budget")
+        sp.note = f"backed off from {prev.label()} (site error {prev.error:.2g}) to fit the whole-model budget"
         rounds += 1
         err, held = evaluate(assignment())
         say(f"back-off {rounds}: site {worst} -> {sp.chosen.label()}, end-to-end error {err:.3g}")

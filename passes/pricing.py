@@ -41,7 +41,11 @@ def _seconds(cascade: str, shape: tuple, causal: bool, form: Optional[str], hw: 
 
 def _terms(site: AttentionSite, variant: str, params: dict, shape: dict) -> list[tuple[str, dict, dict, Optional[str]]]:
     """(cascade, its params, shape, form) terms whose times add up to the variant's time."""
-    p = {k: v for k, v in params.items() if k != "block"}
+    p = {k: v for k, v in params.items() if k not in ("block", "delta")}
+    stride = int(params.get("delta", 0) or 0)
+    if stride > 1:  # Delta correction: exact attention for every stride-th query on top
+        return _terms(site, variant, p, shape) + [
+            ("dense", {}, {**shape, "P": max(1, math.ceil(shape["P"] / stride))}, "online")]
     if variant == "dense":
         return [("dense", {}, shape, "online")]
     if variant == "linear":

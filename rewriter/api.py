@@ -13,10 +13,12 @@ from passes.metrics import Metric
 from passes.metrics import validate as validate_metric
 from passes.pipeline import plan_program
 from passes.plan import Decision, Plan
-from passes.planner import VariantSpec, choose, normalise_variants
+from passes.planner import VariantSpec, choose, drops_band, normalise_variants
 from passes.rewrite import rewrite_graph
 from passes.site import AttentionSite
+from passes.pricing import profile
 from rewriter.capture import CallSpec, call_spec, capture, graph_context, split_inputs
+from rewriter.dynamic import LengthRange, length_adaptive, seq_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,12 @@ def input_signature(kwargs: dict) -> str:
     ))
 
 
+def shapes_of(kw: dict) -> dict:
+    """The shapes and dtypes of keyword inputs (what a length range is checked against), JSON-ready."""
+    return {k: {"shape": list(v.shape), "dtype": str(v.dtype)} if isinstance(v, torch.Tensor) else {"value": repr(v)}
+            for k, v in kw.items()}
+
+
 class OptimizedModel(torch.nn.Module):
     """A model whose attention sites call ``rewriter::attention``; same call signature and outputs."""
 
@@ -66,6 +74,8 @@ class OptimizedModel(torch.nn.Module):
         plan: Plan,
         rebuild=None,
         captured_for: Optional[str] = None,
+        lengths: Optional[LengthRange] = None,
+        example_shapes: Optional[dict] = None,
     ):
         super().__init__()
         self.program = program
@@ -75,22 +85,43 @@ class OptimizedModel(torch.nn.Module):
         self._rebuild = rebuild  # re-captures for new input shapes; None for a loaded artifact
         self._by_shape: dict[tuple, torch.nn.Module] = {}
         self.captured_for: Optional[str] = captured_for
+        self.lengths = lengths  # the sequence lengths one dynamic program serves, when it was captured so
+        self.example_shapes = example_shapes or {}
+
+    def _serves(self, kw: dict) -> bool:
+        if self.lengths is None:
+            return False
+        meta = {k: torch.empty(v["shape"], dtype=getattr(torch, v["dtype"].replace("torch.", "")), device="meta")
+                if "shape" in v else _Repr(v["value"]) for k, v in self.example_shapes.items()}
+        return self.lengths.accepts(kw, meta)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the rewritten program (re-capturing once per new input shape when the source model is known)."""
         kw = self.spec.bind(args, kwargs)
         key = input_signature(kw)
-        if key == self.captured_for:
+        if key == self.captured_for or self._serves(kw):
             return self._module(**kw)
         if self._rebuild is None:
+            served = "" if self.lengths is None else (
+                f" (it serves sequence lengths {self.lengths.low}..{self.lengths.high} of {list(self.lengths.names)})")
             raise RuntimeError(
-                f"this program was captured for inputs {self.captured_for} and got {key}; "
+                f"this program was captured for inputs {self.captured_for}{served} and got {key}; "
                 "export one artifact per input shape, or optimize the model in this process."
             )
         if key not in self._by_shape:
             logger.info("new input shapes %s: capturing and rewriting again", key)
             self._by_shape[key] = self._rebuild(kw).module()
         return self._by_shape[key](**kw)
+
+
+class _Repr:
+    """A non-tensor input, compared by its repr."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
 
 
 def _infer_target(example_inputs: Any) -> str:
@@ -137,7 +168,9 @@ def _decisions_for(plan: Plan) -> dict[int, tuple[str, dict]]:
 
 
 def _rewrite_as(ep, matches: list[Match], chosen: dict[int, tuple[str, dict]]) -> None:
-    rewrite_graph(ep.graph_module, [(m, *chosen[m.site.index]) for m in matches if m.site.index in chosen])
+    rewrite_graph(ep.graph_module, [
+        (m, *chosen[m.site.index], {"drop_band": drops_band(m.site, *chosen[m.site.index])})
+        for m in matches if m.site.index in chosen])
 
 
 def optimize(
@@ -148,12 +181,15 @@ def optimize(
     variants: VariantSpec = None,
     target: Optional[str] = None,
     calibration: Any = None,
+    dynamic: bool = True,
 ) -> OptimizedModel:
     """Capture ``model``, rewrite every attention it can inside ``budget`` and return the optimized module.
 
     ``budget`` is the largest output error allowed (see ``metric``); None applies the given variants
     with no accuracy gate. ``calibration`` is a sample or a list of samples shaped like
-    ``example_inputs``; a share of their batch rows is held back to measure the plan.
+    ``example_inputs``; a share of their batch rows is held back to measure the plan. With ``dynamic``,
+    the result is one program for every sequence length up to the example's (when the model can be
+    captured so), dispatching each site by length where the cost model says its variant starts to pay.
     """
     budget = _check_budget(budget)
     validate_metric(metric)
@@ -201,6 +237,25 @@ def optimize(
         _rewrite_as(ep2, matches2, chosen)
         return ep2
 
+    kw0 = spec.bind(args0, kwargs0)
+    if any(drops_band(d.site, d.variant, d.params) for d in plan.decisions):
+        # a site's own band is run by the window kernel: capture again without passing the band as a mask
+        ep = rebuild(kw0)
+    if dynamic and any(d.variant not in ("original", "dense") for d in plan.decisions):
+        hw = profile(target, torch.cuda.get_device_name() if target == "cuda" and torch.cuda.is_available() else "")
+        high = max((t.shape[1] for k, t in kw0.items() if k in seq_inputs(kw0)), default=0)
+        got = length_adaptive(model, kw0, matches, plan, hw, high) if high >= 2 else None
+        if got is not None:
+            ep_dyn, rng, schedules = got
+            notes = [f"one program serves sequence lengths {rng.low}..{rng.high}"]
+            for d in plan.decisions:
+                sched = schedules.get(d.site.index)
+                if sched and len(sched) > 1:
+                    notes.append(f"site {d.site.index}: dense below length {sched[1][0]}, {d.variant} from there "
+                                 "(cost model crossover)")
+            plan = dataclasses.replace(plan, notes=(*plan.notes, *notes))
+            return OptimizedModel(ep_dyn, spec, plan, rebuild, captured_for=signature, lengths=rng,
+                                  example_shapes=shapes_of(kw0))
     return OptimizedModel(ep, spec, plan, rebuild, captured_for=signature)
 
 

@@ -12,6 +12,7 @@ import codegen  # noqa: F401  (the custom op must exist before torch.export.load
 from passes.plan import Plan
 from rewriter.api import OptimizedModel
 from rewriter.capture import CallSpec
+from rewriter.dynamic import LengthRange
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ def export(opt: OptimizedModel, path: str | Path) -> Path:
     torch.export.save(opt.program, out / "model.pt2")
     meta = {"format": FORMAT, "plan": opt.plan.to_json(), "call": opt.spec.to_json(),
             "signature": opt.captured_for, "report": str(opt.plan),
+            "lengths": None if opt.lengths is None else opt.lengths.to_json(), "example_shapes": opt.example_shapes,
             "pytree_modules": _pytree_modules(opt.program.call_spec.in_spec)
             + _pytree_modules(opt.program.call_spec.out_spec)}
     (out / "plan.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
@@ -92,6 +94,9 @@ def load(path: str | Path) -> OptimizedModel:
         call = meta["call"]
         spec = CallSpec(call["names"], call["captured"], call.get("injected", {}), call.get("var_positional", False))
         plan = Plan.from_json(meta["plan"])
-    except (KeyError, TypeError) as e:
+        rng = meta.get("lengths")
+        lengths = None if rng is None else LengthRange(tuple(rng["names"]), int(rng["low"]), int(rng["high"]))
+    except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"{src / 'plan.json'} is corrupted ({type(e).__name__}: {e}); re-export the artifact") from e
-    return OptimizedModel(program, spec, plan, rebuild=None, captured_for=meta["signature"])
+    return OptimizedModel(program, spec, plan, rebuild=None, captured_for=meta["signature"], lengths=lengths,
+                          example_shapes=meta.get("example_shapes"))

@@ -32,3 +32,14 @@ def modifier_reason(site, softcap: bool = True, masks: tuple = ("none", "causal"
     if getattr(site, "fill", None) is not None and not fill:
         return "the mask's finite fill value only matters to exact attention"
     return None
+
+
+def windows(n: int, lo: int = 16) -> list[int]:
+    """Window sizes worth trying at length ``n``: powers of two below it plus 1/2 and 3/4 of it (multiples of 16)."""
+    frac = {max(lo, (n * f // 4) // 16 * 16) for f in (2, 3)}
+    return sorted({w for w in set(powers_below(n, lo=lo)) | frac if lo <= w < n})
+
+
+def with_delta(grid: list[dict], stride: int = 8) -> list[dict]:
+    """Each choice as is and with a Delta-Attention correction (exact attention on every stride-th query)."""
+    return grid + [{**g, "delta": stride} for g in grid]

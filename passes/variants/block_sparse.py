@@ -15,11 +15,11 @@ from typing import Optional
 
 import torch
 
-from passes.variants._grid import modifier_reason
+from passes.variants._grid import modifier_reason, with_delta
 
 CASCADE = "block_sparse"
 DEFAULTS: dict = {"block": 64, "keep": 0.25}
-PARAMS: dict = {"keep": float, "block": int}
+PARAMS: dict = {"keep": float, "block": int, "delta": int}
 
 
 def _block(site) -> int:
@@ -37,7 +37,7 @@ def applies(site) -> Optional[str]:
 
 def grid(site) -> list[dict]:
     """Kept fractions of key blocks to try, sparsest first."""
-    return [{"keep": keep, "block": _block(site)} for keep in (0.125, 0.25, 0.5)]
+    return with_delta([{"keep": keep, "block": _block(site)} for keep in (0.125, 0.25, 0.5, 0.75)])
 
 
 def exact(site, params: dict) -> bool:

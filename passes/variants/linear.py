@@ -31,12 +31,11 @@ def applies(site) -> Optional[str]:
 
 
 def grid(site) -> list[dict]:
-    """Feature maps to try: Taylor with a softmax window (Based), learned maps with a window, plain elu+1."""
+    """Feature maps to try: Taylor with a softmax window (Based), plain elu+1 (learned maps need fitting first)."""
     out: list[dict] = []
     for w in powers_below(site.kv_len, lo=32, hi=256):
         if site.head_dim <= 64:  # the Taylor map has 1 + d + d² features
             out.append({"feature_map": "taylor", "window": w, "chunk": 64})
-        out.append({"feature_map": "hedgehog", "window": w, "chunk": 64})
     out.append({"feature_map": "elu1", "window": 0, "chunk": 64})
     return out
 

@@ -10,12 +10,12 @@ from typing import Optional
 
 import torch
 
-from passes.variants._grid import modifier_reason, powers_below, sequence_reason
+from passes.variants._grid import modifier_reason, sequence_reason, windows, with_delta
 from passes.variants.sliding_window import local_attention
 
 CASCADE = "sinks_window"
 DEFAULTS: dict = {"window": 256, "sinks": 4, "block": 64}
-PARAMS: dict = {"window": int, "sinks": int, "block": int}
+PARAMS: dict = {"window": int, "sinks": int, "block": int, "delta": int}
 
 
 def applies(site) -> Optional[str]:
@@ -25,7 +25,7 @@ def applies(site) -> Optional[str]:
 
 def grid(site) -> list[dict]:
     """Windows to try, narrowest first, each with 4 sink tokens (StreamingLLM)."""
-    return [{"window": w, "sinks": 4} for w in powers_below(site.q_len, lo=16)]
+    return with_delta([{"window": w, "sinks": 4} for w in windows(site.q_len)])
 
 
 def exact(site, params: dict) -> bool:

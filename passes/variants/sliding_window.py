@@ -13,11 +13,11 @@ from typing import Optional
 
 import torch
 
-from passes.variants._grid import modifier_reason, powers_below, sequence_reason
+from passes.variants._grid import modifier_reason, sequence_reason, windows, with_delta
 
 CASCADE = "sliding_window"
 DEFAULTS: dict = {"window": 256, "block": 64}
-PARAMS: dict = {"window": int, "block": int}
+PARAMS: dict = {"window": int, "block": int, "delta": int}
 EXACT_WHEN = "the site's own mask is a band of the same window"
 
 
@@ -27,11 +27,11 @@ def applies(site) -> Optional[str]:
 
 
 def grid(site) -> list[dict]:
-    """Windows to try, narrowest first: the site's own window alone when it has one (exact)."""
+    """Windows to try (each also with a Delta correction): the site's own window alone when it has one (exact)."""
     native = getattr(site, "window", None)
     if native:
         return [{"window": int(native)}]
-    return [{"window": w} for w in powers_below(site.q_len, lo=16)]
+    return with_delta([{"window": w} for w in windows(site.q_len)])
 
 
 def exact(site, params: dict) -> bool:

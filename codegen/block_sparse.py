@@ -1,0 +1,85 @@
+"""``block_sparse``: per query block, the top-k key blocks by pooled q/k scores (MInference style).
+
+Spec: queries and keys are cut into ``block``-token blocks (queries at the end of the keys).
+Mean-pooled q (per head) and k (per KV head, over real keys) give a block score matrix; each
+query block keeps ``ceil(keep · n_key_blocks)`` key blocks: always the first block and the
+blocks holding its own positions (the diagonal), then the best-scoring others.  Under ``causal``
+blocks wholly in the future are never chosen, and keys after the query are masked element-wise.
+keep = 1 keeps every visible block, which is exact attention.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from codegen.naive import naive_attention
+from codegen.ops import register_kernel
+from codegen.pattern import dense_blocks, from_dense_blocks, intervals, register_pattern, visible
+from codegen.sparse import no_fill, run_block_map
+
+VARIANT = "block_sparse"
+
+
+@register_pattern(VARIANT)
+def pattern(qpos: torch.Tensor, m: int, p: int, **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """Element pattern inside selected blocks: every key (causal clamps it)."""
+    return torch.zeros_like(qpos)[:, None], torch.full_like(qpos, m - 1)[:, None]
+
+
+def select_blocks(q: torch.Tensor, k: torch.Tensor, causal: bool, keep: float, block: int) -> torch.Tensor:
+    """[B, H, nq, nk] bool: the key blocks each query block keeps (the data-dependent spec)."""
+    if not 0 < keep <= 1:
+        raise ValueError("block_sparse: keep must be in (0, 1]")
+    bsz, h, p, e = q.shape
+    g, m = k.shape[1], k.shape[2]
+    off = m - p
+    nq, nk = math.ceil(p / block), math.ceil(m / block)
+    nsel = min(nk, max(1, math.ceil(keep * nk)))
+    qf, kf = q.float(), k.float()
+    qcount = torch.clamp(p - torch.arange(nq) * block, max=block).to(qf.dtype)
+    kcount = torch.clamp(m - torch.arange(nk) * block, max=block).to(kf.dtype)
+    q_pool = F.pad(qf, (0, 0, 0, nq * block - p)).view(bsz, h, nq, block, e).sum(3) / qcount[:, None]
+    k_pool = F.pad(kf, (0, 0, 0, nk * block - m)).view(bsz, g, nk, block, e).sum(3) / kcount[:, None]
+    k_pool = k_pool.repeat_interleave(h // g, dim=1)
+    scores = q_pool @ k_pool.transpose(-1, -2)  # [B,H,nq,nk]
+    q_first = off + torch.arange(nq) * block
+    q_last = torch.clamp(q_first + block - 1, max=m - 1)
+    kb = torch.arange(nk)[None, :]
+    diag = (kb >= (q_first.clamp(min=0) // block)[:, None]) & (kb <= (q_last // block)[:, None])
+    must = diag | (kb == 0)
+    allowed = torch.ones(nq, nk, dtype=torch.bool)
+    if causal:
+        allowed = kb * block <= q_last[:, None]
+    must &= allowed
+    rank = scores.masked_fill(must, float("inf")).masked_fill(~allowed, float("-inf"))
+    top = rank.topk(nsel, dim=-1).indices
+    chosen = torch.zeros(bsz, h, nq, nk, dtype=torch.bool).scatter_(-1, top, True)
+    return chosen & allowed
+
+
+def reference(q, k, v, mask, scale, causal, *, softcap: float = 0.0, keep: float, block: int = 64, **_
+              ) -> torch.Tensor:
+    """Naive dense attention with the selected blocks expanded to an element mask."""
+    p, m = q.shape[2], k.shape[2]
+    chosen = select_blocks(q, k, causal, keep, block)
+    elem = chosen.repeat_interleave(block, -2)[..., :p, :].repeat_interleave(block, -1)[..., :m]
+    lo, hi = intervals(VARIANT, (), p, m, causal)
+    return naive_attention(q, k, v, mask, scale, visible=elem & visible(lo, hi, m), softcap=softcap)
+
+
+@register_kernel(VARIANT)
+def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+           causal: bool, *, extra: Sequence[torch.Tensor] = (), softcap: float = 0.0,
+           fill: Optional[float] = None, keep: float, block: int = 64) -> torch.Tensor:
+    """Block-sparse attention computing only the selected key blocks."""
+    no_fill(VARIANT, mask, fill)
+    block = int(block)
+    p, m = q.shape[2], k.shape[2]
+    chosen = select_blocks(q, k, causal, float(keep), block)
+    lo, hi = intervals(VARIANT, (), p, m, bool(causal))
+    anyb, fullb = dense_blocks(lo, hi, m, block, block)
+    bm = from_dense_blocks(chosen & anyb, chosen & fullb, block, block)
+    return run_block_map(q, k, v, mask, scale, softcap, bm, lo, hi)

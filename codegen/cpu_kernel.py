@@ -1,0 +1,265 @@
+"""Compiled C++ block-sparse flash kernel for CPU (float32), parallel over (batch, head, query block).
+
+One kernel serves every interval-pattern variant: it walks a ``BlockMap`` (the key blocks each
+query block visits), runs an online softmax over them, skips the element test on *full* blocks
+and applies the intervals' test on partial ones.  Nothing outside the map is computed.  The
+inner products use GCC vector extensions (16 floats), so the source is portable across x86 ISAs;
+it is built once per machine with ``torch.utils.cpp_extension.load_inline`` (about a minute)
+into torch's extension cache, keyed by the source hash.  If the build fails, or the call is
+outside what it handles (non-float32, non-CPU), the caller falls back to ``cpu_blocked``.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from codegen.naive import as4d
+from codegen.pattern import BlockMap
+
+logger = logging.getLogger(__name__)
+
+BK = 64  # key block width the kernel is compiled for
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
+#include <limits>
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int vi16 __attribute__((vector_size(64)));
+static const int BK = 64;
+
+static inline v16 ld(const float* p) { v16 r; std::memcpy(&r, p, 64); return r; }
+static inline void st(float* p, v16 r) { std::memcpy(p, &r, 64); }
+static inline v16 splat(float c) { v16 r = {}; return r + c; }
+
+// exp on 16 lanes: 2^(x log2 e) = 2^n * 2^f, f in [-0.5, 0.5], degree-6 polynomial (rel err ~2e-7)
+static inline v16 vexp(v16 x) {
+  const v16 lo = splat(-87.0f), hi = splat(88.0f);
+  v16 neg = (x < lo) ? splat(1.0f) : splat(0.0f);  // exact 0 below the float range (and for -inf)
+  x = (x < lo) ? lo : x;
+  x = (x > hi) ? hi : x;
+  v16 t = x * 1.44269504088896341f;
+  v16 r = t + ((t >= splat(0.0f)) ? splat(0.5f) : splat(-0.5f));
+  vi16 n = __builtin_convertvector(r, vi16);
+  v16 f = t - __builtin_convertvector(n, v16);
+  v16 p = splat(1.5403530393381606e-4f);
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  p = p * f + 1.0f;
+  vi16 bits = (n + 127) << 23;
+  v16 out = p * (v16)bits;
+  return (neg > splat(0.0f)) ? splat(0.0f) : out;
+}
+
+// s[4][BK] = scale * q[4][E] . kt[E][k0:k0+BK]; fixed sizes keep the 16 accumulators in registers
+static inline void qk_tile(const float* __restrict q, const float* __restrict kt, int64_t E, int64_t Mp,
+                           float scale, float* __restrict s) {
+  v16 a00 = {}, a01 = {}, a02 = {}, a03 = {}, a10 = {}, a11 = {}, a12 = {}, a13 = {};
+  v16 a20 = {}, a21 = {}, a22 = {}, a23 = {}, a30 = {}, a31 = {}, a32 = {}, a33 = {};
+  for (int64_t e = 0; e < E; ++e) {
+    const float* kr = kt + e * Mp;
+    const v16 k0 = ld(kr), k1 = ld(kr + 16), k2 = ld(kr + 32), k3 = ld(kr + 48);
+    const float q0 = q[e], q1 = q[E + e], q2 = q[2 * E + e], q3 = q[3 * E + e];
+    a00 += q0 * k0; a01 += q0 * k1; a02 += q0 * k2; a03 += q0 * k3;
+    a10 += q1 * k0; a11 += q1 * k1; a12 += q1 * k2; a13 += q1 * k3;
+    a20 += q2 * k0; a21 += q2 * k1; a22 += q2 * k2; a23 += q2 * k3;
+    a30 += q3 * k0; a31 += q3 * k1; a32 += q3 * k2; a33 += q3 * k3;
+  }
+  st(s, a00 * scale); st(s + 16, a01 * scale); st(s + 32, a02 * scale); st(s + 48, a03 * scale);
+  st(s + BK, a10 * scale); st(s + BK + 16, a11 * scale); st(s + BK + 32, a12 * scale); st(s + BK + 48, a13 * scale);
+  st(s + 2 * BK, a20 * scale); st(s + 2 * BK + 16, a21 * scale); st(s + 2 * BK + 32, a22 * scale); st(s + 2 * BK + 48, a23 * scale);
+  st(s + 3 * BK, a30 * scale); st(s + 3 * BK + 16, a31 * scale); st(s + 3 * BK + 32, a32 * scale); st(s + 3 * BK + 48, a33 * scale);
+}
+
+// acc[4][NC*16] += p[4][BK] . v[BK][NC*16] (row stride Fp)
+template <int NC>
+static inline void pv_tile(const float* __restrict p, const float* __restrict v, int64_t Fp, float* __restrict acc) {
+  v16 a[4][NC];
+  for (int r = 0; r < 4; ++r) for (int c = 0; c < NC; ++c) a[r][c] = ld(acc + r * Fp + c * 16);
+  for (int j = 0; j < BK; ++j) {
+    const float* vr = v + j * Fp;
+    v16 w[NC];
+    for (int c = 0; c < NC; ++c) w[c] = ld(vr + c * 16);
+    const float p0 = p[j], p1 = p[BK + j], p2 = p[2 * BK + j], p3 = p[3 * BK + j];
+    for (int c = 0; c < NC; ++c) { a[0][c] += p0 * w[c]; a[1][c] += p1 * w[c]; a[2][c] += p2 * w[c]; a[3][c] += p3 * w[c]; }
+  }
+  for (int r = 0; r < 4; ++r) for (int c = 0; c < NC; ++c) st(acc + r * Fp + c * 16, a[r][c]);
+}
+
+torch::Tensor attn_fwd(torch::Tensor q, torch::Tensor kt, torch::Tensor vp, torch::Tensor idx,
+                       torch::Tensor num, torch::Tensor full, torch::Tensor lo, torch::Tensor hi,
+                       torch::Tensor mask, std::vector<int64_t> mstride, int64_t m_len, int64_t block_q,
+                       double scale_d, double softcap_d) {
+  const int64_t B = q.size(0), H = q.size(1), P = q.size(2), E = q.size(3);
+  const int64_t G = kt.size(1), Mp = kt.size(3), Fp = vp.size(3);
+  const int64_t rep = H / G, BQ = block_q, nq = (P + BQ - 1) / BQ;
+  const int64_t S = idx.size(3), T = lo.size(1);
+  const int64_t ib = idx.size(0) > 1 ? 1 : 0, ih = idx.size(1) > 1 ? 1 : 0;
+  const float scale = (float)scale_d, cap = (float)softcap_d;
+  const float NEG = -std::numeric_limits<float>::infinity();
+  const bool has_mask = mask.numel() > 0;
+  auto out = torch::empty({B, H, P, Fp}, q.options());
+  const float* Q = q.data_ptr<float>(); const float* KT = kt.data_ptr<float>(); const float* V = vp.data_ptr<float>();
+  const int64_t* IDX = idx.data_ptr<int64_t>(); const int64_t* NUM = num.data_ptr<int64_t>();
+  const bool* FULL = full.data_ptr<bool>();
+  const int64_t* LO = lo.data_ptr<int64_t>(); const int64_t* HI = hi.data_ptr<int64_t>();
+  const float* MK = has_mask ? mask.data_ptr<float>() : nullptr;
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, B * H * nq, 1, [&](int64_t begin, int64_t end) {
+    const int64_t BQ4 = (BQ + 3) / 4 * 4;  // micro-tiles are 4 rows
+    std::vector<float> qt(BQ4 * E), s(BQ4 * BK), acc(BQ4 * Fp), mrow(BQ4), lrow(BQ4);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qb = task % nq, bh = task / nq, h = bh % H, b = bh / H, g = h / rep;
+      const int64_t q0 = qb * BQ, rows = std::min(BQ, P - q0);
+      std::fill(s.begin(), s.end(), 0.f);  // padded query rows keep zero weights
+      std::fill(qt.begin(), qt.end(), 0.f);
+      std::memcpy(qt.data(), Q + ((b * H + h) * P + q0) * E, sizeof(float) * rows * E);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(mrow.begin(), mrow.end(), NEG);
+      std::fill(lrow.begin(), lrow.end(), 0.f);
+      const int64_t moff = ((b * ib) * idx.size(1) + h * ih) * nq + qb;
+      const int64_t nblk = NUM[moff];
+      const float* kbase = KT + (b * G + g) * E * Mp;
+      const float* vbase = V + (b * G + g) * Mp * Fp;
+      for (int64_t si = 0; si < nblk; ++si) {
+        const int64_t kb = IDX[moff * S + si];
+        const bool isfull = FULL[moff * S + si];
+        const int64_t k0 = kb * BK;
+        // S = scale * Q K^T for this key block, 4 query rows at a time (qt is zero-padded to BQ rows)
+        for (int64_t i = 0; i < rows; i += 4) qk_tile(qt.data() + i * E, kbase + k0, E, Mp, scale, s.data() + i * BK);
+        for (int64_t i = 0; i < rows; ++i) {
+          float* si_ = s.data() + i * BK;
+          const int64_t qi = q0 + i;
+          if (cap > 0.f)
+            for (int j = 0; j < BK; ++j) si_[j] = cap * std::tanh(si_[j] / cap);
+          if (!isfull) {  // partial block: 0 on the intervals' keys, -inf elsewhere (and past m_len)
+            float add[BK];
+            for (int j = 0; j < BK; ++j) add[j] = NEG;
+            const int64_t last = std::min<int64_t>(k0 + BK, m_len) - 1;
+            for (int64_t t = 0; t < T; ++t) {
+              const int64_t a = std::max(LO[qi * T + t], k0), z = std::min(HI[qi * T + t], last);
+              for (int64_t j = a; j <= z; ++j) add[j - k0] = 0.f;
+            }
+            for (int c = 0; c < 4; ++c) st(si_ + c * 16, ld(si_ + c * 16) + ld(add + c * 16));
+          }
+          if (has_mask) {
+            const float* mrowp = MK + b * mstride[0] + h * mstride[1] + qi * mstride[2];
+            const int64_t jmax = std::min<int64_t>(BK, m_len - k0);
+            for (int64_t j = 0; j < jmax; ++j) si_[j] += mrowp[(k0 + j) * mstride[3]];
+          }
+          // online softmax update of row i
+          v16 mx = ld(si_);
+          for (int c = 1; c < 4; ++c) { v16 x = ld(si_ + c * 16); mx = (x > mx) ? x : mx; }
+          float bmax = mx[0];
+          for (int l = 1; l < 16; ++l) bmax = std::max(bmax, mx[l]);
+          const float mnew = std::max(mrow[i], bmax);
+          if (mnew == NEG) { std::memset(si_, 0, sizeof(float) * BK); continue; }  // nothing visible yet
+          const float alpha = (mrow[i] == NEG) ? 0.f : std::exp(mrow[i] - mnew);
+          v16 sum = {};
+          for (int c = 0; c < 4; ++c) { v16 p = vexp(ld(si_ + c * 16) - mnew); st(si_ + c * 16, p); sum += p; }
+          float bsum = 0.f;
+          for (int l = 0; l < 16; ++l) bsum += sum[l];
+          lrow[i] = lrow[i] * alpha + bsum;
+          mrow[i] = mnew;
+          if (alpha != 1.f) { float* o = acc.data() + i * Fp; for (int64_t f = 0; f < Fp; ++f) o[f] *= alpha; }
+        }
+        // acc += P V, 4 rows and up to 64 value columns at a time
+        for (int64_t i = 0; i < rows; i += 4)
+          for (int64_t f0 = 0; f0 < Fp; f0 += 64) {
+            const float* vb = vbase + k0 * Fp + f0;
+            float* ab = acc.data() + i * Fp + f0;
+            switch (std::min<int64_t>(4, (Fp - f0) / 16)) {
+              case 4: pv_tile<4>(s.data() + i * BK, vb, Fp, ab); break;
+              case 3: pv_tile<3>(s.data() + i * BK, vb, Fp, ab); break;
+              case 2: pv_tile<2>(s.data() + i * BK, vb, Fp, ab); break;
+              default: pv_tile<1>(s.data() + i * BK, vb, Fp, ab); break;
+            }
+          }
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        float* o = O + ((b * H + h) * P + q0 + i) * Fp;
+        const float inv = lrow[i] > 0.f ? 1.f / lrow[i] : 0.f;
+        for (int64_t f = 0; f < Fp; ++f) o[f] = acc[i * Fp + f] * inv;
+      }
+    }
+  });
+  return out;
+}
+"""
+
+_LOCK = threading.Lock()
+_STATE: dict = {}
+
+
+def source_hash() -> str:
+    """sha256 prefix of the kernel source (names the build in torch's extension cache)."""
+    return hashlib.sha256(SOURCE.encode()).hexdigest()[:12]
+
+
+def load():
+    """Build (once per machine) and return the extension module, or None if it cannot be built."""
+    with _LOCK:
+        if "mod" in _STATE:
+            return _STATE["mod"]
+        mod = None
+        if os.environ.get("REWRITER_NO_CPP") != "1":
+            try:
+                from torch.utils.cpp_extension import load_inline
+                mod = load_inline(
+                    name=f"rewriter_attn_cpu_{source_hash()}", cpp_sources=SOURCE, functions=["attn_fwd"],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                    verbose=False)
+            except Exception as exc:  # no compiler, headers or ninja: the portable path stays correct
+                logger.warning("rewriter: C++ attention kernel unavailable (%s); using the gathered-SDPA "
+                               "path", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                mod = None
+        _STATE["mod"] = mod
+        return mod
+
+
+def applies(q: torch.Tensor, bm: BlockMap) -> bool:
+    """Whether the compiled kernel handles this call (float32 CPU, 64-wide key blocks)."""
+    return q.device.type == "cpu" and q.dtype == torch.float32 and bm.block_k == BK
+
+
+def try_run(q, k, v, mask, scale, softcap, bm: BlockMap, lo, hi) -> Optional[torch.Tensor]:
+    """Run the compiled kernel when it is built and applies; None means use the portable path."""
+    if not applies(q, bm) or torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return None
+    mod = load()
+    if mod is None:
+        return None
+    bsz, h, p, e = q.shape
+    g, m, f = k.shape[1], k.shape[2], v.shape[-1]
+    nk = -(-m // BK)
+    fp = -(-f // 16) * 16
+    kt = F.pad(k, (0, 0, 0, nk * BK - m)).transpose(-1, -2).contiguous()
+    vp = F.pad(v, (0, fp - f, 0, nk * BK - m)).contiguous()
+    idx, num, full = bm.idx, bm.num, bm.full
+    if idx.dim() == 2:
+        idx, num, full = idx[None, None], num[None, None], full[None, None]
+    if mask is None:
+        mk, strides = torch.empty(0), [0, 0, 0, 0]
+    else:
+        m4 = as4d(mask)
+        if m4.dtype == torch.bool:
+            m4 = torch.zeros(m4.shape).masked_fill_(~m4, float("-inf"))
+        m4 = m4.float().contiguous()
+        strides = [0 if m4.shape[d] == 1 else m4.stride(d) for d in range(4)]
+        mk = m4
+    out = mod.attn_fwd(q.contiguous(), kt, vp, idx.contiguous(), num.contiguous(), full.contiguous(),
+                       lo.contiguous(), hi.contiguous(), mk, strides, m, bm.block_q, float(scale), float(softcap))
+    return out[..., :f] if fp != f else out

@@ -1,0 +1,40 @@
+"""The obviously-right math every fast path is tested against: dense softmax attention with a mask."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def as4d(mask: torch.Tensor) -> torch.Tensor:
+    """View a broadcastable op mask as 4-D [B|1, H|1, P|1, M|1]."""
+    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 4 else mask
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                    scale: float, *, visible: Optional[torch.Tensor] = None, softcap: float = 0.0,
+                    fill: Optional[float] = None) -> torch.Tensor:
+    """Three-pass softmax attention in float64; ``visible`` [.., P, M] is the variant's pattern.
+
+    Rows where no key is visible give 0 (as FlexAttention does), not NaN.
+    """
+    h, g = q.shape[1], k.shape[1]
+    k = k.double().repeat_interleave(h // g, dim=1)
+    v = v.double().repeat_interleave(h // g, dim=1)
+    s = (q.double() @ k.transpose(-1, -2)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            s = s.masked_fill(~mask, float("-inf") if fill is None else float(fill))
+        else:
+            s = s + mask.double()
+    if visible is not None:
+        s = s.masked_fill(~visible, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return (p @ v).to(q.dtype)
+
+
+def causal_top_left(p: int, m: int, device=None) -> torch.Tensor:
+    """[P, M] bool: key j visible to query i when j <= i (the dense op's causal alignment)."""
+    return torch.ones(p, m, dtype=torch.bool, device=device).tril()

@@ -1,0 +1,31 @@
+"""Generated kernel sources with their hashes, for artifacts: export writes them, load re-checks them."""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Mapping
+
+from codegen.spec import KernelSpec
+
+# Variants whose CPU lowering is the generated/compiled block-sparse kernel; the others lower to
+# PyTorch ops (SDPA, matmuls) and carry no source of their own yet.
+COMPILED = ("sliding_window", "sinks_window", "block_sparse", "neighborhood_2d")
+
+
+def kernel_sources(variant: str, params: Mapping[str, Any], **fields: Any) -> dict[str, tuple[str, str]]:
+    """{filename: (source, sha256)} of the kernels that run ``variant`` with ``params`` (spec in the header)."""
+    if variant not in COMPILED:
+        return {}
+    from codegen import cpu_kernel
+    spec = KernelSpec.make(variant, params, block_k=cpu_kernel.BK, **fields)
+    header = f"// kernel: {variant} (CPU block-sparse flash)\n// spec: {json.dumps(spec.to_json(), sort_keys=True)}\n"
+    text = header + cpu_kernel.SOURCE
+    return {f"{variant}_cpu_{spec.hash}.cpp": (text, hashlib.sha256(text.encode()).hexdigest())}
+
+
+def verify_sources(variant: str, params: Mapping[str, Any], stored: Mapping[str, tuple[str, str]],
+                   **fields: Any) -> list[str]:
+    """Regenerate and compare with ``stored``; returns the filenames whose hash differs or is missing."""
+    fresh = kernel_sources(variant, params, **fields)
+    bad = [name for name, (_, h) in fresh.items() if name not in stored or stored[name][1] != h]
+    return bad + [name for name in stored if name not in fresh]
