@@ -29,6 +29,7 @@ from codegen.ops import register_kernel
 VARIANT = "linear"
 FEATURE_MAPS = ("elu1", "taylor", "hedgehog")
 _BUDGET_BYTES = 256 << 20
+_HIDDEN_BELOW = -1e4
 
 
 def key_keep(mask: Optional[torch.Tensor], bsz: int, m: int) -> Optional[torch.Tensor]:
@@ -42,10 +43,13 @@ def key_keep(mask: Optional[torch.Tensor], bsz: int, m: int) -> Optional[torch.T
     row = m4[:, 0, 0, :].expand(m4.shape[0], m)
     if row.dtype == torch.bool:
         return row.float()[:, None, :]
-    finite = torch.isfinite(row)
-    if bool((row[finite] != 0).any()) or bool((row > 0).any()):
-        raise ValueError("linear: an additive mask must hold only 0 and -inf (key padding)")
-    return finite.float()[:, None, :]
+    # A huge negative fill (finfo.min, -1e9, old BERT's -10000) hides a key exactly as -inf does:
+    # exp of it underflows to 0 against any real score.
+    hidden = row <= _HIDDEN_BELOW
+    if bool((row[~hidden] != 0).any()):
+        raise ValueError("linear: an additive mask must hold only 0 and hiding values (-inf, finfo.min, <= -1e4): "
+                         "key padding")
+    return (~hidden).float()[:, None, :]
 
 
 def feature(x: torch.Tensor, which: str, scale: float, w: Optional[torch.Tensor] = None,
