@@ -1,0 +1,172 @@
+"""Host side of the generated Triton kernels: spec of a call, block maps, strides, grid, launch."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import torch
+
+from codegen.naive import as4d
+from codegen.spec import KernelSpec, mask_kind
+from codegen.triton.gen import FAMILIES, load
+
+logger = logging.getLogger(__name__)
+
+# Tile used under the interpreter (tiny test shapes: several blocks even at N ~ 40) and the
+# nominal tile recorded in a CUDA spec of the ranges family (the autotuner picks the real one).
+INTERPRET_BLOCK = 16
+CUDA_BLOCK = 64
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+# Parameters each variant's spec keeps (``block`` only matters where it fixes the block map).
+_SPEC_PARAMS: dict[str, tuple[str, ...]] = {
+    "dense": (), "gqa_merge": (), "sliding_window": ("window",), "sinks_window": ("window", "sinks"),
+    "block_sparse": ("keep", "block"), "neighborhood_2d": ("grid", "kernel", "prefix", "block"),
+}
+_TUNED: dict[str, Any] = {}
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels with its numpy interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _spec_params(variant: str, params: dict) -> dict:
+    keep = _SPEC_PARAMS[variant]
+    out = {k: params[k] for k in keep if k in params}
+    if variant == "neighborhood_2d":
+        out.setdefault("prefix", 0)
+        out = {k: ([int(x) for x in v] if k in ("grid", "kernel") else v) for k, v in out.items()}
+    if variant in ("block_sparse", "neighborhood_2d"):
+        out["block"] = int(out.get("block", 64))
+    unknown = set(params) - set(keep) - {"block"}
+    if unknown:
+        raise ValueError(f"{variant}: unknown parameters for the Triton kernel: {sorted(unknown)}")
+    return out
+
+
+def call_spec(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+              causal: bool, softcap: float, params: dict, block_q: Optional[int] = None,
+              block_k: Optional[int] = None) -> KernelSpec:
+    """The spec a call runs under (dims, dtype, flags, parameters, tile)."""
+    if variant not in FAMILIES:
+        raise ValueError(f"no Triton kernel for variant {variant!r}")
+    sp = _spec_params(variant, params)
+    if FAMILIES[variant] == "blockmap":
+        bq = bk = int(sp["block"])
+    else:
+        default = INTERPRET_BLOCK if q.device.type == "cpu" else CUDA_BLOCK
+        bq, bk = int(block_q or default), int(block_k or default)
+    return KernelSpec.make(
+        variant, sp, dtype=str(q.dtype).replace("torch.", ""), head_dim=int(q.shape[-1]),
+        value_dim=int(v.shape[-1]), gqa=int(q.shape[1] // k.shape[1]), causal=bool(causal),
+        mask=mask_kind(mask), softcap=softcap > 0, block_q=bq, block_k=bk)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+    """Refuse what the kernels do not handle, before anything is compiled."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be 4-D [B, heads, N, D]")
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"Triton kernels take one dtype among {DTYPES}; got {q.dtype}/{k.dtype}/{v.dtype}")
+    if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"bad head/length layout q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}")
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        raise ValueError(f"head dims above {MAX_HEAD_DIM} are not supported")
+    dev = q.device
+    if dev.type == "cpu" and not interpreting():
+        raise RuntimeError("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    if k.device != dev or v.device != dev or (mask is not None and mask.device != dev):
+        raise ValueError("q, k, v and mask must be on one device")
+
+
+def _block_map(variant: str, sp: dict, q: torch.Tensor, k: torch.Tensor, causal: bool):
+    """(num [B|1,H|1,nq], idx [..,nq,S], full [..,nq,S]) of a block-map variant, on q's device."""
+    from codegen.pattern import cached_block_map, dense_blocks, from_dense_blocks, intervals
+    from codegen.sparse import freeze_params
+    p, m, blk = q.shape[2], k.shape[2], int(sp["block"])
+    if variant == "block_sparse":
+        from codegen.block_sparse import select_blocks
+        chosen = select_blocks(q, k, causal, float(sp["keep"]), blk).cpu()
+        lo, hi = intervals(variant, (), p, m, bool(causal))
+        anyb, fullb = dense_blocks(lo, hi, m, blk, blk)
+        bm = from_dense_blocks(chosen & anyb, chosen & fullb, blk, blk)
+    else:
+        params = {kk: vv for kk, vv in sp.items() if kk != "block"}
+        bm = cached_block_map(variant, freeze_params(params), p, m, bool(causal), blk, blk)[0]
+    num, idx, full = bm.num, bm.idx, bm.full
+    while num.dim() < 3:
+        num, idx, full = num[None], idx[None], full[None]
+    dev = q.device
+    return (num.to(dev, torch.int32).contiguous(), idx.to(dev, torch.int32).contiguous(),
+            full.to(dev, torch.uint8).contiguous())
+
+
+def _kernel(spec: KernelSpec, mod):
+    """The jit kernel itself under the interpreter; on CUDA wrapped once in its autotuner."""
+    if interpreting():
+        return mod.attention_kernel
+    fn = _TUNED.get(spec.hash)
+    if fn is None:
+        import triton
+        fn = triton.autotune(configs=mod.CONFIGS, key=mod.AUTOTUNE_KEY)(mod.attention_kernel)
+        _TUNED[spec.hash] = fn
+    return fn
+
+
+def run(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+        scale: Optional[float] = None, causal: bool = False, *, softcap: float = 0.0,
+        fill: Optional[float] = None, out: Optional[torch.Tensor] = None, block_q: Optional[int] = None,
+        block_k: Optional[int] = None, **params) -> torch.Tensor:
+    """Run ``variant``'s generated Triton kernel (no fallback: any failure raises)."""
+    _check(q, k, v, mask)
+    spec = call_spec(variant, q, k, v, mask, causal, softcap, params, block_q, block_k)
+    mod = load(spec)
+    bsz, h, p, e = q.shape
+    m, f = k.shape[2], v.shape[-1]
+    if scale is None:
+        scale = e ** -0.5
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if out is None:
+        out = torch.empty(bsz, h, p, f, device=q.device, dtype=q.dtype)
+    elif tuple(out.shape) != (bsz, h, p, f) or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be a [B,H,P,F] {q.dtype} tensor with a contiguous last dim")
+    if p == 0 or bsz * h == 0:
+        return out
+    has_mask = mask is not None
+    mask_bool = has_mask and mask.dtype == torch.bool
+    if has_mask:
+        m4 = as4d(mask)
+        if mask_bool:
+            m4 = m4.view(torch.uint8)  # same bytes; Triton reads int1 pointers poorly across versions
+        m4 = m4.expand(bsz, h, p, m)
+        mstr = m4.stride()
+    else:
+        m4, mstr = q, (0, 0, 0, 0)
+    args: list[Any] = [q, k, v, out, m4]
+    if FAMILIES[variant] == "blockmap":
+        num, idx, full = _block_map(variant, dict(spec.params), q, k, causal)
+        num_e = num.expand(bsz, h, num.shape[-1])
+        idx_e = idx.expand(bsz, h, *idx.shape[-2:])
+        full_e = full.expand(bsz, h, *full.shape[-2:])
+        args += [num_e, idx_e, full_e, *num_e.stride(), *idx_e.stride()[:3]]
+    args += [float(scale), float(softcap) if softcap > 0 else 1.0, float(fill) if fill is not None else 0.0,
+             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *mstr, h, p, m]
+    flags = dict(HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_FILL=bool(mask_bool and fill is not None))
+    kern = _kernel(spec, mod)
+    if interpreting():
+        cfg = mod.INTERPRET_CONFIG
+        grid = (triton_cdiv(p, cfg["BLOCK_M"]), bsz * h)
+        kern[grid](*args, **flags, **cfg)
+    else:
+        def grid(meta):
+            return (triton_cdiv(p, meta["BLOCK_M"]), bsz * h)
+        kern[grid](*args, **flags)
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    """Ceil division (kept here so the host side needs no Triton import for it)."""
+    return -(-a // b)
