@@ -126,6 +126,10 @@ def depends_on(dg: nx.DiGraph, sources: Iterable[fx.Node]) -> set[fx.Node]:
     return out
 
 
+# Attribute under which capture wraps a model it cannot call by keywords (forward(*args)); not part of
+# any site's module path.
+WRAPPED = "rewriter_wrapped"
+
 _PATH_BRACKET = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
 
 
@@ -139,7 +143,10 @@ def module_path(node: fx.Node) -> str:
     path = path.replace("L['self']", "").replace("L__self__", "")
     path = _PATH_BRACKET.sub(lambda m: "." + m.group(1), path)
     path = re.sub(r"\._modules\.|\.modules\.", ".", path)
-    return path.strip(".")
+    path = path.strip(".")
+    if path == WRAPPED or path.startswith(WRAPPED + "."):
+        path = path[len(WRAPPED) + 1:]
+    return path
 
 
 def users(node: fx.Node) -> list[fx.Node]:

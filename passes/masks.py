@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import networkx as nx
@@ -24,26 +24,6 @@ logger = logging.getLogger(__name__)
 
 # Fills that make a masked score vanish exactly, the way -inf does, for ordinary rows.
 _HUGE_NEGATIVE = -1e30
-
-
-@dataclass(frozen=True)
-class MaskAnalysis:
-    """The meaning of a site's masks and how the rewrite should pass them on."""
-
-    causal: bool  # queries never see later keys
-    kind: str  # none | causal | padding | bool | additive
-    pass_mask: bool  # the rewritten op needs the mask tensor
-    op_causal: bool  # the rewritten op should apply top-left causal masking itself
-    reason: str = ""  # non-empty when the masks cannot be rewritten exactly
-
-
-def is_exact_fill(fill: float, dtype: Optional[torch.dtype]) -> bool:
-    """True when filling a score with ``fill`` removes it exactly as -inf would (ordinary rows)."""
-    if fill == -math.inf or fill <= _HUGE_NEGATIVE:
-        return True
-    if dtype is not None and dtype.is_floating_point:
-        return fill <= torch.finfo(dtype).min
-    return False
 
 
 def evaluate(ctx, node: fx.Node) -> Optional[torch.Tensor]:
@@ -121,14 +101,16 @@ _MASKED_BELOW = -1e4
 class StaticTerm:
     """What a mask term that does not depend on the inputs looks like once computed."""
 
-    pattern: str  # none | causal_tl | causal_br | other | varies (differs over batch/heads, or unknown shape)
+    pattern: str  # none | causal_tl | causal_br | band_causal | band | other | varies
     bias: bool  # finite non-zero values at visible positions (ALiBi, T5 position bias)
+    window: Optional[int] = None  # for band patterns: keys visible when |i - j| < window
+    fully_hidden: bool = True  # some query row sees no key at all (conservative when unknown)
 
 
 def inspect_static(value: torch.Tensor, kind: str, p_len: int, m_len: int) -> StaticTerm:
     """Visibility pattern and bias of a computed mask term broadcast to [..., P, M]."""
     if value.numel() == 1:  # a scalar fill (the 0 or finfo.min of a where), not a pattern
-        return StaticTerm("none", False)
+        return StaticTerm("none", False, fully_hidden=False)
     if value.dim() < 2 or value.shape[-2] not in (1, p_len) or value.shape[-1] not in (1, m_len):
         return StaticTerm("varies", False)
     if value.dtype == torch.bool:
@@ -140,21 +122,34 @@ def inspect_static(value: torch.Tensor, kind: str, p_len: int, m_len: int) -> St
     if kind == "drop":
         keep = ~keep
     keep = keep.expand(*keep.shape[:-2], p_len, m_len).reshape(-1, p_len, m_len)
+    fully = bool((~keep.any(-1)).any())
     if not bool((keep == keep[:1]).all()):
-        return StaticTerm("varies", bias)
-    return StaticTerm(_classify(keep[0]), bias)
+        return StaticTerm("varies", bias, fully_hidden=fully)
+    pattern, window = _classify(keep[0])
+    return StaticTerm(pattern, bias, window, fully)
 
 
-def _classify(keep: torch.Tensor) -> str:
+def _classify(keep: torch.Tensor) -> tuple[str, Optional[int]]:
+    """(pattern, window) of one [P, M] visibility matrix; bands are recognised by their values."""
     p_len, m_len = keep.shape
     ones = torch.ones(p_len, m_len, dtype=torch.bool)
     if bool(keep.all()):
-        return "none"
+        return "none", None
     if torch.equal(keep, ones.tril()):
-        return "causal_tl"
+        return "causal_tl", None
     if torch.equal(keep, ones.tril(m_len - p_len)):
-        return "causal_br"
-    return "other"
+        return "causal_br", None
+    if not bool(keep.any()):
+        return "other", None
+    for offset in sorted({0, m_len - p_len}):
+        d = torch.arange(p_len)[:, None] + offset - torch.arange(m_len)[None, :]  # query pos - key pos
+        w = int(d[keep].max()) + 1 if bool((d[keep] >= 0).all()) else 0
+        if w > 0 and torch.equal(keep, (d >= 0) & (d < w)):
+            return "band_causal", w
+        w = int(d.abs()[keep].max()) + 1
+        if torch.equal(keep, d.abs() < w):
+            return "band", w
+    return "other", None
 
 
 def _structurally_causal(ctx, node: fx.Node) -> bool:
@@ -166,6 +161,65 @@ def _structurally_causal(ctx, node: fx.Node) -> bool:
     return bool(names & {"le", "lt", "ge", "gt"}) and "arange" in names
 
 
+# Ops a padding mask is built with from the caller's 0/1 mask: comparisons, logic, casts, views,
+# and arithmetic by constants. Anything else (cumsum positions, slopes tensors) makes a bias.
+_PADDING_OPS = G.CAST_OPS | G.VIEW_OPS | frozenset({
+    "logical_not", "bitwise_not", "eq", "ne", "lt", "le", "gt", "ge", "__and__", "__or__", "bitwise_and",
+    "bitwise_or", "logical_and", "logical_or", "rsub", "sub", "add", "mul", "div", "where", "masked_fill", "neg",
+    "slice", "select", "permute", "transpose", "full_like", "zeros_like", "ones_like", "clamp", "scalar_tensor",
+    "index", "getitem", "min", "max", "minimum", "maximum", "fill", "full", "any", "all", "prod", "amin",
+    "empty_like", "new_zeros", "new_ones", "new_full", "copy",
+})
+
+
+def padding_like(ctx, node: fx.Node) -> bool:
+    """True when a dynamic mask term only hides keys (built from the input mask by logic and constants)."""
+    seen: set = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen or n not in ctx.activations or n.op == "placeholder":
+            continue
+        seen.add(n)
+        if G.opname(n).rstrip("_") not in _PADDING_OPS:  # in-place forms (masked_fill_) count too
+            return False
+        for a in n.all_input_nodes:
+            if a not in ctx.activations:
+                t = ctx.constants.get(a.name) if a.op == "placeholder" else None
+                s = G.shape(a)
+                if (t is not None and t.numel() > 1) or (t is None and s is not None and G.prod(s) != 1
+                                                         and G.opname(a) not in ("full", "scalar_tensor")):
+                    return False  # a tensor of positions or slopes: a bias, not padding
+            stack.append(a)
+    return True
+
+
+@dataclass(frozen=True)
+class MaskAnalysis:
+    """The meaning of a site's masks and how the rewrite should pass them on."""
+
+    causal: bool  # queries never see later keys
+    kind: str  # none | causal | padding | bool | additive
+    pass_mask: bool  # the rewritten op needs the mask tensor
+    op_causal: bool  # the rewritten op should apply top-left causal masking itself
+    reason: str = ""  # non-empty when the masks cannot be rewritten exactly
+    window: Optional[int] = None  # the site's own mask is a band: keys with |i - j| < window
+    band_terms: tuple[int, ...] = ()  # indices of whole mask terms that make up the causal/band pattern
+    band_separable: bool = True  # False when the band is fused with other masking inside one term
+    fill: Optional[float] = None  # score of a position the bool mask hides (None: -inf)
+    as_bool: bool = True  # the terms combine into one bool mask (else one float mask, added)
+    has_bias: bool = False  # a float term adds values at visible positions (ALiBi, relative position bias)
+
+
+def is_exact_fill(fill: float, dtype: Optional[torch.dtype]) -> bool:
+    """True when filling a score with ``fill`` removes it exactly as -inf would (ordinary rows)."""
+    if fill == -math.inf or fill <= _HUGE_NEGATIVE:
+        return True
+    if dtype is not None and dtype.is_floating_point:
+        return fill <= torch.finfo(dtype).min
+    return False
+
+
 def analyse_masks(
     ctx, masks: list, p_len, m_len, sdpa_causal: bool, score_dtype: Optional[torch.dtype]
 ) -> MaskAnalysis:
@@ -175,61 +229,118 @@ def analyse_masks(
         return _analyse_masks(ctx, masks, p_len, m_len, sdpa_causal, score_dtype)
 
 
+@dataclass
+class _Acc:
+    """What the terms said so far (mutable while walking them)."""
+
+    causal: bool
+    kinds: set = field(default_factory=set)
+    window: Optional[int] = None
+    bias: bool = False
+    band_terms: list = field(default_factory=list)
+    fused_band: bool = False
+    may_fully_hide: bool = False
+    unexplained: bool = False
+
+
+def _static(acc: _Acc, st: StaticTerm, is_float: bool) -> bool:
+    """Fold one computed term into ``acc``; True when it is a pure causal/band pattern."""
+    acc.causal = acc.causal or st.pattern in ("causal_tl", "causal_br", "band_causal")
+    if st.window is not None and acc.window is None:
+        acc.window = st.window
+    if st.bias:
+        acc.bias = True
+        acc.kinds.add("additive")
+    if st.pattern in ("other", "varies"):
+        acc.kinds.add("additive" if st.bias or is_float else "bool")
+    if st.pattern == "band":
+        acc.kinds.add("bool")
+    return not st.bias and st.pattern in ("causal_tl", "causal_br", "band_causal", "band")
+
+
 def _analyse_masks(ctx, masks, p_len, m_len, sdpa_causal, score_dtype) -> MaskAnalysis:
     p_len, m_len = int(p_len) if not ctx.dynamic else p_len, int(m_len) if not ctx.dynamic else m_len
-    for m in masks:
-        if m.kind != "add" and not is_exact_fill(m.fill, score_dtype):
-            return MaskAnalysis(False, "bool", True, False,
-                                f"the mask fills scores with the finite value {m.fill:g}; a rewrite would change "
-                                "fully masked rows")
     if not masks:
         return MaskAnalysis(sdpa_causal, "causal" if sdpa_causal else "none", False, sdpa_causal)
-    causal = sdpa_causal
+    acc = _Acc(sdpa_causal)
     static_only = True
-    kinds: set[str] = set()
-    unexplained = False
-    for m in masks:
+    for idx, m in enumerate(masks):
+        hides = m.kind != "add"
         if m.node in ctx.activations:
             static_only = False
+            acc.may_fully_hide |= hides
             for t in _terms(ctx, m.node):
                 if t in ctx.activations:
                     s = G.shape(t)
-                    kinds.add("padding" if s is not None and len(s) >= 2 and s[-2] == 1 else
-                              ("bool" if G.dtype(t) == torch.bool else "additive"))
+                    key_only = s is not None and len(s) >= 2 and s[-2] == 1
+                    is_bool = G.dtype(t) == torch.bool
+                    if padding_like(ctx, t):
+                        acc.kinds.add("padding" if key_only else ("bool" if is_bool else "additive"))
+                    else:
+                        acc.kinds.add("bool" if is_bool else "additive")
+                        acc.bias |= not is_bool and m.kind == "add"
                     continue
                 value = evaluate(ctx, t)
                 if value is None:
-                    causal = causal or _structurally_causal(ctx, t)
+                    acc.causal = acc.causal or _structurally_causal(ctx, t)
                     continue
                 st = inspect_static(value, "keep", p_len, m_len)
-                causal = causal or st.pattern.startswith("causal")
-                if st.bias or st.pattern in ("other", "varies"):
-                    kinds.add("additive" if st.bias or value.dtype != torch.bool else "bool")
+                if _static(acc, st, value.dtype != torch.bool) and st.pattern != "causal_tl":
+                    acc.fused_band |= st.window is not None
             continue
         value = evaluate(ctx, m.node)
         if value is None:
-            unexplained = True
+            acc.unexplained = True
+            acc.may_fully_hide |= hides
             if _structurally_causal(ctx, m.node):
-                causal = True
+                acc.causal = True
             else:
-                kinds.add("bool" if G.dtype(m.node) == torch.bool else "additive")
+                acc.kinds.add("bool" if G.dtype(m.node) == torch.bool else "additive")
             continue
-        st = inspect_static(value, m.kind if m.kind != "add" else "keep", p_len, m_len)
-        causal = causal or st.pattern.startswith("causal")
-        if st.bias:
-            unexplained = True
-            kinds.add("additive")
-        if st.pattern in ("causal_br", "other", "varies"):
-            unexplained = True
-            if st.pattern != "causal_br":
-                kinds.add("bool" if value.dtype == torch.bool else "additive")
-    if static_only and not unexplained:
+        st = inspect_static(value, m.kind if hides else "keep", p_len, m_len)
+        acc.may_fully_hide |= hides and st.fully_hidden
+        if _static(acc, st, value.dtype != torch.bool):
+            acc.band_terms.append(idx)
+        if st.bias or st.pattern not in ("none", "causal_tl"):
+            acc.unexplained = True
+    window = acc.window
+    base = dict(window=window, band_terms=tuple(acc.band_terms), band_separable=not acc.fused_band,
+                has_bias=acc.bias)
+    hiding = all(m.kind == "add" or is_exact_fill(m.fill, score_dtype) for m in masks)
+    if static_only and not acc.unexplained and hiding:
         # Every mask is a static causal (top-left) or all-visible pattern: the op applies it itself.
-        return MaskAnalysis(causal, "causal" if causal else "none", False, causal)
+        return MaskAnalysis(acc.causal, "causal" if acc.causal else "none", False, acc.causal, **base)
     for k in ("additive", "bool", "padding"):
-        if k in kinds:
+        if k in acc.kinds:
             kind = k
             break
     else:
-        kind = "causal" if causal else "bool"
-    return MaskAnalysis(causal, kind, True, sdpa_causal)
+        kind = "causal" if acc.causal else "bool"
+    fill, as_bool, reason = _fill_semantics(masks, acc.may_fully_hide, score_dtype)
+    return MaskAnalysis(acc.causal, kind, True, sdpa_causal, reason, fill=fill, as_bool=as_bool, **base)
+
+
+def _fill_semantics(masks: list, may_fully_hide: bool, dtype) -> tuple[Optional[float], bool, str]:
+    """(fill, as_bool, reason): how hidden positions score in the op so every row, even a fully
+    masked one, comes out as the original computed it."""
+    hide = [m for m in masks if m.kind != "add"]
+    adds = [m for m in masks if m.kind == "add"]
+    if not hide:
+        return None, False, ""
+    fills = {m.fill for m in hide}
+    exact = all(is_exact_fill(f, dtype) for f in fills)
+    if not adds:
+        if exact and not may_fully_hide:
+            return None, True, ""
+        if len(fills) == 1:
+            (f,) = fills
+            return (None if f == -math.inf else f), True, ""
+        return None, True, (f"the mask terms fill hidden scores with different values {sorted(fills)}; "
+                            "rows they fully hide would change")
+    if exact and (not may_fully_hide or len(fills) == 1):
+        # One float mask: hidden positions get the fill on top of the scores; a fill this large
+        # absorbs any score in rounding, so even fully hidden rows keep the original's values.
+        f = next(iter(fills)) if len(fills) == 1 else -math.inf
+        return f, False, ""
+    return None, False, (f"a finite mask fill ({min(fills):g}) and an additive bias on the same scores: "
+                         "rewriter::attention carries one of the two exactly, not both")

@@ -81,6 +81,14 @@ def normalise_variants(spec: VariantSpec) -> dict[str, Optional[dict]]:
     return items
 
 
+def drops_band(site: AttentionSite, variant: str, params: dict) -> bool:
+    """True when ``variant`` reproduces the site's own band mask itself (its native window), so the rewrite
+    passes the op everything but the band."""
+    return (variant in ("sliding_window", "sinks_window") and site.window is not None
+            and int(params.get("window", -1)) == site.window and int(params.get("sinks", 0) or 0) == 0
+            and not params.get("delta"))
+
+
 def choose(m: Match, allowed: dict[str, Optional[dict]]) -> tuple[Optional[str], dict, str]:
     """(variant, params, reason) without calibration: the first allowed variant that applies (backend)."""
     if not m.site.rewritable:
@@ -150,8 +158,9 @@ def site_candidates(site: AttentionSite, allowed: dict[str, Optional[dict]], hw,
                 sp.refusals.append(f"{name}: cannot be priced at this site")
                 continue
             exact = bool(getattr(module, "exact", lambda s, p: False)(site, params))
-            if forced or t < dense.seconds:
-                sp.options.append(Candidate(name, params, t, exact=exact))
+            # the model's own window is its semantics, exact and the pattern a window kernel is for
+            if forced or t < dense.seconds or drops_band(site, name, params):
+                sp.options.append(Candidate(name, params, t, exact=exact, error=0.0 if exact else None))
     sp.options.sort(key=lambda c: c.seconds)
     return sp
 

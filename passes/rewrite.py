@@ -93,37 +93,75 @@ def _canonical(em: _Emitter, op: Operand, batch: tuple, kv: bool) -> fx.Node:
     return em.steps(x, [("reshape", (*b4, *tail))])
 
 
-def _combined_mask(em: _Emitter, m: Match) -> Optional[fx.Node]:
-    """One mask tensor equal in effect to every mask op the graph applied to the scores."""
-    if not m.analysis.pass_mask or not m.masks:
+def _to_scores_layout(em: _Emitter, m: Match, term) -> fx.Node:
+    """A mask term in the layout of the softmax's scores [*batch, P, M] (a baddbmm bias lives in [B*H, ...])."""
+    x = term.node
+    batch = tuple(m.batch)
+    layout = tuple(term.layout) if term.layout is not None else None
+    s = G.shape(x)
+    if layout is None or len(layout) < 2 or G.same_sizes(layout[:-2], batch):
+        return x
+    if len(s) < len(layout):
+        x = em(aten.reshape.default, x, [1] * (len(layout) - len(s)) + list(s))
+        s = G.shape(x)
+    tb, tail = s[:-2], list(s[-2:])
+    if all(d == 1 for d in tb):
+        return em(aten.reshape.default, x, [1] * len(batch) + tail)
+    if not G.same_sizes(tb, layout[:-2]):
+        x = em(aten.expand.default, x, [*layout[:-2], *tail])
+    if G.prod(layout[:-2]) != G.prod(batch):
+        raise Unsupported(f"a mask term in layout {layout} does not map onto the scores' batch {batch}")
+    return em(aten.reshape.default, x, [*batch, *tail])
+
+
+def _as_keep(em: _Emitter, m: Match, t) -> fx.Node:
+    node = _to_scores_layout(em, m, t)
+    if G.dtype(node) != torch.bool:
+        node = em(torch.ops.prims.convert_element_type.default, node, torch.bool)
+    return node if t.kind == "keep" else em(aten.logical_not.default, node)
+
+
+def _combined_mask(em: _Emitter, m: Match, drop_band: bool = False) -> Optional[fx.Node]:
+    """One mask tensor equal in effect to every mask op the graph applied to the scores (but the band's)."""
+    a = m.analysis
+    terms = [t for i, t in enumerate(m.masks) if not (drop_band and i in a.band_terms)]
+    if not a.pass_mask or not terms:
         return None
-    bool_only = all(t.kind != "add" and t.fill == float("-inf") for t in m.masks)
-    out: Optional[fx.Node] = None
-    for t in m.masks:
-        if bool_only:
-            term = t.node if t.kind == "keep" else em(aten.logical_not.default, t.node)
-            if G.dtype(term) != torch.bool:
-                term = em(torch.ops.prims.convert_element_type.default, term, torch.bool)
-            out = term if out is None else em(aten.logical_and.default, out, term)
-            continue
-        if t.kind == "add":
-            term = t.node if t.factor == 1.0 else em(aten.mul.Tensor, t.node, t.factor)
-        elif t.kind == "keep":
-            term = em(aten.where.Scalar, t.node, 0.0, t.fill)
-        else:
-            term = em(aten.where.Scalar, t.node, t.fill, 0.0)
-        out = term if out is None else em(aten.add.Tensor, out, term)
+    hide = [t for t in terms if t.kind != "add"]
+    keep: Optional[fx.Node] = None
+    for t in hide:
+        term = _as_keep(em, m, t)
+        keep = term if keep is None else em(aten.logical_and.default, keep, term)
+    out = keep
+    if not a.as_bool:
+        out = None
+        for t in terms:
+            if t.kind == "add":
+                term = _to_scores_layout(em, m, t)
+                if t.factor != 1.0:
+                    term = em(aten.mul.Tensor, term, t.factor)
+                out = term if out is None else em(aten.add.Tensor, out, term)
+        if keep is not None:
+            fill = a.fill if a.fill is not None else float("-inf")
+            hidden = em(aten.where.Scalar, keep, 0.0, fill)
+            out = hidden if out is None else em(aten.add.Tensor, out, hidden)
     s = G.shape(out)
     if len(m.batch) > 2:
-        out = em(aten.expand.default, out, [*m.batch, m.site.q_len, m.site.kv_len])
-        out = em(aten.reshape.default, out, [*_batch4(m.batch), m.site.q_len, m.site.kv_len])
+        out = em(aten.expand.default, out, [*m.batch, *s[-2:]])
+        out = em(aten.reshape.default, out, [*_batch4(m.batch), *s[-2:]])
     elif len(s) > len(m.batch) + 2:
         raise Unsupported(f"mask of rank {len(s)} is wider than the scores")
     return out
 
 
-def rewrite_site(graph: fx.Graph, m: Match, variant: str, params: dict) -> fx.Node:
-    """Replace one matched attention by ``rewriter::attention``; returns the new op node."""
+def rewrite_site(graph: fx.Graph, m: Match, variant: str, params: dict, drop_band: bool = False) -> fx.Node:
+    """Replace one matched attention by ``rewriter::attention``; returns the new op node.
+
+    ``drop_band``: the variant applies the site's causal/band pattern itself (its ``window``), so the
+    mask terms that make it up are left out and only the rest (padding, bias) is passed.
+    """
+    if drop_band and not m.analysis.band_separable:
+        raise Unsupported("the band is fused with other masking in one mask term; it cannot be dropped")
     em = _Emitter(graph, m.anchor)
     dt = G.dtype(m.q.node)
     if m.gqa_source is not None and len(m.batch) == 2:
@@ -134,10 +172,12 @@ def rewrite_site(graph: fx.Graph, m: Match, variant: str, params: dict) -> fx.No
         v = _canonical(em, m.v, m.batch, kv=True)
     q = _canonical(em, m.q, m.batch, kv=False)
     k, v = em.steps(k, [("to", dt)]), em.steps(v, [("to", dt)])
-    mask = _combined_mask(em, m)
+    mask = _combined_mask(em, m, drop_band)
+    causal = m.analysis.op_causal or (drop_band and m.site.causal)
+    fill = m.analysis.fill if (mask is not None and G.dtype(mask) == torch.bool) else None
     out = em(
-        torch.ops.rewriter.attention.default, q, k, v, mask, float(m.scale), bool(m.analysis.op_causal),
-        variant, json.dumps(params, sort_keys=True), [],
+        torch.ops.rewriter.attention.default, q, k, v, mask, float(m.scale), bool(causal),
+        variant, json.dumps(params, sort_keys=True), [], float(m.softcap), fill,
     )
     p_len, f = G.shape(out)[-2:]
     out = em.steps(out, [("reshape", (*m.batch, p_len, f)), *m.out_steps, ("to", G.dtype(m.anchor))])
@@ -149,13 +189,16 @@ def rewrite_site(graph: fx.Graph, m: Match, variant: str, params: dict) -> fx.No
     return out
 
 
-def rewrite_graph(gm: fx.GraphModule, chosen: list[tuple[Match, str, dict]]) -> dict[int, str]:
-    """Rewrite every (match, variant, params) in ``chosen``; returns {site index: reason} for failures."""
+def rewrite_graph(gm: fx.GraphModule, chosen: list[tuple]) -> dict[int, str]:
+    """Rewrite every (match, variant, params[, options]) in ``chosen``; returns {site index: reason} for failures.
+
+    ``options`` is an optional dict of keyword arguments for ``rewrite_site`` (e.g. ``{"drop_band": True}``).
+    """
     failures: dict[int, str] = {}
     replaced: set[fx.Node] = set()
-    for m, variant, params in chosen:
+    for m, variant, params, *opts in chosen:
         try:
-            rewrite_site(gm.graph, m, variant, params)
+            rewrite_site(gm.graph, m, variant, params, **(opts[0] if opts else {}))
             replaced.update(m.nodes)
         except Unsupported as e:
             failures[m.site.index] = str(e)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,20 @@ class AttentionSite:
     rewritable: bool = True
     reason: str = ""  # why the site stays as it was, when not rewritable
     notes: tuple[str, ...] = field(default=())
+    window: Optional[int] = None  # the site's own mask is a band: key j visible to query i when |i - j| < window
+    softcap: float = 0.0  # scores soft-capped as softcap * tanh(s / softcap) before the mask (0: none)
+    has_bias: bool = False  # a float term adds values at visible positions (ALiBi, relative position bias)
+    fill: Optional[float] = None  # finite score of positions the mask hides (a model's masked_fill value)
 
     def describe(self) -> str:
         """A one-line human summary of the site."""
         flags = ["causal" if self.causal else "bidirectional", "cross" if self.is_cross else "self"]
+        if self.window is not None:
+            flags[0] += f", window={self.window}"
+        if self.softcap:
+            flags.append(f"softcap={self.softcap:g}")
+        if self.has_bias:
+            flags.append("bias")
         heads = f"{self.num_heads}h" + (f"/{self.num_kv_heads}kv" if self.num_kv_heads != self.num_heads else "")
         return (
             f"{self.name or '<top>'} [{self.spelling}] {', '.join(flags)}, mask={self.mask_kind}, "

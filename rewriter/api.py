@@ -13,7 +13,7 @@ from passes.metrics import Metric
 from passes.metrics import validate as validate_metric
 from passes.pipeline import plan_program
 from passes.plan import Decision, Plan
-from passes.planner import VariantSpec, choose, normalise_variants
+from passes.planner import VariantSpec, choose, drops_band, normalise_variants
 from passes.rewrite import rewrite_graph
 from passes.site import AttentionSite
 from passes.pricing import profile
@@ -168,7 +168,9 @@ def _decisions_for(plan: Plan) -> dict[int, tuple[str, dict]]:
 
 
 def _rewrite_as(ep, matches: list[Match], chosen: dict[int, tuple[str, dict]]) -> None:
-    rewrite_graph(ep.graph_module, [(m, *chosen[m.site.index]) for m in matches if m.site.index in chosen])
+    rewrite_graph(ep.graph_module, [
+        (m, *chosen[m.site.index], {"drop_band": drops_band(m.site, *chosen[m.site.index])})
+        for m in matches if m.site.index in chosen])
 
 
 def optimize(
@@ -223,7 +225,7 @@ def optimize(
     capture_gap = 0.0
     with torch.no_grad():
         kw = samples[0]
-        capture_gap = relative_l2(model(**kw), captured(**kw))
+        capture_gap = relative_l2(spec.call(model, kw), captured(**kw))
     if capture_gap > 1e-4:
         notes = (*notes, f"note: the captured graph differs from eager by {capture_gap:.1e} (relative L2) before any "
                          "rewrite; eager took a path export does not trace (e.g. nested-tensor padding)")
@@ -236,6 +238,9 @@ def optimize(
         return ep2
 
     kw0 = spec.bind(args0, kwargs0)
+    if any(drops_band(d.site, d.variant, d.params) for d in plan.decisions):
+        # a site's own band is run by the window kernel: capture again without passing the band as a mask
+        ep = rebuild(kw0)
     if dynamic and any(d.variant not in ("original", "dense") for d in plan.decisions):
         hw = profile(target, torch.cuda.get_device_name() if target == "cuda" and torch.cuda.is_available() else "")
         high = max((t.shape[1] for k, t in kw0.items() if k in seq_inputs(kw0)), default=0)

@@ -52,12 +52,31 @@ def export(opt: OptimizedModel, path: str | Path) -> Path:
     return out
 
 
+class ArtifactError(ValueError):
+    """An artifact directory is corrupted or partial; the message names the file."""
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path} is corrupted (not readable JSON: {e}); re-export the artifact") from e
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path} is corrupted (expected a JSON object); re-export the artifact")
+    missing = [k for k in ("format", "plan", "call", "signature") if k not in meta]
+    if missing:
+        raise ArtifactError(f"{path} is partial: missing {', '.join(missing)}; re-export the artifact")
+    return meta
+
+
 def load(path: str | Path) -> OptimizedModel:
     """Load a directory written by ``export``; the result has the original call signature and plan."""
     src = Path(path)
-    if not (src / "model.pt2").exists() or not (src / "plan.json").exists():
-        raise FileNotFoundError(f"{src} is not a rewriter artifact (needs model.pt2 and plan.json)")
-    meta = json.loads((src / "plan.json").read_text())
+    missing = [f for f in ("model.pt2", "plan.json") if not (src / f).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{src} is not a rewriter artifact (needs model.pt2 and plan.json; missing {', '.join(missing)})")
+    meta = _read_meta(src / "plan.json")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{src}: artifact format {meta.get('format')} is not {FORMAT}; re-export it")
     for mod in meta.get("pytree_modules", []):
@@ -66,10 +85,18 @@ def load(path: str | Path) -> OptimizedModel:
             importlib.import_module(mod)
         except ImportError as e:
             raise ImportError(f"{src}: the model's inputs/outputs use types from {mod!r}; install it ({e})") from e
-    program = torch.export.load(src / "model.pt2")
-    call = meta["call"]
-    spec = CallSpec(call["names"], call["captured"], call.get("injected", {}), call.get("var_positional", False))
-    rng = meta.get("lengths")
-    lengths = None if rng is None else LengthRange(tuple(rng["names"]), int(rng["low"]), int(rng["high"]))
-    return OptimizedModel(program, spec, Plan.from_json(meta["plan"]), rebuild=None, captured_for=meta["signature"],
-                          lengths=lengths, example_shapes=meta.get("example_shapes"))
+    try:
+        program = torch.export.load(src / "model.pt2")
+    except Exception as e:  # zip, pickle and schema errors all mean the same thing to the user
+        raise ArtifactError(f"{src / 'model.pt2'} is corrupted or partial ({type(e).__name__}: {e}); "
+                            "re-export the artifact") from e
+    try:
+        call = meta["call"]
+        spec = CallSpec(call["names"], call["captured"], call.get("injected", {}), call.get("var_positional", False))
+        plan = Plan.from_json(meta["plan"])
+        rng = meta.get("lengths")
+        lengths = None if rng is None else LengthRange(tuple(rng["names"]), int(rng["low"]), int(rng["high"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{src / 'plan.json'} is corrupted ({type(e).__name__}: {e}); re-export the artifact") from e
+    return OptimizedModel(program, spec, plan, rebuild=None, captured_for=meta["signature"], lengths=lengths,
+                          example_shapes=meta.get("example_shapes"))

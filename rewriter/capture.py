@@ -10,10 +10,12 @@ import torch
 import torch.fx as fx
 
 from passes.find import GraphContext
+from passes.graph import WRAPPED
 
 logger = logging.getLogger(__name__)
 
 ROUTE = "torch.export.export(strict=False)"
+VARARG = "input_"  # keyword name prefix of the positional arguments a forward(*args) receives
 
 
 class CaptureError(RuntimeError):
@@ -52,6 +54,17 @@ class CallSpec:
             )
         return {k: bound[k] for k in self.captured}
 
+    def call(self, model: torch.nn.Module, kw: dict) -> Any:
+        """Call the original ``model`` with bound keyword inputs, leading ones by position (input_0, ...
+        of a varargs forward must be; the model's hooks expect them so)."""
+        rest = dict(kw)
+        args = []
+        for n in self.names:
+            if n not in rest:
+                break
+            args.append(rest.pop(n))
+        return model(*args, **rest)
+
     def to_json(self) -> dict:
         """JSON-ready form (injected values must be JSON scalars)."""
         return {"names": self.names, "captured": self.captured, "injected": self.injected,
@@ -79,27 +92,62 @@ def call_spec(model: torch.nn.Module, args: tuple, kwargs: dict) -> CallSpec:
         config = getattr(model, "config", None)
         if config is None or getattr(config, "use_cache", True) is not False:
             injected["use_cache"] = False
-    if var_pos and len(args) > len(names):
-        return CallSpec(names, [], injected, var_positional=True)
+    if var_pos:
+        # forward(*inputs): the program is captured through a wrapper whose keyword inputs are
+        # input_0, input_1, ... so every entry point binds calls the same way.
+        given = [k for k in kwargs if k.startswith(VARARG) and k[len(VARARG):].isdigit()]
+        extra = max(len(args) - len(names), len(given))
+        names = names + [f"{VARARG}{i}" for i in range(extra)]
     bound = dict(zip(names, args))
     captured = list(bound) + [k for k in kwargs if k not in bound] + [k for k in injected if k not in bound and k not in kwargs]
-    return CallSpec(names, captured, injected)
+    return CallSpec(names, captured, injected, var_positional=var_pos)
 
 
 def capture(model: torch.nn.Module, example_inputs: Any) -> tuple[torch.export.ExportedProgram, CallSpec]:
     """Export ``model`` on ``example_inputs``; raises CaptureError naming what failed."""
     args, kwargs = split_inputs(example_inputs)
     spec = call_spec(model, args, kwargs)
-    if spec.var_positional:
-        call_args, call_kwargs = args, {**kwargs, **spec.injected}
-    else:
-        call_args, call_kwargs = (), spec.bind(args, kwargs)
+    call_kwargs = spec.bind(args, kwargs)
+    target: torch.nn.Module = model
+    if _has_varargs(model):
+        target = _VarargsCall(model, spec.names)
+    elif _has_root_hooks(model):
+        # The model's own hooks read positional arguments, as a user's call passes them.
+        leading = []
+        for n in spec.names:
+            if n not in call_kwargs:
+                break
+            leading.append(n)
+        target = _VarargsCall(model, leading)
     try:
         with torch.no_grad():
-            ep = torch.export.export(model, call_args, call_kwargs, strict=False)
+            ep = torch.export.export(target, (), call_kwargs, strict=False)
     except Exception as e:  # export raises many types; the user needs one clear message
         raise CaptureError(_explain(model, e)) from e
     return ep, spec
+
+
+def _has_varargs(model: torch.nn.Module) -> bool:
+    return any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values())
+
+
+def _has_root_hooks(model: torch.nn.Module) -> bool:
+    return bool(model._forward_pre_hooks or model._forward_hooks)
+
+
+class _VarargsCall(torch.nn.Module):
+    """Calls a model positionally from keyword inputs only (input_0, ... for ``forward(*args)``), so
+    varargs forwards and the model's own hooks see the arguments as a user's call passes them."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str]):
+        super().__init__()
+        # Registered under the wrapper prefix graph.module_path strips, so site names stay the model's.
+        setattr(self, WRAPPED, model)
+        self.names = list(names)
+
+    def forward(self, **kwargs: Any) -> Any:
+        args = [kwargs.pop(n) for n in self.names if n in kwargs]
+        return getattr(self, WRAPPED)(*args, **kwargs)
 
 
 def _explain(model: torch.nn.Module, e: Exception) -> str:

@@ -18,6 +18,7 @@ import torch
 from passes import pricing
 from passes.find import Match, find_matches
 from passes.plan import Plan
+from passes.planner import drops_band
 from passes.rewrite import rewrite_graph
 from rewriter.capture import CallSpec, graph_context
 
@@ -131,6 +132,9 @@ def length_adaptive(model: torch.nn.Module, kw: dict, static_matches: list[Match
             continue
         if d.variant == "dense":
             chosen.append((m, "dense", {}))
+            continue
+        if drops_band(d.site, d.variant, d.params):  # exact at every length: no dense branch without the band
+            chosen.append((m, d.variant, dict(d.params), {"drop_band": True}))
             continue
         start = crossover(d.site, d.variant, d.params, hw, high)
         schedule = [[0, "dense", {}]] if start is None or start > 0 else []

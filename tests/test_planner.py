@@ -143,3 +143,23 @@ def test_plan_round_trips_through_json():
     again = rewriter.Plan.from_json(opt.plan.to_json())
     assert again == opt.plan
     assert "held-out" in str(opt.plan)
+
+
+@pytest.mark.parametrize("n", [9, 300])
+def test_native_windows_become_sliding_window_exactly(n):
+    from tests import gap_models as g
+
+    torch.manual_seed(0)
+    model = g.MixedLocalGlobal(layers=4, window=3).eval()
+    x = torch.randn(2, n, g.E)
+    opt = rewriter.optimize(model, x, budget=0.0)
+    got = [(d.variant, d.params.get("window")) for d in opt.plan.decisions]
+    assert got == [("dense", None), ("sliding_window", 3)] * 2, str(opt.plan)
+    assert all(d.error == 0.0 for d in opt.plan.decisions)
+    # the band is run by the kernel, not passed as a mask
+    ops = [nd for nd in opt.program.graph.nodes if "rewriter.attention" in str(nd.target)]
+    windowed = [nd for nd in ops if "sliding_window" in str(nd.args)]
+    assert windowed and all(nd.args[3] is None and nd.args[5] is True for nd in windowed)
+    fresh = torch.randn(2, n, g.E)
+    with torch.no_grad():
+        assert rewriter.relative_l2(model(fresh), opt(fresh)) < 1e-5

@@ -1,0 +1,323 @@
+"""Walking an attention's scores: back from the softmax to the q·kᵀ product, forward to the value product.
+
+The scores side collects, in forward order, the scale factors and the mask terms applied between the
+product and the softmax; the probabilities side follows casts, views and (inactive) dropout to the
+product with the values.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from passes import graph as G
+from passes import masks
+from passes.context import GraphContext, MaskTerm, NotAttention, Unsupported
+from passes.site import as_int
+
+logger = logging.getLogger(__name__)
+
+
+def scalar_operand(ctx: GraphContext, node: fx.Node) -> Optional[tuple[fx.Node, float]]:
+    """For mul/div of a tensor by a known scalar: (tensor, factor)."""
+    name = G.opname(node)
+    if name not in ("mul", "div"):
+        return None
+    a, b = node.args[0], node.args[1]
+    sb = G.scalar_value(b, ctx.constants)
+    if sb is not None and isinstance(a, fx.Node):
+        if name == "div":
+            return (a, 1.0 / sb) if sb != 0 else None
+        return a, sb
+    sa = G.scalar_value(a, ctx.constants)
+    if name == "mul" and sa is not None and isinstance(b, fx.Node):
+        return b, sa
+    return None
+
+
+PASS_THROUGH = G.VIEW_OPS | G.CAST_OPS
+
+
+def _singleton_permute(node: fx.Node) -> bool:
+    """A permute that only moves size-1 dims (decomposed einsums emit these): values keep their layout."""
+    if G.opname(node) != "permute":
+        return False
+    s = G.shape(node.args[0])
+    if s is None:
+        return False
+    big = [p for p in node.args[1] if s[p] != 1]
+    return big == sorted(big)
+
+
+def _score_root(ctx: GraphContext, x: Any, depth: int = 0) -> Optional[fx.Node]:
+    """The contraction that produced scores ``x`` through scale/mask/modifier/view ops, or None."""
+    if not isinstance(x, fx.Node) or depth > 40:
+        return None
+    name = G.opname(x)
+    if name in G.CONTRACTION_OPS:
+        return x
+    if name in PASS_THROUGH or _singleton_permute(x) or name == "masked_fill":
+        return _score_root(ctx, x.args[0], depth + 1)
+    if name in ("mul", "div"):
+        so = scalar_operand(ctx, x)
+        if so:
+            return _score_root(ctx, so[0], depth + 1)
+    if name in ("add", "sub", "mul", "div"):
+        roots = [r for r in (_score_root(ctx, a, depth + 1) for a in x.args[:2]) if r is not None]
+        return roots[0] if len(roots) == 1 else None
+    if name == "where":
+        roots = [r for r in (_score_root(ctx, a, depth + 1) for a in x.args[1:3]) if r is not None]
+        return roots[0] if len(roots) == 1 else None
+    inner = _unary_input(x)
+    return _score_root(ctx, inner, depth + 1) if inner is not None else None
+
+
+# Ops that read only a tensor's shape, dtype and device, never its values (full_like(s, min)).
+SHAPE_ONLY = frozenset({
+    "full_like", "zeros_like", "ones_like", "empty_like", "new_full", "new_zeros", "new_ones", "new_empty",
+    "sym_size", "sym_numel", "sym_stride",
+})
+# Shape-keeping ops that are not elementwise functions of their input's values.
+_NOT_ELEMENTWISE = G.SOFTMAX_OPS | SHAPE_ONLY | frozenset({
+    "cumsum", "cumprod", "sort", "flip", "roll", "amax", "amin", "sum", "mean", "rand_like", "randn_like",
+    "log_softmax", "_log_softmax", "logcumsumexp",
+})
+
+
+def _unary_input(x: fx.Node) -> Optional[fx.Node]:
+    """The only tensor input of an elementwise op that keeps its input's shape (tanh, clamp, ...), else None."""
+    ins = [a for a in x.args if isinstance(a, fx.Node)]
+    if x.op != "call_function" or len(ins) != 1 or x.kwargs.get("dim") is not None:
+        return None
+    s_in, s_out = G.shape(ins[0]), G.shape(x)
+    if s_in is None or s_out is None or not G.same_sizes(s_in, s_out):
+        return None
+    if G.opname(x) in _NOT_ELEMENTWISE:
+        return None
+    return ins[0]
+
+
+def _contracted_size(root: fx.Node) -> int:
+    """Size of the dim a contraction reduces over (1 for an outer product)."""
+    name = G.opname(root)
+    a = root.args[1] if name in ("baddbmm", "einsum") else root.args[0]
+    if name == "einsum":
+        a = root.args[1][0]
+    s = G.shape(a)
+    return as_int(s[-1]) if s else -1
+
+
+def _pick_scores(ctx: GraphContext, node: fx.Node, a: Any, b: Any) -> Optional[int]:
+    """0 or 1: which of two operands carries the scores; -1 when both are functions of the same
+    scores (x / (1 + |x|)); None when neither or it cannot be told."""
+    ra, rb = _score_root(ctx, a), _score_root(ctx, b)
+    if (ra is None) != (rb is None):
+        return 0 if ra is not None else 1
+    if ra is None:
+        return None
+    if ra is rb:
+        return -1
+    # A mask can itself come from a product (an outer product of padding vectors): the scores are
+    # the side whose product contracts a real head dim and whose shape is the result's own.
+    full = G.shape(node)
+    score_like = [
+        _contracted_size(r) > 1 and G.same_sizes(G.shape(x) or (), full or ())
+        for r, x in ((ra, a), (rb, b))
+    ]
+    if score_like.count(True) == 1:
+        return score_like.index(True)
+    return None
+
+
+def _fill_value(ctx: GraphContext, x: Any) -> tuple[float, str]:
+    """(value, problem) of a mask's fill; problem is "" when the value is known."""
+    v = G.scalar_value(x, ctx.constants)
+    if v is not None:
+        return v, ""
+    if isinstance(x, fx.Node):
+        name = G.opname(x)
+        if name in ("full_like", "new_full", "full"):  # a constant whatever the shape it borrows
+            v = G.scalar_value(G.arg(x, 1, "fill_value"), ctx.constants)
+            if v is not None:
+                return v, ""
+        if x not in ctx.activations:
+            t = masks.evaluate(ctx, x)
+            if t is not None and t.numel() >= 1:
+                flat = t.reshape(-1)
+                if bool((flat == flat[0]).all()):
+                    return float(flat[0]), ""
+    return -math.inf, f"mask fill value {getattr(x, 'name', x)!r} is not a known constant"
+
+
+def walk_scores(ctx: GraphContext, x: fx.Node) -> tuple[fx.Node, list, list[fx.Node]]:
+    """Walk back from the softmax input to the scores contraction.
+
+    Returns (contraction, ops in forward order, chain nodes). ops are ("scale", s), ("tanh",),
+    ("unsupported", reason) or MaskTerm.
+    """
+    ops: list = []
+    chain: list[fx.Node] = []
+    while True:
+        name = G.opname(x)
+        if name in G.CONTRACTION_OPS:
+            if name == "baddbmm":
+                beta = G.arg(x, 3, "beta", 1)
+                alpha = G.arg(x, 4, "alpha", 1)
+                # beta*bias + alpha*(q@kT) == (q@kT + bias*beta/alpha) * alpha; ops are collected backwards.
+                ops.append(("scale", float(alpha)))
+                if float(beta) != 0.0:
+                    ops.append(MaskTerm("add", x.args[0], factor=float(beta) / float(alpha), layout=G.shape(x)))
+            ops.reverse()
+            return x, ops, chain
+        chain.append(x)
+        if name in PASS_THROUGH or _singleton_permute(x):
+            x = x.args[0]
+            continue
+        if name in ("mul", "div"):
+            so = scalar_operand(ctx, x)
+            if so is not None:
+                ops.append(("scale", so[1]))
+                x = so[0]
+                continue
+        if name in ("add", "sub"):
+            a, b = x.args[0], x.args[1]
+            alpha = x.kwargs.get("alpha", 1)
+            side = _pick_scores(ctx, x, a, b)
+            if side is None:
+                raise NotAttention(f"cannot tell scores from bias at {x.name}")
+            if side == -1:
+                ops.append(("unsupported", f"{name} of two functions of the scores ({x.name}) before the softmax; "
+                                           "rewriter::attention cannot express it"))
+                x = a
+                continue
+            if side == 0:
+                sign = -1.0 if name == "sub" else 1.0
+                if isinstance(b, fx.Node):
+                    ops.append(MaskTerm("add", b, factor=sign * float(alpha), layout=G.shape(x)))
+                elif b != 0:
+                    ops.append(("unsupported", f"a constant {b!r} is added to the scores"))
+                x = a
+            else:
+                if name == "sub" or float(alpha) != 1.0:
+                    ops.append(("unsupported", f"scores are subtracted or scaled inside {x.name}"))
+                if isinstance(a, fx.Node):
+                    ops.append(MaskTerm("add", a, layout=G.shape(x)))
+                x = b
+            continue
+        if name in ("mul", "div"):
+            side = _pick_scores(ctx, x, x.args[0], x.args[1])
+            if side is None or (name == "div" and side == 1):
+                raise NotAttention(f"scores multiplied by a tensor ({x.name})")
+            if side == -1:
+                ops.append(("unsupported", f"{name} of two functions of the scores ({x.name}) before the softmax; "
+                                           "rewriter::attention cannot express it"))
+                x = x.args[0]
+                continue
+            ops.append(("unsupported", f"the scores are multiplied by a tensor at {x.name} (a per-element scale)"))
+            x = x.args[side]
+            continue
+        if name == "masked_fill":
+            fill, problem = _fill_value(ctx, x.args[2])
+            if problem:
+                ops.append(("unsupported", problem))
+            ops.append(MaskTerm("drop", x.args[1], fill=fill, layout=G.shape(x)))
+            x = x.args[0]
+            continue
+        if name == "where":
+            cond, a, b = x.args[0], x.args[1], x.args[2]
+            side = _pick_scores(ctx, x, a, b)
+            if side is None or side == -1:
+                raise NotAttention(f"cannot tell scores from fill at {x.name}")
+            fill, problem = _fill_value(ctx, b if side == 0 else a)
+            if problem:
+                ops.append(("unsupported", problem))
+            ops.append(MaskTerm("keep" if side == 0 else "drop", cond, fill=fill, layout=G.shape(x)))
+            x = a if side == 0 else b
+            continue
+        if name == "tanh":
+            ops.append(("tanh",))
+            x = x.args[0]
+            continue
+        inner = _unary_input(x)
+        if inner is not None and _score_root(ctx, inner) is not None:
+            ops.append(("unsupported", f"{name or x.op} modifies the scores before the softmax; "
+                                       "rewriter::attention cannot express it"))
+            x = inner
+            continue
+        raise NotAttention(f"{name or x.op} between scores and softmax")
+
+
+def softmax_input(node: fx.Node) -> Optional[tuple[fx.Node, int]]:
+    """(input, dim) if ``node`` computes a softmax: an ATen softmax op or its exp / sum decomposition."""
+    name = G.opname(node)
+    if name in G.SOFTMAX_OPS:
+        return node.args[0], G.arg(node, 1, "dim")
+    if name != "div" or not all(isinstance(a, fx.Node) for a in node.args[:2]):
+        return None
+    e, total = node.args[0], node.args[1]
+    if G.opname(e) != "exp" or G.opname(total) != "sum" or total.args[0] is not e:
+        return None
+    sub = e.args[0]
+    if G.opname(sub) != "sub" or not isinstance(sub.args[1], fx.Node) or G.opname(sub.args[1]) != "amax":
+        return None
+    x, amax = sub.args[0], sub.args[1]
+    if amax.args[0] is not x:
+        return None
+    dims = list(G.arg(total, 1, "dim", [])) or [None]
+    if len(dims) != 1 or list(G.arg(amax, 1, "dim", [])) != dims:
+        return None
+    return x, dims[0]
+
+
+def _keeps_layout(start: fx.Node, chain: list[fx.Node]) -> bool:
+    """Replay a chain of view/permute ops on an index tensor: True if the values keep their order."""
+    s = G.shape(start)
+    try:
+        with unset_fake_temporarily():  # inside a compiler a fake mode is active; replay for real
+            return _replay_in_order(s, chain)
+    except Exception:  # symbolic sizes or an op we cannot replay: be conservative
+        return False
+
+
+def _replay_in_order(s: tuple, chain: list[fx.Node]) -> bool:
+    x = torch.arange(int(G.prod(s))).reshape([int(d) for d in s])
+    for n in chain:
+        if G.opname(n) in G.CAST_OPS | G.DROPOUT_OPS:
+            continue
+        x = n.target(x, *n.args[1:], **{k: v for k, v in n.kwargs.items() if k != "memory_format"})
+    return bool(torch.equal(x.reshape(-1), torch.arange(x.numel())))
+
+
+def walk_probs(sm: fx.Node) -> tuple[Optional[fx.Node], Optional[fx.Node], list[fx.Node], list[str]]:
+    """Follow the softmax forward to the values contraction: (contraction, its probs operand, chain, notes)."""
+    chain: list[fx.Node] = []
+    notes: list[str] = []
+    x = sm
+    while True:
+        us = G.users(x)
+        nxt = [u for u in us if G.opname(u) in (G.CONTRACTION_OPS - {"baddbmm"})]
+        if len(nxt) != 1:
+            nxt = [u for u in us if G.opname(u) in (PASS_THROUGH | G.DROPOUT_OPS | {"permute"})]
+        if len(us) > 1:
+            notes.append("the attention probabilities are also used elsewhere (returned weights?); they are still computed")
+        if len(nxt) != 1:
+            return None, None, chain, notes
+        u = nxt[0]
+        name = G.opname(u)
+        if name in G.CONTRACTION_OPS and name not in ("baddbmm",):
+            if any(G.opname(n) == "permute" for n in chain) and not _keeps_layout(sm, chain):
+                raise Unsupported("the probabilities are permuted before the value product")
+            return u, x, chain, notes
+        if name == "native_dropout":
+            raise Unsupported("native_dropout on the probabilities (model in training mode)")
+        if name in G.DROPOUT_OPS:
+            p = float(G.arg(u, 1, "p", 0.0))
+            train = G.arg(u, 2, "train", True)
+            if p > 0 and train:
+                raise Unsupported("dropout on the attention probabilities is active (model in training mode)")
+        chain.append(u)
+        x = u
