@@ -33,7 +33,7 @@ SHAPES = {
     "long_q": (1, 2, 2, 45, 21, 24, 16),
     "decode": (1, 2, 1, 1, 33, 16, 16),
 }
-TOL = {torch.float32: 1e-4, torch.float16: 2e-3}  # fp16: output and probabilities round at 2^-11
+TOL = {torch.float32: 1e-4, torch.float16: 5e-4}  # fp16 output alone rounds at 2^-11 (measured 2.8e-4 rms)
 
 
 @pytest.fixture(autouse=True)
@@ -221,3 +221,20 @@ def test_generated_source_is_readable_and_keyed_by_spec():
     assert ct.generate(spec_a) == src  # deterministic
     mod = ct.load(spec_a)
     assert mod.SPEC_HASH == spec_a.hash and mod.__file__.endswith(f"sinks_window_{spec_a.hash}.py")
+
+
+@pytest.mark.parametrize("variant,params", [
+    ("dense", {}), ("gqa_merge", {}), ("sliding_window", {"window": 64}), ("sinks_window", {"window": 64, "sinks": 4}),
+    ("block_sparse", {"keep": 0.25, "block": 64}), ("neighborhood_2d", {"grid": [8, 8], "kernel": [3, 3]})])
+def test_kernel_sources_carry_triton(variant, params):
+    from codegen.sources import kernel_sources, verify_sources
+    fields = {"dtype": "float16", "head_dim": 80, "value_dim": 80, "gqa": 4, "causal": True}
+    src = kernel_sources(variant, params, **fields)
+    (name, (text, digest)), = [(n, t) for n, t in src.items() if "_triton_" in n]
+    spec_hash = name.rsplit("_", 1)[1].removesuffix(".py")
+    assert f"# spec hash: {spec_hash}" in text and "offs_e = tl.arange(0, 128)" in text  # 80 padded
+    assert verify_sources(variant, params, src, **fields) == []
+    assert verify_sources(variant, params, src, **{**fields, "head_dim": 96}) != []
+    tampered = {**src, name: (text + "#", "0" * 64)}
+    assert verify_sources(variant, params, tampered, **fields) == [name]
+    compile(text, name, "exec")  # valid Python

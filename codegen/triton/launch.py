@@ -65,6 +65,16 @@ def call_spec(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
         mask=mask_kind(mask), softcap=softcap > 0, block_q=bq, block_k=bk)
 
 
+def spec_from_fields(variant: str, params: dict, **fields: Any) -> KernelSpec:
+    """The CUDA spec of ``variant`` with ``params`` and explicit spec ``fields`` (for artifacts)."""
+    sp = _spec_params(variant, dict(params))
+    if FAMILIES[variant] == "blockmap":
+        fields = {**fields, "block_q": sp["block"], "block_k": sp["block"]}
+    else:
+        fields = {"block_q": CUDA_BLOCK, "block_k": CUDA_BLOCK, **fields}
+    return KernelSpec.make(variant, sp, **fields)
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
     """Refuse what the kernels do not handle, before anything is compiled."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
