@@ -238,3 +238,17 @@ def test_kernel_sources_carry_triton(variant, params):
     tampered = {**src, name: (text + "#", "0" * 64)}
     assert verify_sources(variant, params, tampered, **fields) == [name]
     compile(text, name, "exec")  # valid Python
+
+
+def test_triton_op_eager():
+    from codegen.triton import library
+    if library.OP is None:
+        pytest.skip("torch.library.triton_op unavailable")
+    shape = SHAPES["gqa_e24"]
+    q, k, v = _inputs(shape, torch.float32)
+    mask = _mask("additive", shape)
+    got = torch.ops.rewriter_triton.attention(q, k, v, mask, 0.3, True, "sliding_window", '{"window": 6}')
+    assert _rel(got, _reference("sliding_window", q, k, v, mask, 0.3, True, window=6)) < 1e-4
+    with pytest.raises(ValueError, match="not traceable"):
+        torch.ops.rewriter_triton.attention(q, k, v, None, 0.3, True, "block_sparse", '{"keep": 0.5}')
+

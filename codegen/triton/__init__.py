@@ -19,6 +19,7 @@ import torch
 
 from codegen.triton.gen import FAMILIES, generate, load
 from codegen.triton.launch import call_spec, interpreting, run
+from codegen.triton import library  # noqa: F401  registers rewriter_triton::attention when Triton is installed
 
 logger = logging.getLogger(__name__)
 

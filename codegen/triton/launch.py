@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -126,11 +127,23 @@ def _kernel(spec: KernelSpec, mod):
     return fn
 
 
-def run(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
-        scale: Optional[float] = None, causal: bool = False, *, softcap: float = 0.0,
-        fill: Optional[float] = None, out: Optional[torch.Tensor] = None, block_q: Optional[int] = None,
-        block_k: Optional[int] = None, **params) -> torch.Tensor:
-    """Run ``variant``'s generated Triton kernel (no fallback: any failure raises)."""
+@dataclass(frozen=True)
+class Launch:
+    """One ready kernel launch: ``kernel[grid](*args, **kwargs)`` writes ``out``."""
+
+    spec: KernelSpec
+    kernel: Any
+    grid: Any
+    args: tuple
+    kwargs: dict
+    out: torch.Tensor
+
+
+def prepare(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+            scale: Optional[float] = None, causal: bool = False, *, softcap: float = 0.0,
+            fill: Optional[float] = None, out: Optional[torch.Tensor] = None, block_q: Optional[int] = None,
+            block_k: Optional[int] = None, **params) -> Optional[Launch]:
+    """Spec, kernel, grid and arguments of one call (``None`` when there is nothing to compute)."""
     _check(q, k, v, mask)
     spec = call_spec(variant, q, k, v, mask, causal, softcap, params, block_q, block_k)
     mod = load(spec)
@@ -143,8 +156,6 @@ def run(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: O
         out = torch.empty(bsz, h, p, f, device=q.device, dtype=q.dtype)
     elif tuple(out.shape) != (bsz, h, p, f) or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be a [B,H,P,F] {q.dtype} tensor with a contiguous last dim")
-    if p == 0 or bsz * h == 0:
-        return out
     has_mask = mask is not None
     mask_bool = has_mask and mask.dtype == torch.bool
     if has_mask:
@@ -164,17 +175,27 @@ def run(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: O
         args += [num_e, idx_e, full_e, *num_e.stride(), *idx_e.stride()[:3]]
     args += [float(scale), float(softcap) if softcap > 0 else 1.0, float(fill) if fill is not None else 0.0,
              *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *mstr, h, p, m]
-    flags = dict(HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_FILL=bool(mask_bool and fill is not None))
+    kwargs = dict(HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_FILL=bool(mask_bool and fill is not None))
     kern = _kernel(spec, mod)
     if interpreting():
-        cfg = mod.INTERPRET_CONFIG
-        grid = (triton_cdiv(p, cfg["BLOCK_M"]), bsz * h)
-        kern[grid](*args, **flags, **cfg)
+        kwargs.update(mod.INTERPRET_CONFIG)
+        grid: Any = (triton_cdiv(p, mod.INTERPRET_CONFIG["BLOCK_M"]), bsz * h)
     else:
         def grid(meta):
             return (triton_cdiv(p, meta["BLOCK_M"]), bsz * h)
-        kern[grid](*args, **flags)
-    return out
+    return Launch(spec, kern, grid, tuple(args), kwargs, out)
+
+
+def run(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+        scale: Optional[float] = None, causal: bool = False, *, softcap: float = 0.0,
+        fill: Optional[float] = None, out: Optional[torch.Tensor] = None, block_q: Optional[int] = None,
+        block_k: Optional[int] = None, **params) -> torch.Tensor:
+    """Run ``variant``'s generated Triton kernel (no fallback: any failure raises)."""
+    job = prepare(variant, q, k, v, mask, scale, causal, softcap=softcap, fill=fill, out=out, block_q=block_q,
+                  block_k=block_k, **params)
+    if job.out.numel():
+        job.kernel[job.grid](*job.args, **job.kwargs)
+    return job.out
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -48,6 +48,19 @@ def _visible(qpos, kpos):
 @VISIBLE@
 
 
+# Reductions go through tl.reduce with local combine functions rather than tl.max / tl.sum: those
+# are @jit helpers of Triton's standard library, decorated when Triton is first imported, and they
+# cannot run under the interpreter if Triton was imported before TRITON_INTERPRET was set.
+@triton.jit
+def _max_fn(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _add_fn(a, b):
+    return a + b
+
+
 @triton.jit
 def _tanh(x):
     # tanh from exp2 (the interpreter has no libdevice); saturates cleanly to +-1
@@ -80,12 +93,12 @@ def _visit(acc, l_i, m_i, q, qpos, row_ok, Kp, Vp, Mp, skn, svn, smn, sm_scale, 
                 s = s + mk.to(tl.float32)
         if MASKED:
             s = tl.where(_visible(qpos[:, None], kpos[None, :]) & kin[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_fn))
         # a row that has seen only hidden keys keeps max -inf: shift by 0 so exp gives 0, not NaN
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2((m_i - m_use) * LOG2E)
         p = tl.exp2((s - m_use[:, None]) * LOG2E)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.reduce(p, 1, _add_fn)
         if MASKED:
             v = tl.load(Vp + kpos[:, None] * svn + offs_f[None, :], mask=kin[:, None]@FMASK_AND@, other=0.0)
         else:
@@ -126,8 +139,8 @@ def attention_kernel(Q, K, V, Out, Mask, @EXTRA_ARGS@
     q_first = start_m * BLOCK_M@QOFF@
     q_last = tl.minimum(start_m * BLOCK_M + BLOCK_M, P) - 1@QOFF@  # last real query of the block
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, @BLOCK_F@], tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)  # tl.full, not tl.zeros (a standard-library @jit helper)
+    acc = tl.full([BLOCK_M, @BLOCK_F@], 0.0, tl.float32)
 '''
 
 KERNEL_CLOSE = '''
