@@ -1,6 +1,7 @@
 """Host side of the generated Triton kernels: spec of a call, block maps, strides, grid, launch."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -93,16 +94,23 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
         raise ValueError("q, k, v and mask must be on one device")
 
 
+@functools.lru_cache(maxsize=32)
+def _causal_blocks(p: int, m: int, causal: bool, blk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[nq, nk] visited/full flags of block_sparse's element pattern, memoised per length."""
+    from codegen.pattern import dense_blocks, intervals
+    lo, hi = intervals("block_sparse", (), p, m, causal)
+    return dense_blocks(lo, hi, m, blk, blk)
+
+
 def _block_map(variant: str, sp: dict, q: torch.Tensor, k: torch.Tensor, causal: bool):
     """(num [B|1,H|1,nq], idx [..,nq,S], full [..,nq,S]) of a block-map variant, on q's device."""
-    from codegen.pattern import cached_block_map, dense_blocks, from_dense_blocks, intervals
+    from codegen.pattern import cached_block_map, from_dense_blocks
     from codegen.sparse import freeze_params
     p, m, blk = q.shape[2], k.shape[2], int(sp["block"])
     if variant == "block_sparse":
         from codegen.block_sparse import select_blocks
-        chosen = select_blocks(q, k, causal, float(sp["keep"]), blk).cpu()
-        lo, hi = intervals(variant, (), p, m, bool(causal))
-        anyb, fullb = dense_blocks(lo, hi, m, blk, blk)
+        chosen = select_blocks(q, k, causal, float(sp["keep"]), blk)  # on q's device
+        anyb, fullb = (x.to(q.device) for x in _causal_blocks(p, m, bool(causal), blk))
         bm = from_dense_blocks(chosen & anyb, chosen & fullb, blk, blk)
     else:
         params = {kk: vv for kk, vv in sp.items() if kk != "block"}
