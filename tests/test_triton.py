@@ -18,7 +18,7 @@ if not torch.cuda.is_available():  # must precede the first generated kernel's i
 pytest.importorskip("triton")
 
 import codegen  # noqa: E402
-from codegen import block_sparse  # noqa: E402
+from codegen import block_sparse, linear  # noqa: E402
 from codegen import triton as ct  # noqa: E402
 from codegen.naive import causal_top_left, naive_attention  # noqa: E402
 from codegen.sparse import reference_pattern  # noqa: E402
@@ -76,6 +76,8 @@ def _reference(variant, q, k, v, mask, scale, causal, softcap=0.0, fill=None, **
         return naive_attention(qd, kd, vd, mask, scale, visible=vis, softcap=softcap, fill=fill)
     if variant == "block_sparse":
         return block_sparse.reference(qd, kd, vd, mask, scale, causal, softcap=softcap, **params)
+    if variant == "linear":
+        return linear.reference(qd, kd, vd, mask, scale, causal, **params)
     return reference_pattern(variant, params, qd, kd, vd, mask, scale, causal, softcap)
 
 
@@ -139,6 +141,23 @@ def test_neighborhood_2d(mask_kind, causal):
                block=16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape,mask_kind", [("ragged", "none"), ("gqa_e24", "padding"),
+                                             ("mqa_short_q", "additive_padding"), ("long_q", "none"),
+                                             ("decode", "padding")])
+def test_linear(shape, mask_kind, causal, dtype):
+    _check("linear", SHAPES[shape], mask_kind, causal, dtype, feature_map="elu1", chunk=16)
+
+
+def test_linear_refuses_what_it_does_not_fuse():
+    q, k, v = _inputs(SHAPES["ragged"], torch.float32)
+    with pytest.raises(ValueError, match="key-padding"):
+        ct.run("linear", q, k, v, _mask("bool", SHAPES["ragged"]), 0.3, True)
+    with pytest.raises(ValueError, match="elu1"):
+        ct.run("linear", q, k, v, None, 0.3, True, feature_map="taylor")
+
+
 @pytest.mark.parametrize("variant,params", [("dense", {}), ("sliding_window", {"window": 9}),
                                             ("sinks_window", {"window": 9, "sinks": 2})])
 def test_softcap(variant, params):
@@ -180,13 +199,14 @@ def test_dispatch_through_registered_kernels(monkeypatch):
     shape = SHAPES["gqa_e24"]
     q, k, v = _inputs(shape, torch.float32)
     for variant, params in [("dense", {}), ("sliding_window", {"window": 6, "block": 16}),
-                            ("block_sparse", {"keep": 0.5, "block": 16})]:
+                            ("block_sparse", {"keep": 0.5, "block": 16}), ("linear", {"chunk": 16}),
+                            ("linear", {"feature_map": "taylor"})]:  # taylor stays on the PyTorch path
         got = codegen.run(variant, q, k, v, None, 0.25, True, **params)
         monkeypatch.setenv("REWRITER_TRITON", "0")
         cpu = codegen.run(variant, q, k, v, None, 0.25, True, **params)
         monkeypatch.setenv("REWRITER_TRITON", "force")
         assert _rel(got, cpu) < 1e-5
-    assert calls == ["dense", "sliding_window", "block_sparse"]
+    assert calls == ["dense", "sliding_window", "block_sparse", "linear"]
 
 
 def test_failure_falls_back_and_warns_once(monkeypatch):
@@ -225,7 +245,8 @@ def test_generated_source_is_readable_and_keyed_by_spec():
 
 @pytest.mark.parametrize("variant,params", [
     ("dense", {}), ("gqa_merge", {}), ("sliding_window", {"window": 64}), ("sinks_window", {"window": 64, "sinks": 4}),
-    ("block_sparse", {"keep": 0.25, "block": 64}), ("neighborhood_2d", {"grid": [8, 8], "kernel": [3, 3]})])
+    ("block_sparse", {"keep": 0.25, "block": 64}), ("neighborhood_2d", {"grid": [8, 8], "kernel": [3, 3]}),
+    ("linear", {"feature_map": "elu1", "chunk": 64})])
 def test_kernel_sources_carry_triton(variant, params):
     from codegen.sources import kernel_sources, verify_sources
     fields = {"dtype": "float16", "head_dim": 80, "value_dim": 80, "gqa": 4, "causal": True}

@@ -144,3 +144,15 @@ def test_triton_op_compile():
     eager = fn(q, k, v)
     compiled = torch.compile(fn, fullgraph=True)(q, k, v)
     assert _rel(compiled, eager) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_vs_naive(causal, dtype):
+    from codegen import linear
+    q, k, v = _qkv(2, 4, 2, 700, 1000, 64, 48, dtype)
+    pad = torch.ones(2, 1, 1, 1000, dtype=torch.bool, device="cuda")
+    pad[1, ..., -77:] = False
+    got = ct.run("linear", q, k, v, pad, 0.125, causal, feature_map="elu1", chunk=64).cpu()
+    ref = linear.reference(q.cpu().double(), k.cpu().double(), v.cpu().double(), pad.cpu(), 0.125, causal)
+    assert _rel(got, ref) < TOL[dtype]

@@ -30,6 +30,7 @@ FAMILIES: dict[str, str] = {
     "sinks_window": "ranges",
     "block_sparse": "blockmap",
     "neighborhood_2d": "blockmap",
+    "linear": "linear",      # elu1 feature map, no window (codegen.triton.linear_gen)
 }
 
 _LOCK = threading.Lock()
@@ -140,6 +141,15 @@ def generate(spec: KernelSpec) -> str:
     e, f = int(spec.head_dim), int(spec.value_dim)
     be, bf = _pow2(e), _pow2(f)
     top_left = spec.variant in ("dense", "gqa_merge")
+    dims = {
+        "GQA": str(max(1, int(spec.gqa))), "E": str(e), "F": str(f), "BLOCK_E": str(be), "BLOCK_F": str(bf),
+        "EMASK_Q": f" & (offs_e[None, :] < {e})" if be != e else "",
+        "FMASK_AND": f" & (offs_f[None, :] < {f})" if bf != f else "",
+        "FMASK_STORE": f" & (offs_f[None, :] < {f})" if bf != f else "",
+    }
+    if family == "linear":
+        from codegen.triton.linear_gen import generate_linear
+        return generate_linear(spec, dims)
     values = {
         "VARIANT": spec.variant, "FAMILY": family, "SPEC_HASH": spec.hash,
         "SPEC_JSON": json.dumps(spec.to_json(), sort_keys=True), "GQA": str(max(1, int(spec.gqa))),

@@ -26,6 +26,7 @@ MAX_HEAD_DIM = 256
 _SPEC_PARAMS: dict[str, tuple[str, ...]] = {
     "dense": (), "gqa_merge": (), "sliding_window": ("window",), "sinks_window": ("window", "sinks"),
     "block_sparse": ("keep", "block"), "neighborhood_2d": ("grid", "kernel", "prefix", "block"),
+    "linear": ("feature_map", "chunk", "window"),
 }
 _TUNED: dict[str, Any] = {}
 
@@ -43,6 +44,9 @@ def _spec_params(variant: str, params: dict) -> dict:
         out = {k: ([int(x) for x in v] if k in ("grid", "kernel") else v) for k, v in out.items()}
     if variant in ("block_sparse", "neighborhood_2d"):
         out["block"] = int(out.get("block", 64))
+    if variant == "linear":
+        out = {"feature_map": out.get("feature_map", "elu1"), "chunk": int(out.get("chunk", 64)),
+               **({"window": int(out["window"])} if int(out.get("window", 0) or 0) > 0 else {})}
     unknown = set(params) - set(keep) - {"block"}
     if unknown:
         raise ValueError(f"{variant}: unknown parameters for the Triton kernel: {sorted(unknown)}")
@@ -58,6 +62,8 @@ def call_spec(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     sp = _spec_params(variant, params)
     if FAMILIES[variant] == "blockmap":
         bq = bk = int(sp["block"])
+    elif FAMILIES[variant] == "linear":
+        bq = bk = max(16, 1 << (max(1, int(sp["chunk"])) - 1).bit_length())
     else:
         default = INTERPRET_BLOCK if q.device.type == "cpu" else CUDA_BLOCK
         bq, bk = int(block_q or default), int(block_k or default)
@@ -72,6 +78,9 @@ def spec_from_fields(variant: str, params: dict, **fields: Any) -> KernelSpec:
     sp = _spec_params(variant, dict(params))
     if FAMILIES[variant] == "blockmap":
         fields = {**fields, "block_q": sp["block"], "block_k": sp["block"]}
+    elif FAMILIES[variant] == "linear":
+        c = max(16, 1 << (max(1, int(sp["chunk"])) - 1).bit_length())
+        fields = {**fields, "block_q": c, "block_k": c}
     else:
         fields = {"block_q": CUDA_BLOCK, "block_k": CUDA_BLOCK, **fields}
     return KernelSpec.make(variant, sp, **fields)
@@ -164,6 +173,8 @@ def prepare(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
         out = torch.empty(bsz, h, p, f, device=q.device, dtype=q.dtype)
     elif tuple(out.shape) != (bsz, h, p, f) or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be a [B,H,P,F] {q.dtype} tensor with a contiguous last dim")
+    if FAMILIES[variant] == "linear":
+        return _prepare_linear(spec, mod, q, k, v, mask, softcap, out)
     has_mask = mask is not None
     mask_bool = has_mask and mask.dtype == torch.bool
     if has_mask:
@@ -192,6 +203,25 @@ def prepare(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
         def grid(meta):
             return (triton_cdiv(p, meta["BLOCK_M"]), bsz * h)
     return Launch(spec, kern, grid, tuple(args), kwargs, out)
+
+
+def _prepare_linear(spec: KernelSpec, mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: Optional[torch.Tensor], softcap: float, out: torch.Tensor) -> Launch:
+    """The linear kernel's launch: one program per (batch, head); key-padding masks only."""
+    from codegen.linear import key_keep
+    if softcap > 0:
+        raise ValueError("linear: softcap is not supported")
+    bsz, h, p, _ = q.shape
+    m = k.shape[2]
+    keep = key_keep(mask, bsz, m)  # ValueError for anything but a key-padding mask
+    if keep is None:
+        keep_t, skeep = q, 0
+    else:
+        keep_t = keep.reshape(keep.shape[0], m).to(q.device, torch.float32).contiguous()
+        skeep = keep_t.stride(0) if keep_t.shape[0] > 1 else 0
+    args = (q, k, v, out, keep_t, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], skeep,
+            h, p, m)
+    return Launch(spec, _kernel(spec, mod), (bsz * h,), args, {"HAS_KEEP": keep is not None}, out)
 
 
 def run(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
