@@ -138,3 +138,4 @@ from codegen import neighborhood_2d as _neighborhood_2d  # noqa: E402,F401
 from codegen import linear as _linear  # noqa: E402,F401
 from codegen import latent as _latent  # noqa: E402,F401
 from codegen import adaptive as _adaptive  # noqa: E402,F401
+from codegen import lowrank as _lowrank  # noqa: E402,F401

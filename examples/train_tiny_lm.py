@@ -29,13 +29,22 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(lm.CHECKPOINT))
+    ap.add_argument("--init", default=None, help="continue from this checkpoint (its weights; a fresh optimiser)")
+    ap.add_argument("--warmup", type=int, default=50)
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     train, held = lm.corpus("train"), lm.corpus("heldout")
     print(f"train {len(train) / 1e6:.2f} MB, held-out {len(held) / 1e6:.2f} MB of docstrings", flush=True)
-    cfg = lm.LMConfig(context=args.context)
-    model = lm.TinyLM(cfg)
+    prior = {}
+    if args.init:
+        model = lm.load(args.init).train()
+        cfg = model.cfg
+        prior = torch.load(args.init, map_location="cpu", weights_only=True).get("meta", {})
+        print(f"continuing from {args.init} ({prior})", flush=True)
+    else:
+        cfg = lm.LMConfig(context=args.context)
+        model = lm.TinyLM(cfg)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters", flush=True)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     other = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -49,7 +58,7 @@ def main() -> None:
         frac = (time.time() - t0) / budget
         if frac >= 1:
             break
-        lr = args.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for group in opt.param_groups:
             group["lr"] = lr
         starts = torch.randint(0, len(buf) - args.context - 1, (args.batch,))
@@ -68,7 +77,9 @@ def main() -> None:
     model.eval()
     ppl = lm.perplexity(model, lm.windows(held, args.context, 32, seed=1))
     print(f"held-out per-byte perplexity {ppl:.3f} after {step} steps, {tokens / 1e6:.2f}M tokens", flush=True)
-    lm.save(model, Path(args.out), {"heldout_ppl": ppl, "steps": step, "tokens": tokens, "minutes": args.minutes})
+    meta = {"heldout_ppl": ppl, "steps": step + int(prior.get("steps", 0)),
+            "tokens": tokens + int(prior.get("tokens", 0)), "minutes": args.minutes + float(prior.get("minutes", 0))}
+    lm.save(model, Path(args.out), meta)
     print(f"saved {args.out}")
 
 

@@ -23,6 +23,7 @@ from passes.find import Match
 from passes.plan import Decision, Plan
 from passes.planner import Outcome, SitePlan, choose, search, site_candidates
 from passes.rewrite import rewrite_graph
+from passes.surgery import Projection, factors, find_projection, project
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +119,12 @@ def plan_program(
     target: str,
     metric: metrics.Metric = None,
     progress: Optional[Callable[[str], None]] = None,
-) -> Plan:
-    """Rewrite ``ep`` in place to the planned variants and return the plan (see module doc)."""
+) -> "Planned":
+    """Rewrite ``ep`` in place to the planned variants; returns the plan and any weight surgery it needs.
+
+    Sites planned as ``latent`` run a planning-only probe in ``ep``: the caller applies the surgery
+    to a copy of the model and captures that (see ``rewriter.api``).
+    """
     say = progress or (lambda msg: logger.info("%s", msg))
     hw = pricing.profile(target, torch.cuda.get_device_name() if target == "cuda" and torch.cuda.is_available() else "")
     pending = [(m, *choose(m, {"dense": None})) for m in matches]
@@ -139,7 +144,21 @@ def plan_program(
         calib_records.append([r for r in kept if r is not None])
     measure = Measure(references, samples, rows, metric)
 
-    plans: list[SitePlan] = [site_candidates(m.site, allowed, hw, forced=budget is None) for m in live]
+    projections: list[Optional[tuple[Projection, Projection]]] = []
+    plans: list[SitePlan] = []
+    for i, m in enumerate(live):
+        blocked = {}
+        if "latent" in allowed:
+            pk, why_k = find_projection(ep, nodes[i].args[1])
+            pv, why_v = find_projection(ep, nodes[i].args[2])
+            projections.append((pk, pv) if pk and pv else None)
+            if not (pk and pv):
+                blocked["latent"] = f"its {'keys' if pk is None else 'values'}: {why_k or why_v}"
+        else:
+            projections.append(None)
+        sp = site_candidates(m.site, allowed, hw, forced=budget is None, blocked=blocked)
+        _prepare_latent(sp, calib_records[i], i)
+        plans.append(sp)
 
     def evaluate(assignment: dict[int, tuple[str, dict]]) -> tuple[float, Optional[float]]:
         for i, (variant, params) in assignment.items():
@@ -148,10 +167,53 @@ def plan_program(
         return measure(ep.module())
 
     outcome: Outcome = search(plans, calib_records, evaluate, budget, progress=say)
+    surgeries = []
     for i, sp in enumerate(outcome.sites):
-        assign(nodes[i], sp.chosen.variant, sp.chosen.params)
+        assign(nodes[i], *(sp.chosen.probe or (sp.chosen.variant, sp.chosen.params)))
+        if sp.chosen.variant == "latent":
+            pk, pv = projections[i]
+            surgeries.append(Surgery(live[i].site.index, pk, sp.chosen.extra[0], pv, sp.chosen.extra[1]))
     ep.graph_module.recompile()
-    return _plan(matches, live, outcome, pending, failures, hw, target, budget, metric, rows)
+    return Planned(_plan(matches, live, outcome, pending, failures, hw, target, budget, metric, rows), tuple(surgeries))
+
+
+@dataclass(frozen=True)
+class Surgery:
+    """Latent weight surgery one site needs: its K and V projections and the per-head bases."""
+
+    site: int
+    k_proj: Projection
+    uk: torch.Tensor
+    v_proj: Projection
+    uv: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Planned:
+    """The plan, and the weight surgery it needs before the final rewrite (empty when none)."""
+
+    plan: Plan
+    surgeries: tuple[Surgery, ...] = ()
+
+
+def _prepare_latent(sp: SitePlan, records: list[SiteRecord], index: int) -> None:
+    """Fit each latent candidate's K/V bases on the calibration records (one SVD per site, sliced by rank)."""
+    from codegen import lowrank
+
+    cands = [c for c in sp.options if c.variant == "latent"]
+    if not cands or not records:
+        return
+    lowrank.register_probe_kernel()
+    top = max(int(c.params["rank"]) for c in cands)
+    uk_all, uv_all = factors(records, "k", top), factors(records, "v", top)
+    for c in cands:
+        r = int(c.params["rank"])
+        uk, uv = uk_all[:, :r].contiguous(), uv_all[:, :r].contiguous()
+        key = f"site{index}-rank{r}-{id(sp)}"
+        lowrank.PROBES[key] = (uk, uv)
+        c.extra = (uk, uv)
+        c.inputs = lambda rec, uk=uk, uv=uv: (rec.q, project(rec.k, uk), project(rec.v, uv))
+        c.probe = ("latent_probe", {"probe": key, "rank": r})
 
 
 def _plan(matches, live, outcome: Outcome, pending, failures, hw, target, budget, metric, rows) -> Plan:

@@ -115,6 +115,9 @@ class Candidate:
     seconds: float
     exact: bool = False
     error: Optional[float] = None  # None until scored
+    extra: tuple = ()  # fitted tensors the variant's kernel takes (latent factors)
+    inputs: Optional[Callable] = None  # record -> (q, k, v) the variant reads (latent: low-rank K/V)
+    probe: Optional[tuple[str, dict]] = None  # (variant, params) that evaluates it on the unchanged graph
 
     def label(self) -> str:
         """``variant(k=v,...)``, as the plan prints it."""
@@ -135,8 +138,12 @@ class SitePlan:
     gain: float = 1.0  # output error per unit of site error, measured by a probe run
 
 
-def site_candidates(site: AttentionSite, allowed: dict[str, Optional[dict]], hw, forced: bool) -> SitePlan:
-    """Every allowed variant's applicable parameter choices for ``site``, priced (cheapest first)."""
+def site_candidates(site: AttentionSite, allowed: dict[str, Optional[dict]], hw, forced: bool,
+                    blocked: Optional[dict[str, str]] = None) -> SitePlan:
+    """Every allowed variant's applicable parameter choices for ``site``, priced (cheapest first).
+
+    ``blocked``: variants the graph rules out at this site, with the reason (e.g. latent without factorable K/V).
+    """
     dense_s = pricing.seconds(site, "dense", {}, hw)
     dense = Candidate("dense", {}, dense_s if dense_s is not None else math.inf, exact=True, error=0.0)
     sp = SitePlan(site, dense, [])
@@ -144,7 +151,7 @@ def site_candidates(site: AttentionSite, allowed: dict[str, Optional[dict]], hw,
         if name == "dense":
             continue
         module = VARIANTS[name]
-        why = module.applies(site)
+        why = module.applies(site) or (blocked or {}).get(name)
         if why:
             sp.refusals.append(f"{name}: {why}")
             continue
@@ -171,7 +178,7 @@ def _score(sp: SitePlan, cand: Candidate, records: Sequence[SiteRecord]) -> floa
             cand.error = 0.0  # float rounding of an exact rewrite is not spent from the budget
         else:
             try:
-                cand.error = site_error(records, cand.variant, cand.params)
+                cand.error = site_error(records, cand.variant, cand.params, extra=cand.extra, inputs=cand.inputs)
             except (ValueError, RuntimeError, NotImplementedError) as e:
                 logger.info("site %s: %s failed on calibration records: %s", sp.site.name, cand.label(), e)
                 cand.error = math.inf
@@ -218,7 +225,7 @@ def _probe_gains(sites: Sequence[SitePlan], records, evaluate: Evaluate, base: f
         probe = min(inexact, key=lambda c: c.error)
         if probe.error <= 0:
             continue
-        err, _ = evaluate({**dense_all, i: (probe.variant, probe.params)})
+        err, _ = evaluate({**dense_all, i: probe.probe or (probe.variant, probe.params)})
         sp.gain = max(err - base, 0.0) / probe.error
         say(f"site {i} {sp.site.name}: {probe.label()} site error {probe.error:.3g} -> output error {err:.3g} "
             f"(gain {sp.gain:.2f})")
@@ -268,7 +275,7 @@ def search(
             say(f"site {i} {sp.site.name}: {sp.chosen.label()}")
 
     def assignment() -> dict[int, tuple[str, dict]]:
-        return {i: (sp.chosen.variant, sp.chosen.params) for i, sp in enumerate(sites)}
+        return {i: sp.chosen.probe or (sp.chosen.variant, sp.chosen.params) for i, sp in enumerate(sites)}
 
     err, held = evaluate(assignment())
     say(f"end-to-end error {err:.3g}" + ("" if budget is None else f" (budget {budget:g})"))

@@ -154,11 +154,13 @@ def _combined_mask(em: _Emitter, m: Match, drop_band: bool = False) -> Optional[
     return out
 
 
-def rewrite_site(graph: fx.Graph, m: Match, variant: str, params: dict, drop_band: bool = False) -> fx.Node:
+def rewrite_site(graph: fx.Graph, m: Match, variant: str, params: dict, drop_band: bool = False,
+                 extra: tuple = ()) -> fx.Node:
     """Replace one matched attention by ``rewriter::attention``; returns the new op node.
 
     ``drop_band``: the variant applies the site's causal/band pattern itself (its ``window``), so the
     mask terms that make it up are left out and only the rest (padding, bias) is passed.
+    ``extra``: graph nodes of the tensors the variant takes besides q, k, v (latent up-projections).
     """
     if drop_band and not m.analysis.band_separable:
         raise Unsupported("the band is fused with other masking in one mask term; it cannot be dropped")
@@ -177,7 +179,7 @@ def rewrite_site(graph: fx.Graph, m: Match, variant: str, params: dict, drop_ban
     fill = m.analysis.fill if (mask is not None and G.dtype(mask) == torch.bool) else None
     out = em(
         torch.ops.rewriter.attention.default, q, k, v, mask, float(m.scale), bool(causal),
-        variant, json.dumps(params, sort_keys=True), [], float(m.softcap), fill,
+        variant, json.dumps(params, sort_keys=True), list(extra), float(m.softcap), fill,
     )
     p_len, f = G.shape(out)[-2:]
     out = em.steps(out, [("reshape", (*m.batch, p_len, f)), *m.out_steps, ("to", G.dtype(m.anchor))])

@@ -15,6 +15,7 @@ from passes.pipeline import plan_program
 from passes.plan import Decision, Plan
 from passes.planner import VariantSpec, choose, drops_band, normalise_variants
 from passes.rewrite import rewrite_graph
+from passes.surgery import apply_latent, parameter_count, rewrite_planned
 from passes.site import AttentionSite
 from passes.pricing import profile
 from rewriter.capture import CallSpec, call_spec, capture, graph_context, split_inputs
@@ -131,6 +132,12 @@ def _infer_target(example_inputs: Any) -> str:
     return "cpu"
 
 
+def _removed(model: torch.nn.Module, source: torch.nn.Module, projs) -> str:
+    n = sum(parameter_count(model.get_submodule(p.module)) - parameter_count(source.get_submodule(p.module))
+            for p in projs)
+    return f"{n:,}"
+
+
 def _check_budget(budget: Any) -> Optional[float]:
     if budget is None:
         return None
@@ -168,9 +175,9 @@ def _decisions_for(plan: Plan) -> dict[int, tuple[str, dict]]:
 
 
 def _rewrite_as(ep, matches: list[Match], chosen: dict[int, tuple[str, dict]]) -> None:
-    rewrite_graph(ep.graph_module, [
-        (m, *chosen[m.site.index], {"drop_band": drops_band(m.site, *chosen[m.site.index])})
-        for m in matches if m.site.index in chosen])
+    failures = rewrite_planned(ep, matches, chosen)
+    if failures:
+        raise RuntimeError(f"the planned rewrite failed at re-capture: {failures}")
 
 
 def optimize(
@@ -221,7 +228,20 @@ def optimize(
     # The captured graph before surgery is the reference: a fast path eager mode takes (nested tensors
     # for padding, say) is not charged to the rewrite.
     captured = ep.module()
-    plan = plan_program(ep, matches, samples, captured, budget, allowed, target, metric)
+    planned = plan_program(ep, matches, samples, captured, budget, allowed, target, metric)
+    plan = planned.plan
+    source = model
+    if planned.surgeries:  # latent: factor the K/V projections of a copy, then capture that
+        source = apply_latent(model, [x for s in planned.surgeries for x in ((s.k_proj, s.uk), (s.v_proj, s.uv))])
+        before, after = parameter_count(model), parameter_count(source)
+        removed = {s.site: (s.k_proj, s.v_proj) for s in planned.surgeries}
+        decisions = tuple(
+            dataclasses.replace(d, reason="; ".join(x for x in (
+                d.reason, f"K/V projections factored to rank {d.params.get('rank')}: "
+                f"-{_removed(model, source, removed[d.site.index])} parameters") if x))
+            if d.site.index in removed else d for d in plan.decisions)
+        plan = dataclasses.replace(plan, decisions=decisions, notes=(*plan.notes, (
+            f"latent weight surgery: {before:,} -> {after:,} parameters ({before - after:,} fewer)")))
     capture_gap = 0.0
     with torch.no_grad():
         kw = samples[0]
@@ -233,18 +253,20 @@ def optimize(
     chosen = _decisions_for(plan)
 
     def rebuild(kw: dict):
-        ep2, _, matches2, _ = _analyse(model, kw)
+        ep2, _, matches2, _ = _analyse(source, kw)
         _rewrite_as(ep2, matches2, chosen)
         return ep2
 
     kw0 = spec.bind(args0, kwargs0)
-    if any(drops_band(d.site, d.variant, d.params) for d in plan.decisions):
-        # a site's own band is run by the window kernel: capture again without passing the band as a mask
+    if planned.surgeries or any(drops_band(d.site, d.variant, d.params) for d in plan.decisions):
+        # the final program differs in structure from the planning graph (factored projections, a site's
+        # own band run by the window kernel instead of passed as a mask): capture it again
         ep = rebuild(kw0)
+        _, _, matches, _ = _analyse(source, example_inputs)
     if dynamic and any(d.variant not in ("original", "dense") for d in plan.decisions):
         hw = profile(target, torch.cuda.get_device_name() if target == "cuda" and torch.cuda.is_available() else "")
         high = max((t.shape[1] for k, t in kw0.items() if k in seq_inputs(kw0)), default=0)
-        got = length_adaptive(model, kw0, matches, plan, hw, high) if high >= 2 else None
+        got = length_adaptive(source, kw0, matches, plan, hw, high) if high >= 2 else None
         if got is not None:
             ep_dyn, rng, schedules = got
             notes = [f"one program serves sequence lengths {rng.low}..{rng.high}"]

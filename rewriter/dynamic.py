@@ -19,7 +19,7 @@ from passes import pricing
 from passes.find import Match, find_matches
 from passes.plan import Plan
 from passes.planner import drops_band
-from passes.rewrite import rewrite_graph
+from passes.surgery import rewrite_planned
 from rewriter.capture import CallSpec, graph_context
 
 logger = logging.getLogger(__name__)
@@ -126,22 +126,19 @@ def length_adaptive(model: torch.nn.Module, kw: dict, static_matches: list[Match
     if not _same_sites(static_matches, matches):
         logger.info("the dynamic-length capture shows different sites; the model is re-captured per input shape")
         return None
-    chosen, schedules = [], {}
+    chosen, schedules = {}, {}
     for m, d in zip(matches, plan.decisions):
         if d.variant == "original":
             continue
-        if d.variant == "dense":
-            chosen.append((m, "dense", {}))
-            continue
-        if drops_band(d.site, d.variant, d.params):  # exact at every length: no dense branch without the band
-            chosen.append((m, d.variant, dict(d.params), {"drop_band": True}))
+        chosen[m.site.index] = (d.variant, dict(d.params))
+        # exact at every length (a native window) or reading factored K/V (latent): no dense branch
+        if d.variant == "dense" or d.variant == "latent" or drops_band(d.site, d.variant, d.params):
             continue
         start = crossover(d.site, d.variant, d.params, hw, high)
         schedule = [[0, "dense", {}]] if start is None or start > 0 else []
         schedule.append([start if start is not None else high, d.variant, dict(d.params)])
         schedules[m.site.index] = schedule
-        chosen.append((m, "adaptive", {"schedule": schedule}))
-    failures = rewrite_graph(ep.graph_module, chosen)
+    failures = rewrite_planned(ep, matches, chosen, adaptive=schedules)
     if failures:
         logger.info("the dynamic-length capture could not be rewritten (%s); re-capturing per shape", failures)
         return None

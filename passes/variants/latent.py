@@ -20,10 +20,8 @@ PARAMS: dict = {"rank": int}
 
 
 def applies(site) -> Optional[str]:
-    """Latent applies when K and V come from projections the rewrite can factor; returns a reason if not."""
-    if not getattr(site, "factorable", False):
-        return ("needs low-rank K/V projections from weight surgery, which the planner does not perform yet; "
-                "the kernel exists (codegen.latent)")
+    """Latent applies to sites whose shape allows a rank below the head dim; the planner also checks that
+    K and V come from Linear projections it can factor (passes/surgery.py)."""
     if site.head_dim < 8:
         return f"head dim {site.head_dim} is too small to factor"
     return modifier_reason(site)
