@@ -156,3 +156,17 @@ def test_linear_vs_naive(causal, dtype):
     got = ct.run("linear", q, k, v, pad, 0.125, causal, feature_map="elu1", chunk=64).cpu()
     ref = linear.reference(q.cpu().double(), k.cpu().double(), v.cpu().double(), pad.cpu(), 0.125, causal)
     assert _rel(got, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_latent_vs_naive(causal, dtype):
+    from codegen import latent
+    b, h, g, p, m, e, r, f = 2, 8, 2, 333, 517, 128, 48, 96
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    mk = lambda *s: torch.randn(*s, generator=gen, device="cuda").to(dtype)  # noqa: E731
+    q, ck, cv, uk, uv = mk(b, h, p, e), mk(b, g, m, r), mk(b, g, m, r), mk(g, r, e) / 8, mk(g, r, f)
+    got = ct.run("latent", q, ck, cv, None, e ** -0.5, causal, extra=[uk, uv]).cpu()
+    ref = latent.reference(*(x.cpu().double() for x in (q, ck, cv)), None, e ** -0.5, causal,
+                           extra=[uk.cpu().double(), uv.cpu().double()])
+    assert _rel(got, ref) < 2 * TOL[dtype]  # two extra roundings between the fused steps

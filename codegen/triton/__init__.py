@@ -13,7 +13,7 @@ import functools
 import logging
 import os
 import warnings
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -54,17 +54,18 @@ def _wanted(q: torch.Tensor) -> bool:
 
 def maybe_run(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
               scale: float, causal: bool, softcap: float = 0.0, fill: Optional[float] = None,
-              params: Optional[Mapping[str, Any]] = None) -> Optional[torch.Tensor]:
+              params: Optional[Mapping[str, Any]] = None, extra: Sequence[torch.Tensor] = ()
+              ) -> Optional[torch.Tensor]:
     """The generated kernel's output on CUDA, or ``None`` (caller falls back) when it cannot run."""
     if variant not in FAMILIES or not enabled() or not _wanted(q) or not available():
         return None
     params = dict(params or {})
     key = variant
     try:
-        key = call_spec(variant, q, k, v, mask, causal, softcap, params).hash
+        key = call_spec(variant, q, k, v, mask, causal, softcap, params, extra=extra).hash
         if key in _FAILED:
             return None
-        return run(variant, q, k, v, mask, scale, causal, softcap=softcap, fill=fill, **params)
+        return run(variant, q, k, v, mask, scale, causal, softcap=softcap, fill=fill, extra=extra, **params)
     except Exception as exc:  # generation, compilation or launch: fall back, never return junk
         _FAILED.add(key)
         sig = (variant, type(exc).__name__)

@@ -31,6 +31,7 @@ FAMILIES: dict[str, str] = {
     "block_sparse": "blockmap",
     "neighborhood_2d": "blockmap",
     "linear": "linear",      # elu1 feature map, no window (codegen.triton.linear_gen)
+    "latent": "ranges",      # dense over rank-R K/V with both up-projections fused
 }
 
 _LOCK = threading.Lock()
@@ -52,7 +53,7 @@ def _visible_body(spec: KernelSpec) -> str:
     """The variant's element test as Triton code (key j vs absolute query position i)."""
     v, causal = spec.variant, spec.causal
     lines: list[str] = []
-    if v in ("dense", "gqa_merge", "block_sparse"):
+    if v in ("dense", "gqa_merge", "latent", "block_sparse"):
         lines.append("    vis = kpos >= 0  # every key")
     elif v == "sliding_window":
         w = int(spec.param("window"))
@@ -96,7 +97,7 @@ def _segments(spec: KernelSpec) -> list[tuple[str, str, str, str, str]]:
     [lo(q_last), hi(q_first)] because every bound here is monotone in i.
     """
     v, causal = spec.variant, spec.causal
-    if v in ("dense", "gqa_merge"):
+    if v in ("dense", "gqa_merge", "latent"):
         # literals are written as expressions of q_first so every bound is a tensor of one type
         hi_any, hi_all = ("q_last", "q_first") if causal else ("M - 1 + 0 * q_last", "M - 1 + 0 * q_first")
         return [("all keys", "0 * q_first", hi_any, "0 * q_first", hi_all)]
@@ -138,9 +139,13 @@ def generate(spec: KernelSpec) -> str:
     family = FAMILIES.get(spec.variant)
     if family is None:
         raise ValueError(f"no Triton kernel for variant {spec.variant!r}; have {sorted(FAMILIES)}")
+    latent = spec.variant == "latent"
     e, f = int(spec.head_dim), int(spec.value_dim)
+    if latent:  # the loop contracts and accumulates over the rank; q's dim and the output's are X, Y
+        x, y = e, f
+        e = f = int(spec.param("rank"))
     be, bf = _pow2(e), _pow2(f)
-    top_left = spec.variant in ("dense", "gqa_merge")
+    top_left = spec.variant in ("dense", "gqa_merge", "latent")
     dims = {
         "GQA": str(max(1, int(spec.gqa))), "E": str(e), "F": str(f), "BLOCK_E": str(be), "BLOCK_F": str(bf),
         "EMASK_Q": f" & (offs_e[None, :] < {e})" if be != e else "",
@@ -170,8 +175,12 @@ def generate(spec: KernelSpec) -> str:
         "DOT_PREC": ', input_precision="ieee"' if spec.dtype == "float32" else "",
         "SOFTCAP": ("        s = softcap * _tanh(s / softcap)  # soft-capping" if spec.softcap
                     else "        # no soft-capping in this spec"),
-        "EXTRA_ARGS": T.BLOCKMAP_ARGS if family == "blockmap" else "",
+        "EXTRA_ARGS": T.BLOCKMAP_ARGS if family == "blockmap" else (T.LATENT_ARGS if latent else ""),
+        "Q_LOAD": T.LATENT_Q_LOAD if latent else T.Q_LOAD,
+        "STORE": T.LATENT_STORE if latent else T.STORE,
     }
+    if latent:
+        values.update({"X": str(x), "Y": str(y), "BLOCK_X": str(_pow2(x)), "BLOCK_Y": str(_pow2(y))})
     parts = [T.HEADER]
     if family == "ranges":
         parts.append(T.BLOCKS_FN)

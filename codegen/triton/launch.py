@@ -5,7 +5,7 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -27,6 +27,7 @@ _SPEC_PARAMS: dict[str, tuple[str, ...]] = {
     "dense": (), "gqa_merge": (), "sliding_window": ("window",), "sinks_window": ("window", "sinks"),
     "block_sparse": ("keep", "block"), "neighborhood_2d": ("grid", "kernel", "prefix", "block"),
     "linear": ("feature_map", "chunk", "window"),
+    "latent": ("rank",),
 }
 _TUNED: dict[str, Any] = {}
 
@@ -55,7 +56,7 @@ def _spec_params(variant: str, params: dict) -> dict:
 
 def call_spec(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
               causal: bool, softcap: float, params: dict, block_q: Optional[int] = None,
-              block_k: Optional[int] = None) -> KernelSpec:
+              block_k: Optional[int] = None, extra: Sequence[torch.Tensor] = ()) -> KernelSpec:
     """The spec a call runs under (dims, dtype, flags, parameters, tile)."""
     if variant not in FAMILIES:
         raise ValueError(f"no Triton kernel for variant {variant!r}")
@@ -67,9 +68,15 @@ def call_spec(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     else:
         default = INTERPRET_BLOCK if q.device.type == "cpu" else CUDA_BLOCK
         bq, bk = int(block_q or default), int(block_k or default)
+    f = int(v.shape[-1])
+    if variant == "latent":  # k/v are rank R; the output dim is the V up-projection's
+        if len(extra) != 2:
+            raise ValueError("latent: extra must be [uk [G,R,E], uv [G,R,F]]")
+        sp = {"rank": int(k.shape[-1])}
+        f = int(extra[1].shape[-1])
     return KernelSpec.make(
         variant, sp, dtype=str(q.dtype).replace("torch.", ""), head_dim=int(q.shape[-1]),
-        value_dim=int(v.shape[-1]), gqa=int(q.shape[1] // k.shape[1]), causal=bool(causal),
+        value_dim=f, gqa=int(q.shape[1] // k.shape[1]), causal=bool(causal),
         mask=mask_kind(mask), softcap=softcap > 0, block_q=bq, block_k=bk)
 
 
@@ -86,7 +93,7 @@ def spec_from_fields(variant: str, params: dict, **fields: Any) -> KernelSpec:
     return KernelSpec.make(variant, sp, **fields)
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+def _check(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
     """Refuse what the kernels do not handle, before anything is compiled."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be 4-D [B, heads, N, D]")
@@ -94,6 +101,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
         raise ValueError(f"Triton kernels take one dtype among {DTYPES}; got {q.dtype}/{k.dtype}/{v.dtype}")
     if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
         raise ValueError(f"bad head/length layout q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}")
+    if variant != "latent" and q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         raise ValueError(f"head dims above {MAX_HEAD_DIM} are not supported")
     dev = q.device
@@ -159,13 +168,13 @@ class Launch:
 def prepare(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
             scale: Optional[float] = None, causal: bool = False, *, softcap: float = 0.0,
             fill: Optional[float] = None, out: Optional[torch.Tensor] = None, block_q: Optional[int] = None,
-            block_k: Optional[int] = None, **params) -> Optional[Launch]:
-    """Spec, kernel, grid and arguments of one call (``None`` when there is nothing to compute)."""
-    _check(q, k, v, mask)
-    spec = call_spec(variant, q, k, v, mask, causal, softcap, params, block_q, block_k)
+            block_k: Optional[int] = None, extra: Sequence[torch.Tensor] = (), **params) -> Launch:
+    """Spec, kernel, grid and arguments of one call."""
+    _check(variant, q, k, v, mask)
+    spec = call_spec(variant, q, k, v, mask, causal, softcap, params, block_q, block_k, extra)
     mod = load(spec)
     bsz, h, p, e = q.shape
-    m, f = k.shape[2], v.shape[-1]
+    m, f = k.shape[2], spec.value_dim
     if scale is None:
         scale = e ** -0.5
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
@@ -192,6 +201,13 @@ def prepare(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
         idx_e = idx.expand(bsz, h, *idx.shape[-2:])
         full_e = full.expand(bsz, h, *full.shape[-2:])
         args += [num_e, idx_e, full_e, *num_e.stride(), *idx_e.stride()[:3]]
+    elif variant == "latent":
+        uk, uv = (x.to(device=q.device, dtype=q.dtype) for x in extra)
+        uk, uv = (x if x.stride(-1) == 1 else x.contiguous() for x in (uk, uv))
+        g, r = k.shape[1], k.shape[-1]
+        if tuple(uk.shape[:2]) != (g, r) or tuple(uv.shape[:2]) != (g, r) or uk.shape[-1] != e:
+            raise ValueError(f"latent: uk {tuple(uk.shape)} / uv {tuple(uv.shape)} do not match G={g}, R={r}, E={e}")
+        args += [uk, uv, uk.stride(0), uk.stride(1), uv.stride(0), uv.stride(1)]
     args += [float(scale), float(softcap) if softcap > 0 else 1.0, float(fill) if fill is not None else 0.0,
              *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *mstr, h, p, m]
     kwargs = dict(HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_FILL=bool(mask_bool and fill is not None))
@@ -227,10 +243,10 @@ def _prepare_linear(spec: KernelSpec, mod, q: torch.Tensor, k: torch.Tensor, v: 
 def run(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
         scale: Optional[float] = None, causal: bool = False, *, softcap: float = 0.0,
         fill: Optional[float] = None, out: Optional[torch.Tensor] = None, block_q: Optional[int] = None,
-        block_k: Optional[int] = None, **params) -> torch.Tensor:
+        block_k: Optional[int] = None, extra: Sequence[torch.Tensor] = (), **params) -> torch.Tensor:
     """Run ``variant``'s generated Triton kernel (no fallback: any failure raises)."""
     job = prepare(variant, q, k, v, mask, scale, causal, softcap=softcap, fill=fill, out=out, block_q=block_q,
-                  block_k=block_k, **params)
+                  block_k=block_k, extra=extra, **params)
     if job.out.numel():
         job.kernel[job.grid](*job.args, **job.kwargs)
     return job.out

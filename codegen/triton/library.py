@@ -18,7 +18,7 @@ from codegen.triton.gen import FAMILIES
 
 logger = logging.getLogger(__name__)
 
-TRACEABLE = tuple(v for v, fam in FAMILIES.items() if fam == "ranges")
+TRACEABLE = tuple(v for v, fam in FAMILIES.items() if fam == "ranges" and v != "latent")  # latent needs extra
 OP = None
 
 try:

@@ -130,8 +130,7 @@ def attention_kernel(Q, K, V, Out, Mask, @EXTRA_ARGS@
     offs_e = tl.arange(0, @BLOCK_E@)  # head dim @E@ padded to a power of two, masked loads
     offs_f = tl.arange(0, @BLOCK_F@)  # value dim @F@
     row_ok = offs_m < P
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_e[None, :],
-                mask=row_ok[:, None]@EMASK_Q@, other=0.0)
+@Q_LOAD@
     Kp = K + b * skb + g * skh
     Vp = V + b * svb + g * svh
     Mp = Mask + b * smb + h * smh + offs_m[:, None] * smm
@@ -147,8 +146,7 @@ KERNEL_CLOSE = '''
     # rows with no visible key have l = 0 and acc = 0: they give 0 (as FlexAttention does)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_f[None, :], out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None]@FMASK_STORE@)
+@STORE@
 '''
 
 BLOCKS_FN = '''
@@ -214,10 +212,40 @@ BLOCKMAP_ARGS = "BNum, BIdx, BFull, sbb, sbh, sbq, snb, snh, snq,"
 
 def render(text: str, values: dict[str, str]) -> str:
     """Fill ``@NAME@`` placeholders; a placeholder left unfilled is a bug, so it raises."""
-    for key, val in values.items():
-        text = text.replace(f"@{key}@", val)
+    for _ in range(3):  # values may hold placeholders themselves (template pieces)
+        for key, val in values.items():
+            text = text.replace(f"@{key}@", val)
     if "@" in text.replace("@triton.jit", ""):
         left = [w for w in text.split("@") if w.isupper() and w.replace("_", "").isalnum()]
         if left:
             raise KeyError(f"unfilled template placeholders: {sorted(set(left))}")
     return text
+
+
+Q_LOAD = '''\
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_e[None, :],
+                mask=row_ok[:, None]@EMASK_Q@, other=0.0)'''
+
+STORE = '''\
+    tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_f[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None]@FMASK_STORE@)'''
+
+# latent: K/V are rank-R (CK, CV); q is projected down by uk[g] before the loop and the rank-R
+# output up by uv[g] after it, inside the kernel (offs_e / offs_f index the rank here)
+LATENT_ARGS = "UK, UV, sukg, sukr, suvg, suvr,"
+
+LATENT_Q_LOAD = '''\
+    offs_x = tl.arange(0, @BLOCK_X@)  # q's head dim @X@ (before the down-projection)
+    q_in = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_x[None, :],
+                   mask=row_ok[:, None] & (offs_x[None, :] < @X@), other=0.0)
+    uk = tl.load(UK + g * sukg + offs_e[:, None] * sukr + offs_x[None, :],
+                 mask=(offs_e[:, None] < @E@) & (offs_x[None, :] < @X@), other=0.0)
+    q = tl.dot(q_in, tl.trans(uk)@DOT_PREC@).to(Q.dtype.element_ty)  # [BM, R]: q . uk^T'''
+
+LATENT_STORE = '''\
+    offs_y = tl.arange(0, @BLOCK_Y@)  # output head dim @Y@ (after the up-projection)
+    uv = tl.load(UV + g * suvg + offs_f[:, None] * suvr + offs_y[None, :],
+                 mask=(offs_f[:, None] < @F@) & (offs_y[None, :] < @Y@), other=0.0)
+    out = tl.dot(out.to(UV.dtype.element_ty), uv@DOT_PREC@)  # [BM, F]: (softmax . CV) . uv
+    tl.store(Out + b * sob + h * soh + offs_m[:, None] * som + offs_y[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_y[None, :] < @Y@))'''
