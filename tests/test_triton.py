@@ -121,9 +121,9 @@ def test_sinks_window(shape, mask_kind, causal, sinks, window):
     _check("sinks_window", SHAPES[shape], mask_kind, causal, torch.float32, window=window, sinks=sinks)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("keep,dtype", [(0.3, torch.float32), (0.3, torch.float16), (1.0, torch.float32)],
+                         ids=["keep0.3-fp32", "keep0.3-fp16", "keep1-fp32"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("keep", [0.3, 1.0])
 @pytest.mark.parametrize("shape,mask_kind", CASES[:4], ids=[f"{s}-{m}" for s, m in CASES[:4]])
 def test_block_sparse(shape, mask_kind, causal, keep, dtype):
     _check("block_sparse", SHAPES[shape], mask_kind, causal, dtype, keep=keep, block=16)
