@@ -62,3 +62,17 @@ def register_probe_kernel() -> None:
     from codegen.ops import register_kernel
 
     register_kernel("latent_probe")(_probe)
+
+
+def _with_extra(q, k, v, mask, scale, causal, *, extra=(), softcap=0.0, fill=None, probe: str = "", inner: str = "",
+                **params):
+    from codegen.ops import run
+
+    return run(inner, q, k, v, mask, scale, causal, extra=list(PROBES[probe]), softcap=softcap, fill=fill, **params)
+
+
+def register_extra_probe_kernel() -> None:
+    """Register the planning-only ``extra_probe`` kernel: ``inner`` variant with fitted tensors looked up by key."""
+    from codegen.ops import register_kernel
+
+    register_kernel("extra_probe")(_with_extra)

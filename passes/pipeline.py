@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -22,6 +23,8 @@ from passes.calibrate import SiteRecord, record_sites
 from passes.find import Match
 from passes.plan import Decision, Plan
 from passes.planner import Outcome, SitePlan, choose, search, site_candidates
+from passes import graph as G
+from passes.grid import token_grid
 from passes.rewrite import rewrite_graph
 from passes.surgery import Projection, factors, find_projection, project
 
@@ -145,6 +148,7 @@ def plan_program(
     measure = Measure(references, samples, rows, metric)
 
     projections: list[Optional[tuple[Projection, Projection]]] = []
+    dg = G.to_digraph(ep.graph_module.graph) if "neighborhood_2d" in allowed else None
     plans: list[SitePlan] = []
     for i, m in enumerate(live):
         blocked = {}
@@ -156,8 +160,15 @@ def plan_program(
                 blocked["latent"] = f"its {'keys' if pk is None else 'values'}: {why_k or why_v}"
         else:
             projections.append(None)
-        sp = site_candidates(m.site, allowed, hw, forced=budget is None, blocked=blocked)
+        facts = {}
+        if "neighborhood_2d" in allowed:
+            grid = token_grid(dg, nodes[i].args[0], m.site.q_len) if m.site.q_len > 0 else None
+            facts["grid"] = grid
+            if grid is None:
+                blocked["neighborhood_2d"] = "its tokens do not come from one patch embedding (no image grid found)"
+        sp = site_candidates(m.site, allowed, hw, forced=budget is None, blocked=blocked, facts=facts)
         _prepare_latent(sp, calib_records[i], i)
+        _prepare_hedgehog(sp, calib_records[i], i, say)
         plans.append(sp)
 
     def evaluate(assignment: dict[int, tuple[str, dict]]) -> tuple[float, Optional[float]]:
@@ -167,14 +178,17 @@ def plan_program(
         return measure(ep.module())
 
     outcome: Outcome = search(plans, calib_records, evaluate, budget, progress=say)
-    surgeries = []
+    surgeries, fitted = [], []
     for i, sp in enumerate(outcome.sites):
         assign(nodes[i], *(sp.chosen.probe or (sp.chosen.variant, sp.chosen.params)))
         if sp.chosen.variant == "latent":
             pk, pv = projections[i]
             surgeries.append(Surgery(live[i].site.index, pk, sp.chosen.extra[0], pv, sp.chosen.extra[1]))
+        elif sp.chosen.extra:
+            fitted.append((live[i].site.index, tuple(sp.chosen.extra)))
     ep.graph_module.recompile()
-    return Planned(_plan(matches, live, outcome, pending, failures, hw, target, budget, metric, rows), tuple(surgeries))
+    return Planned(_plan(matches, live, outcome, pending, failures, hw, target, budget, metric, rows), tuple(surgeries),
+                   tuple(fitted))
 
 
 @dataclass(frozen=True)
@@ -194,6 +208,32 @@ class Planned:
 
     plan: Plan
     surgeries: tuple[Surgery, ...] = ()
+    fitted: tuple[tuple[int, tuple[torch.Tensor, ...]], ...] = ()  # (site, tensors the op takes as extra)
+
+
+def _prepare_hedgehog(sp: SitePlan, records: list[SiteRecord], index: int, say) -> None:
+    """Learned feature maps: fitted once per site (on first use), shared by every window size."""
+    from codegen import lowrank
+    from passes.fitting import fit_hedgehog
+
+    cands = [c for c in sp.options if c.variant == "linear" and c.params.get("feature_map") == "hedgehog"]
+    if not cands or not records:
+        return
+    lowrank.register_extra_probe_kernel()
+    key = f"site{index}-hedgehog-{id(sp)}"
+    cache: list = []
+
+    def prepare(c) -> None:
+        if not cache:
+            t0 = time.perf_counter()
+            cache.append(fit_hedgehog(records, desc=f"fitting feature maps, site {index}"))
+            say(f"site {index} {sp.site.name}: fitted Hedgehog feature maps in {time.perf_counter() - t0:.1f}s")
+            lowrank.PROBES[key] = tuple(cache[0])
+        c.extra = tuple(cache[0])
+        c.probe = ("extra_probe", {"probe": key, "inner": "linear", **c.params})
+
+    for c in cands:
+        c.prepare = prepare
 
 
 def _prepare_latent(sp: SitePlan, records: list[SiteRecord], index: int) -> None:

@@ -9,6 +9,7 @@ unit of time saved backs off to its next more accurate candidate (eventually exa
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from dataclasses import dataclass, field
@@ -118,6 +119,7 @@ class Candidate:
     extra: tuple = ()  # fitted tensors the variant's kernel takes (latent factors)
     inputs: Optional[Callable] = None  # record -> (q, k, v) the variant reads (latent: low-rank K/V)
     probe: Optional[tuple[str, dict]] = None  # (variant, params) that evaluates it on the unchanged graph
+    prepare: Optional[Callable[["Candidate"], None]] = None  # fits what the candidate needs, before scoring
 
     def label(self) -> str:
         """``variant(k=v,...)``, as the plan prints it."""
@@ -139,7 +141,7 @@ class SitePlan:
 
 
 def site_candidates(site: AttentionSite, allowed: dict[str, Optional[dict]], hw, forced: bool,
-                    blocked: Optional[dict[str, str]] = None) -> SitePlan:
+                    blocked: Optional[dict[str, str]] = None, facts: Optional[dict] = None) -> SitePlan:
     """Every allowed variant's applicable parameter choices for ``site``, priced (cheapest first).
 
     ``blocked``: variants the graph rules out at this site, with the reason (e.g. latent without factorable K/V).
@@ -155,7 +157,12 @@ def site_candidates(site: AttentionSite, allowed: dict[str, Optional[dict]], hw,
         if why:
             sp.refusals.append(f"{name}: {why}")
             continue
-        grid = [{**getattr(module, "DEFAULTS", {}), **fixed}] if fixed is not None else module.grid(site)
+        takes_facts = "facts" in inspect.signature(module.grid).parameters
+        if fixed is not None:
+            complete = getattr(module, "complete", lambda p, f: p)
+            grid = [complete({**getattr(module, "DEFAULTS", {}), **fixed}, facts)]
+        else:
+            grid = module.grid(site, facts) if takes_facts else module.grid(site)
         if not grid:
             sp.refusals.append(f"{name}: no parameter choice fits the site's shape")
         for params in grid:
@@ -173,6 +180,9 @@ def site_candidates(site: AttentionSite, allowed: dict[str, Optional[dict]], hw,
 
 
 def _score(sp: SitePlan, cand: Candidate, records: Sequence[SiteRecord]) -> float:
+    if cand.error is None and cand.prepare is not None:
+        cand.prepare(cand)
+        cand.prepare = None
     if cand.error is None:
         if cand.exact:
             cand.error = 0.0  # float rounding of an exact rewrite is not spent from the budget

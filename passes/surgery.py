@@ -165,9 +165,32 @@ def parameter_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+FITTED_PREFIX = "_rewriter_fitted"
+
+
+def attach_fitted(model: torch.nn.Module, fitted: Sequence[tuple[int, Sequence[torch.Tensor]]]) -> torch.nn.Module:
+    """A copy of ``model`` carrying each site's fitted tensors as buffers, so a capture holds them as constants."""
+    out = copy.deepcopy(model)
+    for site, tensors in fitted:
+        for j, t in enumerate(tensors):
+            out.register_buffer(f"{FITTED_PREFIX}_{site}_{j}", t.detach().clone())
+    return out
+
+
+def _fitted_nodes(ep: torch.export.ExportedProgram, site: int) -> tuple:
+    by_fqn = {fqn: name for name, fqn in ep.graph_signature.inputs_to_buffers.items()}
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    out, j = [], 0
+    while f"{FITTED_PREFIX}_{site}_{j}" in by_fqn:
+        out.append(nodes[by_fqn[f"{FITTED_PREFIX}_{site}_{j}"]])
+        j += 1
+    return tuple(out)
+
+
 def rewrite_planned(ep: torch.export.ExportedProgram, matches: list, chosen: dict[int, tuple[str, dict]],
                     adaptive: Optional[dict[int, list]] = None) -> dict[int, str]:
-    """Rewrite ``ep``'s sites by the plan: native windows drop their band, latent sites read low-rank K/V.
+    """Rewrite ``ep``'s sites by the plan: native windows drop their band, latent sites read low-rank K/V,
+    fitted tensors (learned feature maps) come from the buffers ``attach_fitted`` added.
 
     ``adaptive`` maps a site to a length schedule (the op becomes ``adaptive`` there).
     """
@@ -190,8 +213,12 @@ def rewrite_planned(ep: torch.export.ExportedProgram, matches: list, chosen: dic
                 continue
             m = dataclasses.replace(m, k=lk[0], v=lv[0], gqa_source=None, v_gqa_source=None)
             opts["extra"] = (lk[1], lv[1])
-        elif adaptive and m.site.index in adaptive:
-            variant, params = "adaptive", {"schedule": adaptive[m.site.index]}
+        else:
+            fitted = _fitted_nodes(ep, m.site.index)
+            if fitted:
+                opts["extra"] = fitted
+            if adaptive and m.site.index in adaptive:
+                variant, params = "adaptive", {"schedule": adaptive[m.site.index]}
         todo.append((m, variant, params, opts))
     failures.update(rewrite_graph(ep.graph_module, todo))
     return failures

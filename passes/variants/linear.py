@@ -31,11 +31,14 @@ def applies(site) -> Optional[str]:
 
 
 def grid(site) -> list[dict]:
-    """Feature maps to try: Taylor with a softmax window (Based), plain elu+1 (learned maps need fitting first)."""
+    """Feature maps to try: Taylor or a learned (Hedgehog) map with a softmax window, and plain elu+1."""
     out: list[dict] = []
     for w in powers_below(site.kv_len, lo=32, hi=256):
         if site.head_dim <= 64:  # the Taylor map has 1 + d + d² features
             out.append({"feature_map": "taylor", "window": w, "chunk": 64})
+    # A learned map is fitted to the normalised attention weights, which is the kernel's pure linear form;
+    # combined with a softmax window its features (at most 2 in φ(q)·φ(k)) cannot match exp(s) in scale.
+    out.append({"feature_map": "hedgehog", "window": 0, "chunk": 64})
     out.append({"feature_map": "elu1", "window": 0, "chunk": 64})
     return out
 
