@@ -76,3 +76,50 @@ def register_extra_probe_kernel() -> None:
     from codegen.ops import register_kernel
 
     register_kernel("extra_probe")(_with_extra)
+
+
+@torch.library.custom_op("rewriter::repeat_heads", mutates_args=())
+def repeat_heads(x: torch.Tensor, repeats: int, head_dim: int) -> torch.Tensor:
+    """[..., G'*D] -> [..., G'*repeats*D]: each merged head serves ``repeats`` original heads (gqa_merge)."""
+    g = x.shape[-1] // head_dim
+    y = x.reshape(*x.shape[:-1], g, 1, head_dim).expand(*x.shape[:-1], g, repeats, head_dim)
+    return y.reshape(*x.shape[:-1], g * repeats * head_dim).contiguous()
+
+
+@repeat_heads.register_fake
+def _repeat_heads_fake(x, repeats, head_dim):
+    return x.new_empty((*x.shape[:-1], x.shape[-1] * repeats))
+
+
+class MergedHeadsLinear(torch.nn.Module):
+    """A K/V projection whose heads were merged in groups: ``merged`` (in -> G'*D), repeated back to G*D."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, repeats: int, head_dim: int):
+        super().__init__()
+        self.merged = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype,
+                                      device=weight.device)
+        with torch.no_grad():
+            self.merged.weight.copy_(weight)
+            if bias is not None:
+                self.merged.bias.copy_(bias)
+        self.repeats, self.head_dim = int(repeats), int(head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The merged heads' projection, laid out as the original heads."""
+        return torch.ops.rewriter.repeat_heads(self.merged(x), self.repeats, self.head_dim)
+
+
+def _gqa_probe(q, k, v, mask, scale, causal, *, extra=(), softcap=0.0, fill=None, groups: int = 0, **_):
+    from codegen.ops import run
+
+    b, g, m, e = k.shape
+    ck = k.reshape(b, groups, g // groups, m, e).mean(2)
+    cv = v.reshape(b, groups, g // groups, m, v.shape[-1]).mean(2)
+    return run("gqa_merge", q, ck, cv, mask, scale, causal, softcap=softcap, fill=fill)
+
+
+def register_gqa_probe_kernel() -> None:
+    """Register the planning-only ``gqa_probe`` kernel: K/V heads merged by averaging, then exact attention."""
+    from codegen.ops import register_kernel
+
+    register_kernel("gqa_probe")(_gqa_probe)

@@ -152,12 +152,13 @@ def plan_program(
     plans: list[SitePlan] = []
     for i, m in enumerate(live):
         blocked = {}
-        if "latent" in allowed:
+        if "latent" in allowed or "gqa_merge" in allowed:
             pk, why_k = find_projection(ep, nodes[i].args[1])
             pv, why_v = find_projection(ep, nodes[i].args[2])
             projections.append((pk, pv) if pk and pv else None)
             if not (pk and pv):
-                blocked["latent"] = f"its {'keys' if pk is None else 'values'}: {why_k or why_v}"
+                why = f"its {'keys' if pk is None else 'values'}: {why_k or why_v}"
+                blocked.update({"latent": why, "gqa_merge": why})
         else:
             projections.append(None)
         facts = {}
@@ -168,6 +169,7 @@ def plan_program(
                 blocked["neighborhood_2d"] = "its tokens do not come from one patch embedding (no image grid found)"
         sp = site_candidates(m.site, allowed, hw, forced=budget is None, blocked=blocked, facts=facts)
         _prepare_latent(sp, calib_records[i], i)
+        _prepare_merge(sp)
         _prepare_hedgehog(sp, calib_records[i], i, say)
         plans.append(sp)
 
@@ -178,17 +180,20 @@ def plan_program(
         return measure(ep.module())
 
     outcome: Outcome = search(plans, calib_records, evaluate, budget, progress=say)
-    surgeries, fitted = [], []
+    surgeries, fitted, merges = [], [], []
     for i, sp in enumerate(outcome.sites):
         assign(nodes[i], *(sp.chosen.probe or (sp.chosen.variant, sp.chosen.params)))
         if sp.chosen.variant == "latent":
             pk, pv = projections[i]
             surgeries.append(Surgery(live[i].site.index, pk, sp.chosen.extra[0], pv, sp.chosen.extra[1]))
+        elif sp.chosen.variant == "gqa_merge":
+            pk, pv = projections[i]
+            merges.append((live[i].site.index, pk, pv, int(sp.chosen.params["groups"])))
         elif sp.chosen.extra:
             fitted.append((live[i].site.index, tuple(sp.chosen.extra)))
     ep.graph_module.recompile()
     return Planned(_plan(matches, live, outcome, pending, failures, hw, target, budget, metric, rows), tuple(surgeries),
-                   tuple(fitted))
+                   tuple(fitted), tuple(merges))
 
 
 @dataclass(frozen=True)
@@ -209,6 +214,26 @@ class Planned:
     plan: Plan
     surgeries: tuple[Surgery, ...] = ()
     fitted: tuple[tuple[int, tuple[torch.Tensor, ...]], ...] = ()  # (site, tensors the op takes as extra)
+    merges: tuple[tuple[int, Projection, Projection, int], ...] = ()  # (site, K proj, V proj, merged heads)
+
+
+def _merge_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    b, g, m, d = x.shape
+    return x.reshape(b, groups, g // groups, m, d).mean(2)
+
+
+def _prepare_merge(sp: SitePlan) -> None:
+    """Merged KV heads: scored on merged recorded K/V (the average of member heads, as the surgery makes)."""
+    from codegen import lowrank
+
+    cands = [c for c in sp.options if c.variant == "gqa_merge"]
+    if cands:
+        lowrank.register_gqa_probe_kernel()
+    for c in cands:
+        n = int(c.params["groups"])
+        c.inputs = lambda rec, n=n: (rec.q, _merge_heads(rec.k, n), _merge_heads(rec.v, n))
+        c.probe = ("gqa_probe", {"groups": n})
+        c.score_as = ("gqa_merge", {})
 
 
 def _prepare_hedgehog(sp: SitePlan, records: list[SiteRecord], index: int, say) -> None:

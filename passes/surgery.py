@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 import torch.fx as fx
 
-from codegen.lowrank import LowRankLinear
+from codegen.lowrank import LowRankLinear, MergedHeadsLinear
 from passes import graph as G
 from passes.calibrate import SiteRecord
 from passes.operands import Operand
@@ -142,6 +142,39 @@ def apply_latent(model: torch.nn.Module, surgeries: Sequence[tuple[Projection, t
     return out
 
 
+def merged_linear(linear: torch.nn.Linear, proj: Projection, groups: int) -> MergedHeadsLinear:
+    """The K/V projection with adjacent heads merged ``G / groups`` at a time by averaging their weights."""
+    g, e = proj.heads, proj.head_dim
+    per = g // groups
+    w = linear.weight.detach().view(groups, per, e, -1).mean(1).reshape(groups * e, -1)
+    b = None if linear.bias is None else linear.bias.detach().view(groups, per, e).mean(1).reshape(-1)
+    return MergedHeadsLinear(w, b, per, e)
+
+
+def apply_merge(model: torch.nn.Module, merges: Sequence[tuple[Projection, int]]) -> torch.nn.Module:
+    """A deep copy of ``model`` with each (projection, groups) Linear's heads merged."""
+    out = copy.deepcopy(model)
+    for proj, groups in merges:
+        parent_name, _, child = proj.module.rpartition(".")
+        parent = out.get_submodule(parent_name) if parent_name else out
+        setattr(parent, child, merged_linear(getattr(parent, child), proj, groups))
+    return out
+
+
+def merged_operand(op_input: fx.Node) -> Optional[Operand]:
+    """In a graph of the merged model: the un-repeated heads [B, G', M, D] behind an op input."""
+    x = op_input
+    for _ in range(16):
+        if G.opname(x) == "repeat_heads":
+            low, d = x.args[0], int(x.args[2])
+            b, m, gd = (int(v) for v in G.shape(low))
+            return Operand(low, [("reshape", (b, m, gd // d, d)), ("permute", [0, 2, 1, 3])])
+        if G.opname(x) not in _VIEWS and G.opname(x) not in G.CAST_OPS:
+            return None
+        x = x.args[0]
+    return None
+
+
 def latent_operand(op_input: fx.Node) -> Optional[tuple[Operand, fx.Node]]:
     """In a graph of the surgically changed model: the low-rank input of the latent_up feeding an op input.
 
@@ -213,6 +246,13 @@ def rewrite_planned(ep: torch.export.ExportedProgram, matches: list, chosen: dic
                 continue
             m = dataclasses.replace(m, k=lk[0], v=lv[0], gqa_source=None, v_gqa_source=None)
             opts["extra"] = (lk[1], lv[1])
+        elif variant == "gqa_merge":
+            mk, mv = merged_operand(m.k.node), merged_operand(m.v.node)
+            if mk is None or mv is None:
+                failures[m.site.index] = "gqa_merge: the merged projections are not visible in the captured graph"
+                continue
+            m = dataclasses.replace(m, k=mk, v=mv, gqa_source=None, v_gqa_source=None)
+            params = {}  # the merged head count is K's own shape now
         else:
             fitted = _fitted_nodes(ep, m.site.index)
             if fitted:

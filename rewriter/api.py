@@ -15,7 +15,7 @@ from passes.pipeline import plan_program
 from passes.plan import Decision, Plan
 from passes.planner import VariantSpec, choose, drops_band, normalise_variants
 from passes.rewrite import rewrite_graph
-from passes.surgery import apply_latent, attach_fitted, parameter_count, rewrite_planned
+from passes.surgery import apply_latent, apply_merge, attach_fitted, parameter_count, rewrite_planned
 from passes.site import AttentionSite
 from passes.pricing import profile
 from rewriter.capture import CallSpec, call_spec, capture, graph_context, split_inputs
@@ -242,6 +242,11 @@ def optimize(
             if d.site.index in removed else d for d in plan.decisions)
         plan = dataclasses.replace(plan, decisions=decisions, notes=(*plan.notes, (
             f"latent weight surgery: {before:,} -> {after:,} parameters ({before - after:,} fewer)")))
+    if planned.merges:  # gqa_merge: K/V heads merged in a copy
+        before = parameter_count(source)
+        source = apply_merge(source, [(p, n) for _, pk, pv, n in planned.merges for p in (pk, pv)])
+        plan = dataclasses.replace(plan, notes=(*plan.notes, (
+            f"KV-head merging: {before:,} -> {parameter_count(source):,} parameters")))
     if planned.fitted:  # learned feature maps travel with the model as buffers
         source = attach_fitted(source, planned.fitted)
     capture_gap = 0.0
@@ -260,7 +265,7 @@ def optimize(
         return ep2
 
     kw0 = spec.bind(args0, kwargs0)
-    if planned.surgeries or planned.fitted or any(drops_band(d.site, d.variant, d.params) for d in plan.decisions):
+    if planned.surgeries or planned.fitted or planned.merges or any(drops_band(d.site, d.variant, d.params) for d in plan.decisions):
         # the final program differs in structure from the planning graph (factored projections, a site's
         # own band run by the window kernel instead of passed as a mask): capture it again
         ep = rebuild(kw0)

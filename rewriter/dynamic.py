@@ -132,7 +132,7 @@ def length_adaptive(model: torch.nn.Module, kw: dict, static_matches: list[Match
             continue
         chosen[m.site.index] = (d.variant, dict(d.params))
         # exact at every length (a native window) or reading factored K/V (latent): no dense branch
-        if d.variant == "dense" or d.variant == "latent" or drops_band(d.site, d.variant, d.params):
+        if d.variant in ("dense", "latent", "gqa_merge") or drops_band(d.site, d.variant, d.params):
             continue
         start = crossover(d.site, d.variant, d.params, hw, high)
         schedule = [[0, "dense", {}]] if start is None or start > 0 else []

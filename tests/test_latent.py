@@ -42,3 +42,21 @@ def test_latent_surgery_on_minilm_removes_the_reported_parameters():
     for rows, planned in (([0, 1], opt.plan.error), ([2], opt.plan.holdout_error)):
         got = metrics.error(metrics.select_rows(ref, rows, 3), metrics.select_rows(out, rows, 3), None, pad[rows])
         assert abs(got - planned) <= 1e-3 * planned + 1e-5, (rows, got, planned)
+
+
+def test_gqa_merge_on_minilm_halves_kv_projections_and_runs_gqa():
+    model, inputs = models.minilm()
+    opt = rewriter.optimize(model, inputs, variants={"gqa_merge": {"groups": 6}}, budget=None)
+    assert [d.variant for d in opt.plan.decisions] == ["gqa_merge"] * 6, str(opt.plan)
+    before = _params(model)
+    after = sum(t.numel() for t in opt.program.state_dict.values())
+    assert before - after == 6 * 2 * (384 * 192 + 192), (before, after)  # K and V: 12 -> 6 heads of 32
+    with torch.no_grad(), recording() as calls:
+        out = opt(**inputs)
+    merged = [c for c in calls if c["variant"] == "gqa_merge"]
+    assert len(merged) == 6 and all(c["k"].shape[1] == 6 and c["q"].shape[1] == 12 for c in merged)
+    with torch.no_grad():
+        ref = model(**inputs)
+    pad = inputs["attention_mask"].bool()
+    got = metrics.error(metrics.select_rows(ref, [0, 1], 3), metrics.select_rows(out, [0, 1], 3), None, pad[[0, 1]])
+    assert abs(got - opt.plan.error) <= 1e-3 * opt.plan.error + 1e-5, (got, opt.plan.error)

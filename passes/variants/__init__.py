@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-_NAMES = ("dense", "sliding_window", "sinks_window", "neighborhood_2d", "block_sparse", "linear", "latent")
+_NAMES = ("dense", "sliding_window", "sinks_window", "neighborhood_2d", "block_sparse", "linear", "latent", "gqa_merge")
 
 VARIANTS: dict[str, ModuleType] = {n: importlib.import_module(f"passes.variants.{n}") for n in _NAMES}
 

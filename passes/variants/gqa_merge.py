@@ -1,0 +1,40 @@
+"""``gqa_merge``: KV heads merged in groups (MHA -> GQA) by weight surgery; attention stays exact over them.
+
+Adjacent KV heads are merged ``G / groups`` at a time by averaging their K and V projection weights
+(the mean-pooling conversion of the GQA paper), so each merged head serves the query heads of its
+members and the K/V projections and cache shrink by that factor. The planner measures the error
+on calibration data; the surgery and the rewrite are in passes/surgery.py.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from passes.variants._grid import modifier_reason
+
+CASCADE = "gqa_merge"
+DEFAULTS: dict = {"groups": 1}
+PARAMS: dict = {"groups": int}
+
+
+def applies(site) -> Optional[str]:
+    """KV heads can merge when there are at least two (K/V projections are checked by the planner)."""
+    if site.num_kv_heads < 2:
+        return f"the site has {site.num_kv_heads} KV head(s); nothing to merge"
+    return modifier_reason(site, fill=True)
+
+
+def grid(site) -> list[dict]:
+    """Merged head counts to try, fewest first (divisors of the KV heads: a half, a quarter, ...)."""
+    g = site.num_kv_heads
+    return [{"groups": d} for d in sorted({g // f for f in (8, 4, 2) if g % f == 0 and g // f >= 1})]
+
+
+def exact(site, params: dict) -> bool:
+    """True when nothing is merged."""
+    return int(params.get("groups", 0)) >= site.num_kv_heads
+
+
+def check_params(params: dict) -> None:
+    """Raise a ValueError for parameter values the surgery cannot apply."""
+    if params.get("groups", 1) < 1:
+        raise ValueError(f"gqa_merge: groups must be >= 1, not {params['groups']}")
