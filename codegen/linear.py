@@ -18,6 +18,7 @@ Key-padding masks zero the hidden keys' features; query-dependent masks are refu
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -237,6 +238,13 @@ def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
         raise ValueError("linear: softcap is not supported")
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"linear: unknown feature_map {feature_map!r}; known: {FEATURE_MAPS}")
+    fused = feature_map == "elu1" and int(window) <= 0
+    if fused and (q.is_cuda or q.device.type == "cpu" and os.environ.get("REWRITER_TRITON") == "force"):
+        from codegen.triton import maybe_run  # late: Triton is optional
+        out = maybe_run(VARIANT, q, k, v, mask, scale, causal, 0.0, None,
+                        {"feature_map": feature_map, "chunk": int(chunk)})
+        if out is not None:
+            return out
     bsz, h = q.shape[:2]
     g, m = k.shape[1], k.shape[2]
     qmap, kmap = _maps(feature_map, extra, h, g)
