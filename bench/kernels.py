@@ -80,13 +80,16 @@ def useful_flops(name: str, params: dict, b: int, h: int, n: int, d: int) -> flo
 
 def measure(fns: dict, repeat: int) -> dict:
     """Median seconds of each callable, runs interleaved round-robin after one warm-up each."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for f in fns.values():
-        f()
+        f()  # warm-up: compiles (Triton autotune, Flex) happen here, outside the timings
+    sync()
     times = {k: [] for k in fns}
     for _ in range(repeat):
         for k, f in fns.items():
             t0 = time.perf_counter()
             f()
+            sync()  # CUDA launches are asynchronous: time to completion
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -100,9 +103,13 @@ def main() -> None:
                     default=["dense", "sliding_window", "sinks_window", "neighborhood_2d", "block_sparse", "linear"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                    help="default: float16 on CUDA (generated Triton kernels), float32 on CPU")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     dev, dt = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+    if args.dtype:
+        dt = getattr(torch, args.dtype)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     flex = torch.compile(flex_attention, dynamic=False)
     print(f"device={dev} dtype={dt} threads={torch.get_num_threads()} heads={args.heads} causal; "

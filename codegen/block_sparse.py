@@ -10,6 +10,7 @@ keep = 1 keeps every visible block, which is exact attention.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -39,24 +40,25 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, causal: bool, keep: float, b
     nq, nk = math.ceil(p / block), math.ceil(m / block)
     nsel = min(nk, max(1, math.ceil(keep * nk)))
     qf, kf = q.float(), k.float()
-    qcount = torch.clamp(p - torch.arange(nq) * block, max=block).to(qf.dtype)
-    kcount = torch.clamp(m - torch.arange(nk) * block, max=block).to(kf.dtype)
+    dev = q.device  # every index tensor lives with q, so the selection also runs on CUDA
+    qcount = torch.clamp(p - torch.arange(nq, device=dev) * block, max=block).to(qf.dtype)
+    kcount = torch.clamp(m - torch.arange(nk, device=dev) * block, max=block).to(kf.dtype)
     q_pool = F.pad(qf, (0, 0, 0, nq * block - p)).view(bsz, h, nq, block, e).sum(3) / qcount[:, None]
     k_pool = F.pad(kf, (0, 0, 0, nk * block - m)).view(bsz, g, nk, block, e).sum(3) / kcount[:, None]
     k_pool = k_pool.repeat_interleave(h // g, dim=1)
     scores = q_pool @ k_pool.transpose(-1, -2)  # [B,H,nq,nk]
-    q_first = off + torch.arange(nq) * block
+    q_first = off + torch.arange(nq, device=dev) * block
     q_last = torch.clamp(q_first + block - 1, max=m - 1)
-    kb = torch.arange(nk)[None, :]
+    kb = torch.arange(nk, device=dev)[None, :]
     diag = (kb >= (q_first.clamp(min=0) // block)[:, None]) & (kb <= (q_last // block)[:, None])
     must = diag | (kb == 0)
-    allowed = torch.ones(nq, nk, dtype=torch.bool)
+    allowed = torch.ones(nq, nk, dtype=torch.bool, device=dev)
     if causal:
         allowed = kb * block <= q_last[:, None]
     must &= allowed
     rank = scores.masked_fill(must, float("inf")).masked_fill(~allowed, float("-inf"))
     top = rank.topk(nsel, dim=-1).indices
-    chosen = torch.zeros(bsz, h, nq, nk, dtype=torch.bool).scatter_(-1, top, True)
+    chosen = torch.zeros(bsz, h, nq, nk, dtype=torch.bool, device=dev).scatter_(-1, top, True)
     return chosen & allowed
 
 
@@ -77,6 +79,11 @@ def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
     """Block-sparse attention computing only the selected key blocks."""
     no_fill(VARIANT, mask, fill)
     block = int(block)
+    if q.is_cuda or q.device.type == "cpu" and os.environ.get("REWRITER_TRITON") == "force":
+        from codegen.triton import maybe_run  # late: Triton is optional
+        out = maybe_run(VARIANT, q, k, v, mask, scale, causal, softcap, None, {"keep": keep, "block": block})
+        if out is not None:
+            return out
     p, m = q.shape[2], k.shape[2]
     chosen = select_blocks(q, k, causal, float(keep), block)
     lo, hi = intervals(VARIANT, (), p, m, bool(causal))

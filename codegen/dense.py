@@ -1,6 +1,7 @@
 """Kernel for the ``dense`` variant: exact attention, fused by PyTorch's SDPA on CPU and CUDA."""
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -30,6 +31,11 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
     return (s.softmax(-1) @ v.float()).to(q.dtype)
 
 
+def _triton_forced() -> bool:
+    """Tests may route CPU tensors through the Triton interpreter (REWRITER_TRITON=force)."""
+    return os.environ.get("REWRITER_TRITON") == "force"
+
+
 @register_kernel("dense")
 def dense(
     q: torch.Tensor,
@@ -43,7 +49,12 @@ def dense(
     softcap: float = 0.0,
     fill: Optional[float] = None,
 ) -> torch.Tensor:
-    """Exact softmax attention with an online-softmax fused kernel where PyTorch has one."""
+    """Exact softmax attention: the generated Triton kernel on CUDA, else SDPA (or the reference)."""
+    if q.is_cuda or q.device.type == "cpu" and _triton_forced():
+        from codegen.triton import maybe_run  # late: Triton is optional
+        out = maybe_run("dense", q, k, v, mask, scale, causal, softcap, fill)
+        if out is not None:
+            return out
     if softcap > 0 or (fill is not None and mask is not None and mask.dtype == torch.bool):
         return reference(q, k, v, mask, scale, causal, softcap=softcap, fill=fill)
     if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:

@@ -7,6 +7,7 @@ behave as in ``dense``, which runs the rank-R attention.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -45,6 +46,11 @@ def kernel(q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, mask: Optional[t
     uk, uv = _factors(extra, g, r)
     if rank is not None and int(rank) != r:
         raise ValueError(f"latent: rank={rank} but the factors have rank {r}")
+    if q.is_cuda or q.device.type == "cpu" and os.environ.get("REWRITER_TRITON") == "force":
+        from codegen.triton import maybe_run  # late: Triton is optional; up-projections fused in the kernel
+        out = maybe_run(VARIANT, q, ck, cv, mask, scale, causal, softcap, fill, {"rank": r}, extra=[uk, uv])
+        if out is not None:
+            return out
     rep = h // g
     ql = torch.matmul(q.view(bsz, g, rep, p, e), uk.to(q.dtype).transpose(-1, -2)[None, :, None])
     ol = dense(ql.reshape(bsz, h, p, r), ck, cv, mask, scale, causal, softcap=softcap, fill=fill)

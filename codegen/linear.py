@@ -18,6 +18,7 @@ Key-padding masks zero the hidden keys' features; query-dependent masks are refu
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -29,6 +30,7 @@ from codegen.ops import register_kernel
 VARIANT = "linear"
 FEATURE_MAPS = ("elu1", "taylor", "hedgehog")
 _BUDGET_BYTES = 256 << 20
+_HIDDEN_BELOW = -1e4
 
 
 def key_keep(mask: Optional[torch.Tensor], bsz: int, m: int) -> Optional[torch.Tensor]:
@@ -42,10 +44,13 @@ def key_keep(mask: Optional[torch.Tensor], bsz: int, m: int) -> Optional[torch.T
     row = m4[:, 0, 0, :].expand(m4.shape[0], m)
     if row.dtype == torch.bool:
         return row.float()[:, None, :]
-    finite = torch.isfinite(row)
-    if bool((row[finite] != 0).any()) or bool((row > 0).any()):
-        raise ValueError("linear: an additive mask must hold only 0 and -inf (key padding)")
-    return finite.float()[:, None, :]
+    # A huge negative fill (finfo.min, -1e9, old BERT's -10000) hides a key exactly as -inf does:
+    # exp of it underflows to 0 against any real score.
+    hidden = row <= _HIDDEN_BELOW
+    if bool((row[~hidden] != 0).any()):
+        raise ValueError("linear: an additive mask must hold only 0 and hiding values (-inf, finfo.min, <= -1e4): "
+                         "key padding")
+    return (~hidden).float()[:, None, :]
 
 
 def feature(x: torch.Tensor, which: str, scale: float, w: Optional[torch.Tensor] = None,
@@ -233,6 +238,13 @@ def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
         raise ValueError("linear: softcap is not supported")
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"linear: unknown feature_map {feature_map!r}; known: {FEATURE_MAPS}")
+    fused = feature_map == "elu1" and int(window) <= 0
+    if fused and (q.is_cuda or q.device.type == "cpu" and os.environ.get("REWRITER_TRITON") == "force"):
+        from codegen.triton import maybe_run  # late: Triton is optional
+        out = maybe_run(VARIANT, q, k, v, mask, scale, causal, 0.0, None,
+                        {"feature_map": feature_map, "chunk": int(chunk)})
+        if out is not None:
+            return out
     bsz, h = q.shape[:2]
     g, m = k.shape[1], k.shape[2]
     qmap, kmap = _maps(feature_map, extra, h, g)

@@ -1,4 +1,9 @@
-"""Generated kernel sources with their hashes, for artifacts: export writes them, load re-checks them."""
+"""Generated kernel sources with their hashes, for artifacts: export writes them, load re-checks them.
+
+Two kinds: the compiled C++ CPU kernel of the block-sparse variants, and the generated Triton
+kernel (``codegen.triton.gen``) of every variant that has one.  Generating a Triton source is
+pure string work, so artifacts carry and verify them on machines without Triton or a GPU.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -8,12 +13,11 @@ from typing import Any, Mapping
 from codegen.spec import KernelSpec
 
 # Variants whose CPU lowering is the generated/compiled block-sparse kernel; the others lower to
-# PyTorch ops (SDPA, matmuls) and carry no source of their own yet.
+# PyTorch ops (SDPA, matmuls) and carry no CPU source of their own.
 COMPILED = ("sliding_window", "sinks_window", "block_sparse", "neighborhood_2d")
 
 
-def kernel_sources(variant: str, params: Mapping[str, Any], **fields: Any) -> dict[str, tuple[str, str]]:
-    """{filename: (source, sha256)} of the kernels that run ``variant`` with ``params`` (spec in the header)."""
+def _cpu_sources(variant: str, params: Mapping[str, Any], **fields: Any) -> dict[str, tuple[str, str]]:
     if variant not in COMPILED:
         return {}
     from codegen import cpu_kernel
@@ -21,6 +25,24 @@ def kernel_sources(variant: str, params: Mapping[str, Any], **fields: Any) -> di
     header = f"// kernel: {variant} (CPU block-sparse flash)\n// spec: {json.dumps(spec.to_json(), sort_keys=True)}\n"
     text = header + cpu_kernel.SOURCE
     return {f"{variant}_cpu_{spec.hash}.cpp": (text, hashlib.sha256(text.encode()).hexdigest())}
+
+
+def _triton_sources(variant: str, params: Mapping[str, Any], **fields: Any) -> dict[str, tuple[str, str]]:
+    from codegen.triton.gen import FAMILIES, generate, sha256
+    if variant not in FAMILIES:
+        return {}
+    from codegen.triton.launch import spec_from_fields
+    spec = spec_from_fields(variant, dict(params), **fields)
+    text = generate(spec)
+    return {f"{variant}_triton_{spec.hash}.py": (text, sha256(text))}
+
+
+def kernel_sources(variant: str, params: Mapping[str, Any], **fields: Any) -> dict[str, tuple[str, str]]:
+    """{filename: (source, sha256)} of the kernels that run ``variant`` with ``params`` (spec in the header).
+
+    ``fields`` are ``KernelSpec`` fields (dtype, head_dim, value_dim, gqa, causal, mask, softcap).
+    """
+    return {**_cpu_sources(variant, params, **fields), **_triton_sources(variant, params, **fields)}
 
 
 def verify_sources(variant: str, params: Mapping[str, Any], stored: Mapping[str, tuple[str, str]],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Mapping, Optional
 
 import torch
@@ -27,7 +28,12 @@ def no_fill(variant: str, mask: Optional[torch.Tensor], fill: Optional[float]) -
 def run_pattern(name: str, params: Mapping[str, Any], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: Optional[torch.Tensor], scale: float, causal: bool, softcap: float,
                 block: int) -> torch.Tensor:
-    """Run registered pattern ``name`` through the fastest available lowering."""
+    """Run registered pattern ``name`` through the fastest available lowering (Triton on CUDA)."""
+    if q.is_cuda or q.device.type == "cpu" and os.environ.get("REWRITER_TRITON") == "force":
+        from codegen.triton import maybe_run  # late: Triton is optional
+        out = maybe_run(name, q, k, v, mask, scale, causal, softcap, None, {**params, "block": block})
+        if out is not None:
+            return out
     p, m = q.shape[2], k.shape[2]
     bm, lo, hi = cached_block_map(name, freeze_params(params), p, m, bool(causal), block, block)
     return run_block_map(q, k, v, mask, scale, softcap, bm, lo, hi)

@@ -7,6 +7,7 @@ so one kernel serves every length.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -78,7 +79,7 @@ class KernelSpec:
             "extra": list(self.extra),
         }
 
-    @property
+    @functools.cached_property  # specs are immutable; dispatch asks for the hash on every call
     def hash(self) -> str:
         """Short sha256 of the canonical JSON; names the kernel's generated source."""
         blob = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))

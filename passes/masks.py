@@ -274,7 +274,7 @@ def _analyse_masks(ctx, masks, p_len, m_len, sdpa_causal, score_dtype) -> MaskAn
                     s = G.shape(t)
                     key_only = s is not None and len(s) >= 2 and s[-2] == 1
                     is_bool = G.dtype(t) == torch.bool
-                    if padding_like(ctx, t):
+                    if is_bool or padding_like(ctx, t):  # a bool term hides keys; it can never be a bias
                         acc.kinds.add("padding" if key_only else ("bool" if is_bool else "additive"))
                     else:
                         acc.kinds.add("bool" if is_bool else "additive")

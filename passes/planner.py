@@ -121,6 +121,7 @@ class Candidate:
     probe: Optional[tuple[str, dict]] = None  # (variant, params) that evaluates it on the unchanged graph
     prepare: Optional[Callable[["Candidate"], None]] = None  # fits what the candidate needs, before scoring
     score_as: Optional[tuple[str, dict]] = None  # (kernel variant, its params) when they differ from the plan's
+    failure: str = ""  # why the kernel refused the site's records, when it did
 
     def label(self) -> str:
         """``variant(k=v,...)``, as the plan prints it."""
@@ -194,6 +195,7 @@ def _score(sp: SitePlan, cand: Candidate, records: Sequence[SiteRecord]) -> floa
             except (ValueError, RuntimeError, NotImplementedError) as e:
                 logger.info("site %s: %s failed on calibration records: %s", sp.site.name, cand.label(), e)
                 cand.error = math.inf
+                cand.failure = f"{type(e).__name__}: {e}"
     return cand.error
 
 
@@ -260,12 +262,16 @@ def search(
     say = progress or (lambda msg: None)
     for sp in sites:
         sp.chosen = sp.dense
-    if budget is None:  # no gate: the cheapest (a forced variant) wherever one applies
+    if budget is None:  # no gate: the cheapest (a forced variant) wherever one applies and its kernel runs
         for i, sp in enumerate(sites):
-            if sp.options:
-                sp.chosen = sp.options[0]
-                _score(sp, sp.chosen, records[i])
-                sp.note = "forced, no accuracy gate"
+            for cand in sp.options:
+                if _score(sp, cand, records[i]) < math.inf:
+                    sp.chosen = cand
+                    sp.note = "forced, no accuracy gate"
+                    break
+            else:
+                if sp.options:
+                    sp.note = f"{sp.options[0].label()} refused by its kernel: {sp.options[0].failure or 'not finite'}"
     else:
         base, _ = evaluate({i: ("dense", {}) for i in range(len(sites))})
         if budget > 0:

@@ -223,7 +223,8 @@ def generate(seed: int) -> Program:
         inputs += ["    keep = torch.ones(B, M, dtype=torch.bool)", f"    keep[-1, M - ({pad}):] = False"]
     if user_bool:
         inputs += ["    umask = torch.rand(B, 1, N, M, generator=g) > 0.4",
-                   "    umask[..., 0] = True  # no fully masked row"]
+                   "    umask[..., 0] = True  # no fully masked row (edge tests cover those)",
+                   "    umask |= torch.eye(N, M, dtype=torch.bool)  # each query keeps itself, inside any band"]
     if user_float:
         inputs.append(f"    umask = torch.randn(B, {r.choice(['1', 'H'])}, N, M, generator=g)")
     inputs.append(f"    return ({', '.join(args)},)")

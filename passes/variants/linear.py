@@ -27,6 +27,8 @@ def applies(site) -> Optional[str]:
         return "the lengths are not known"
     if site.q_len > site.kv_len:
         return "more queries than keys"
+    if site.window is not None:
+        return "the site's own band mask is not a key-padding mask, the only mask the linear kernel takes"
     return modifier_reason(site, softcap=False, masks=("none", "causal", "padding"))
 
 
