@@ -1,0 +1,77 @@
+"""report.md: the plan, measured figures, attention time by length with a plot (or a line saying why not)."""
+from __future__ import annotations
+
+import builtins
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import rewriter
+from rewriter.report import summarize, time_interleaved, write_report
+
+
+class Causal(nn.Module):
+    def __init__(self, d: int = 32, h: int = 2):
+        super().__init__()
+        self.h, self.qkv, self.o = h, nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, n, d))
+
+
+@pytest.fixture(scope="module")
+def opt():
+    torch.manual_seed(0)
+    return rewriter.optimize(Causal().eval(), (torch.randn(1, 256, 32),), budget=None,
+                             variants={"sliding_window": {"window": 32}})
+
+
+def test_summary_is_median_with_quartiles():
+    t = summarize([5.0, 1.0, 2.0, 3.0, 4.0])
+    assert (t.median, t.low, t.high, t.reps) == (3.0, 1.0, 5.0, 5)
+    assert t.q1 == 2.0 and t.q3 == 4.0
+    assert "IQR" in str(t)
+
+
+def test_interleaved_timing_runs_every_callable():
+    calls = {"a": 0, "b": 0}
+
+    def bump(k):
+        calls[k] += 1
+
+    got = time_interleaved({"a": lambda: bump("a"), "b": lambda: bump("b")}, reps=4, warmup=1)
+    assert calls == {"a": 5, "b": 5} and got["a"].reps == 4
+
+
+def test_report_with_plot(opt, tmp_path):
+    path = write_report(opt, tmp_path, measured={"end-to-end speedup": "1.23x"}, max_seconds=10)
+    text = path.read_text()
+    assert "sliding_window" in text and "end-to-end speedup: 1.23x" in text
+    assert "| sliding_window(block=64,window=32) | 256 |" in text  # measured row at the site's length
+    assert "![attention time by sequence length](attention_time.png)" in text
+    png = (tmp_path / "attention_time.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "prefers it over dense" in text
+
+
+def test_report_without_matplotlib_says_so(opt, tmp_path, monkeypatch):
+    real = builtins.__import__
+
+    def no_mpl(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    for mod in [m for m in sys.modules if m.startswith("matplotlib")]:
+        monkeypatch.delitem(sys.modules, mod)
+    text = write_report(opt, tmp_path, max_seconds=5).read_text()
+    assert "Plot not written: matplotlib is not installed" in text
+    assert not (tmp_path / "attention_time.png").exists()
+    assert "| dense | 256 |" in text  # the figures are still there as a table
