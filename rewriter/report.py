@@ -103,6 +103,22 @@ def _lengths(high: int, count: int = 4) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _operands(s, variant: str, params: dict, n: int):
+    """Random q, k, v (and the fitted tensors the kernel takes) at the site's shape and length ``n``."""
+    g = torch.Generator().manual_seed(n)
+    heads, dk, dv, extra = s.num_kv_heads, s.head_dim, s.v_head_dim, []
+    if variant == "gqa_merge":  # the merged model's K/V carry fewer heads
+        heads = int(params.get("groups", heads))
+    if variant == "latent":  # K/V arrive at rank R with per-head up-projections
+        r = int(params["rank"])
+        extra = [torch.randn(heads, r, dk, generator=g) / r ** 0.5, torch.randn(heads, r, dv, generator=g) / r ** 0.5]
+        dk = dv = r
+    q = torch.randn(1, s.num_heads, n, s.head_dim, generator=g)
+    k = torch.randn(1, heads, n, dk, generator=g)
+    v = torch.randn(1, heads, n, dv, generator=g)
+    return q, k, v, extra
+
+
 def attention_curves(plan, max_seconds: float = 25.0, reps: int = 3) -> list[Curve]:
     """Measure (``codegen.run`` on random tensors at the site's shape) and predict each used variant by length.
 
@@ -133,13 +149,10 @@ def attention_curves(plan, max_seconds: float = 25.0, reps: int = 3) -> list[Cur
                 meas.append(None)
                 note = note or "measurement time bound reached"
                 continue
-            g = torch.Generator().manual_seed(n)
-            q = torch.randn(1, s.num_heads, n, s.head_dim, generator=g)
-            k = torch.randn(1, s.num_kv_heads, n, s.head_dim, generator=g)
-            v = torch.randn(1, s.num_kv_heads, n, s.v_head_dim, generator=g)
+            q, k, v, extra = _operands(s, d.variant, params, n)
             try:
-                t = time_interleaved({"k": lambda: codegen.run(d.variant, q, k, v, None, None, s.causal, **params)},
-                                     reps=reps, warmup=1)["k"]
+                t = time_interleaved({"k": lambda: codegen.run(d.variant, q, k, v, None, None, s.causal, extra=extra,
+                                                               **params)}, reps=reps, warmup=1)["k"]
                 meas.append(t.median)
             except Exception as e:  # variants fed by fitted tensors (latent, learned maps) need the model's
                 meas.append(None)
@@ -167,12 +180,13 @@ def plot(curves: list[Curve], path: Path, title: str = "") -> Optional[str]:
         if xm:
             ax.plot(xm, [1e3 * m for m in c.measured if m is not None], "o-", color=color,
                     label=f"{c.label} measured")
-        if c.crossover is not None:
-            ax.axvline(c.crossover, color=color, linestyle=":", linewidth=1)
-            ax.annotate(f"crossover {c.crossover}", (c.crossover, ax.get_ylim()[0]), rotation=90, fontsize=7,
-                        color=color, va="bottom")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    for i, c in enumerate(curves):  # after the curves, so the labels sit inside the final limits
+        if c.crossover is not None:
+            ax.axvline(c.crossover, color=f"C{i}", linestyle=":", linewidth=1)
+            ax.annotate(f"{c.variant} crossover {c.crossover}", (c.crossover, ax.get_ylim()[0]), rotation=90,
+                        fontsize=7, color=f"C{i}", va="bottom", ha="right")
     ax.set_xlabel("sequence length")
     ax.set_ylabel("attention time per call (ms)")
     ax.set_title(title or "attention time by sequence length")
