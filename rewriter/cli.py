@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("optimize", help="plan, rewrite, measure and export")
     _add_model_args(o)
     o.add_argument("--budget", default="0.05",
-                   help="largest output error allowed (relative L2; KL for --model lm), or 'none' (default 0.05)")
+                   help="largest output error allowed (relative L2 of the outputs), or 'none' for no gate (default 0.05)")
     o.add_argument("--variants", default=None,
                    help="restrict or pin variants: 'dense', 'dense,sliding_window', 'sliding_window:window=256'")
     o.add_argument("--target", choices=("cpu", "cuda"), default=None, help="default: the inputs' device")
