@@ -31,6 +31,8 @@ def _triton_sources(variant: str, params: Mapping[str, Any], **fields: Any) -> d
     from codegen.triton.gen import FAMILIES, generate, sha256
     if variant not in FAMILIES:
         return {}
+    if variant == "linear" and (params.get("feature_map", "elu1") != "elu1" or int(params.get("window", 0) or 0) > 0):
+        return {}  # the generated linear kernel fuses elu+1 without a window; other maps run the PyTorch path
     from codegen.triton.launch import spec_from_fields
     spec = spec_from_fields(variant, dict(params), **fields)
     text = generate(spec)

@@ -58,11 +58,13 @@ def test_minilm_export_round_trip(tmp_path):
 
 
 def test_cli_find_and_optimize(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "rewriter", "find"], capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "rewriter", "find", "--model", "minilm"], capture_output=True,
+                         text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "6 attention site(s)" in res.stdout
     res = subprocess.run(
-        [sys.executable, "-m", "rewriter", "optimize", "--out", str(tmp_path / "a")],
+        [sys.executable, "-m", "rewriter", "optimize", "--model", "minilm", "--budget", "none", "--variants", "dense",
+         "--out", str(tmp_path / "a")],
         capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 0, res.stderr[-2000:]
