@@ -152,7 +152,11 @@ def plan_program(
     plans: list[SitePlan] = []
     for i, m in enumerate(live):
         blocked = {}
-        if "latent" in allowed or "gqa_merge" in allowed:
+        if ("latent" in allowed or "gqa_merge" in allowed) and len(m.batch) != 2:
+            projections.append(None)
+            why = "the attention runs in a flattened [B*H] layout; the surgery needs separate batch and head dims"
+            blocked.update({"latent": why, "gqa_merge": why})
+        elif "latent" in allowed or "gqa_merge" in allowed:
             pk, why_k = find_projection(ep, nodes[i].args[1])
             pv, why_v = find_projection(ep, nodes[i].args[2])
             projections.append((pk, pv) if pk and pv else None)
