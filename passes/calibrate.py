@@ -16,6 +16,7 @@ import torch
 
 import codegen
 from codegen.ops import recording
+from passes.masks import MASKED_BELOW
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def _valid_rows(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor]) 
     """Query rows at non-padded positions, read from a key-padding mask of a self-attention."""
     if mask is None or q.shape[-2] != k.shape[-2] or mask.dim() != 4 or mask.shape[-2] != 1:
         return None
-    keep = mask if mask.dtype == torch.bool else mask > -1e4
+    keep = mask if mask.dtype == torch.bool else mask > MASKED_BELOW
     keep = keep[:, :, 0, :].all(dim=1)  # [B', M]
     if bool(keep.all()):
         return None

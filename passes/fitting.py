@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from passes.calibrate import SiteRecord
+from passes.masks import MASKED_BELOW
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def _hidden(mask, causal: bool, idx: torch.Tensor, m: int, s: torch.Tensor) -> t
         hide = torch.arange(m)[None, :] > idx[:, None]
     hide = hide.expand(s.shape)
     if mask is not None:
-        mk = mask if mask.dtype == torch.bool else mask > -1e4
+        mk = mask if mask.dtype == torch.bool else mask > MASKED_BELOW
         if mk.dim() == 4 and mk.shape[-2] == 1:
             hide = hide | ~mk.expand(s.shape[0], s.shape[1], 1, m)
         elif mk.dim() == 4:

@@ -94,7 +94,7 @@ def _terms(ctx, node: Any, depth: int = 0) -> list[fx.Node]:
 
 # For classifying a static mask only (the mask itself is passed on unchanged): a score pushed this
 # low contributes exp(-1e4) = 0, so -10000-style masks (old BERT) count as masked too.
-_MASKED_BELOW = -1e4
+MASKED_BELOW = -1e4
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def inspect_static(value: torch.Tensor, kind: str, p_len: int, m_len: int) -> St
         keep, bias = value, False
     else:
         v = value.float()
-        keep = v > _MASKED_BELOW
+        keep = v > MASKED_BELOW
         bias = bool(((v != 0) & keep).any())
     if kind == "drop":
         keep = ~keep

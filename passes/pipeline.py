@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -196,6 +195,7 @@ def plan_program(
         elif sp.chosen.extra:
             fitted.append((live[i].site.index, tuple(sp.chosen.extra)))
     ep.graph_module.recompile()
+    _forget_probes(plans)
     return Planned(_plan(matches, live, outcome, pending, failures, hw, target, budget, metric, rows), tuple(surgeries),
                    tuple(fitted), tuple(merges))
 
@@ -219,6 +219,17 @@ class Planned:
     surgeries: tuple[Surgery, ...] = ()
     fitted: tuple[tuple[int, tuple[torch.Tensor, ...]], ...] = ()  # (site, tensors the op takes as extra)
     merges: tuple[tuple[int, Projection, Projection, int], ...] = ()  # (site, K proj, V proj, merged heads)
+
+
+def _forget_probes(plans: list[SitePlan]) -> None:
+    """Drop the planning-only tensors the probe kernels looked up: a chosen probe always makes the caller
+    apply the surgery and capture again, so nothing that outlives planning reads them."""
+    from codegen import lowrank
+
+    for sp in plans:
+        for c in sp.options:
+            if c.probe is not None:
+                lowrank.PROBES.pop(c.probe[1].get("probe", ""), None)
 
 
 def _merge_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -295,8 +306,7 @@ def _plan(matches, live, outcome: Outcome, pending, failures, hw, target, budget
             continue
         sp = by_site[idx]
         c = sp.chosen
-        before = pricing.original_seconds(m.site, hw)
-        speedup = before / c.seconds if before and c.seconds and math.isfinite(c.seconds) else None
+        speedup = pricing.predicted_speedup(m.site, c.variant, c.params, hw)
         why = sp.note or ("exact; fused kernel" if c.variant == "dense" else "")
         if c.variant == "dense" and not sp.options and sp.refusals:
             why = f"{why}; not applicable: {'; '.join(sp.refusals)}" if why else "not applicable: " + "; ".join(sp.refusals)
