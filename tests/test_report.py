@@ -50,6 +50,7 @@ def test_interleaved_timing_runs_every_callable():
 
 
 def test_report_with_plot(opt, tmp_path):
+    pytest.importorskip("matplotlib")
     path = write_report(opt, tmp_path, measured={"end-to-end speedup": "1.23x"}, max_seconds=10)
     text = path.read_text()
     assert "sliding_window" in text and "end-to-end speedup: 1.23x" in text
