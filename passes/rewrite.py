@@ -25,7 +25,19 @@ class _Emitter:
         vals = [G.val(n) for n in graph.nodes if isinstance(G.val(n), torch.Tensor)]
         self.fake_mode = torch._guards.detect_fake_mode(vals)
 
+    def _sizes(self, sizes: list) -> list:
+        """A reshape's sizes as graph arguments: a symbolic size is recomputed from the graph, never baked in."""
+        symbolic = [i for i, x in enumerate(sizes) if isinstance(x, torch.SymInt)]
+        if not symbolic:
+            return sizes
+        if len(symbolic) == 1:  # reshape infers the one size it is not told
+            return [-1 if i == symbolic[0] else x for i, x in enumerate(sizes)]
+        with self.graph.inserting_before(self.anchor):
+            return list(self.graph.materialize_symints(sizes))
+
     def __call__(self, target, *args, **kwargs) -> fx.Node:
+        if target is aten.reshape.default:
+            args = (args[0], self._sizes(list(args[1])), *args[2:])
         with self.graph.inserting_before(self.anchor):
             node = self.graph.call_function(target, args, kwargs)
         node.meta["nn_module_stack"] = self.anchor.meta.get("nn_module_stack", {})

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 
 @dataclass(frozen=True)
 class AttentionSite:
@@ -48,7 +50,12 @@ class AttentionSite:
 
 
 def as_int(x) -> int:
-    """A concrete int for a size that may be a SymInt (-1 when it has no hint)."""
+    """A concrete int for a size that may be a SymInt (-1 when it has no hint), never adding a guard."""
+    if isinstance(x, torch.SymInt):
+        # int() would specialise the size: a compiled graph would then recompile at every new length
+        # (a KV cache growing by one token per decode step).
+        hint = x.node.hint
+        return int(hint) if hint is not None else -1
     try:
         return int(x)
     except Exception:  # a symbolic size without a hint

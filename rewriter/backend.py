@@ -39,11 +39,30 @@ def _rewrite_inner(gm: torch.fx.GraphModule, param_positions: set[int], variants
     return len(chosen) - len(failures)
 
 
+KNOWN_OPTIONS = ("variants",)
+
+
+def backend_variants(options: dict) -> Any:
+    """The variants a backend call asks for (default exact ``dense``), validated before any compile work."""
+    opts = dict(options.get("options") or {})
+    opts.update({k: v for k, v in options.items() if k not in ("options", "mode")})
+    unknown = sorted(set(opts) - set(KNOWN_OPTIONS))
+    if unknown:
+        raise ValueError(f"rewriter backend: unknown option(s) {unknown}; known: {list(KNOWN_OPTIONS)}")
+    variants = opts.get("variants", ["dense"])
+    normalise_variants(variants)  # an unknown variant or parameter fails here, not inside the op later
+    return variants
+
+
 def rewriter_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **options: Any):
-    """Dynamo backend: attention rewrite on the ATen forward graph, compiled by Inductor."""
+    """Dynamo backend: attention rewrite on the ATen forward graph, compiled by Inductor.
+
+    Options come as ``torch.compile(model, backend="rewriter", options={"variants": ...})``; torch.compile
+    hands them over as one ``options`` dict (and ``mode`` beside it, which Inductor's own knobs ignore here).
+    """
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
-    variants = options.get("variants", ["dense"])
+    variants = backend_variants(options)
     try:
         open_fast_paths(gm)
     except Exception as e:  # the fused op stays: correct, just not rewritten

@@ -13,11 +13,19 @@ def powers_below(n: int, lo: int = 16, hi: Optional[int] = None) -> list[int]:
     return out
 
 
-def sequence_reason(site) -> Optional[str]:
-    """Why a sequence-local pattern (window, sinks) cannot apply to ``site``, or None."""
+def sequence_reason(site, cache: bool = False) -> Optional[str]:
+    """Why a sequence-local pattern (window, sinks) cannot apply to ``site``, or None.
+
+    With ``cache``, fewer queries than keys are read as the newest positions of a KV cache (query i at
+    position M - P + i, a decode step), which is how the variant's kernel aligns them.
+    """
     if site.is_cross:
         return "cross-attention has no sequence order between queries and keys"
-    if site.q_len != site.kv_len or site.q_len < 0:
+    if site.q_len < 0 or site.kv_len < 0:
+        return "its sequence lengths are not known"
+    if cache and site.q_len < site.kv_len:
+        return None
+    if site.q_len != site.kv_len:
         return f"queries ({site.q_len}) and keys ({site.kv_len}) are not the same sequence"
     return None
 

@@ -20,12 +20,12 @@ PARAMS: dict = {"window": int, "sinks": int, "block": int, "delta": int}
 
 def applies(site) -> Optional[str]:
     """Sinks + window applies to self-attention over a sequence; returns a reason if not."""
-    return sequence_reason(site) or modifier_reason(site)
+    return sequence_reason(site, cache=True) or modifier_reason(site)
 
 
 def grid(site) -> list[dict]:
     """Windows to try, narrowest first, each with 4 sink tokens (StreamingLLM)."""
-    return with_delta([{"window": w, "sinks": 4} for w in windows(site.q_len)])
+    return with_delta([{"window": w, "sinks": 4} for w in windows(site.kv_len)])
 
 
 def exact(site, params: dict) -> bool:

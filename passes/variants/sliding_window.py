@@ -23,7 +23,7 @@ EXACT_WHEN = "the site's own mask is a band of the same window"
 
 def applies(site) -> Optional[str]:
     """Sliding window applies to self-attention over a sequence; returns a reason if not."""
-    return sequence_reason(site) or modifier_reason(site)
+    return sequence_reason(site, cache=True) or modifier_reason(site)
 
 
 def grid(site) -> list[dict]:
@@ -31,7 +31,7 @@ def grid(site) -> list[dict]:
     native = getattr(site, "window", None)
     if native:
         return [{"window": int(native)}]
-    return with_delta([{"window": w} for w in windows(site.q_len)])
+    return with_delta([{"window": w} for w in windows(site.kv_len)])
 
 
 def exact(site, params: dict) -> bool:
