@@ -10,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = {
+    "generate_backend.py": "the same tokens as eager",
     "gpt2_long_context.py": "sliding_window",
     "vit_high_res.py": "neighborhood_2d",
     "minilm_embeddings.py": "cosine vs original",
