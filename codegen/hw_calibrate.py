@@ -79,7 +79,7 @@ def measure(threads: int | None = None, quick: bool = False,
     if threads:
         torch.set_num_threads(threads)
     # reps(n): the full mode's repetition count, cut for the quick mode (min-of-n is robust at small n)
-    reps = (lambda n: max(2, n // 4)) if quick else (lambda n: n)
+    reps = (lambda n: max(3, n // 2)) if quick else (lambda n: n)
     busy = busy_share(0.1) if quick else wait_quiet()
     g = torch.Generator().manual_seed(0)
     out: dict[str, float] = {"threads": float(torch.get_num_threads()), "busy_share_before": busy}

@@ -248,8 +248,13 @@ def optimize(
     if target == "cpu":  # say so when the times behind the plan were not measured on this machine
         hw = profile("cpu")
         calibrated = not hw.source.startswith("generic")
-        plan = dataclasses.replace(plan, calibrated=calibrated, notes=plan.notes + (() if calibrated else (
-            "predictions use generic CPU figures (uncalibrated): run `python -m codegen.hw_calibrate --quick`",)))
+        busy = float(dict(hw.extra).get("busy_share_before", 0.0)) if calibrated else 0.0
+        notes = () if calibrated else (
+            "predictions use generic CPU figures (uncalibrated): run `python -m codegen.hw_calibrate --quick`",)
+        if busy > 0.5:  # other work shared the cores while the profile was measured: rates read low and uneven
+            notes = (f"the CPU profile was measured while the CPU was {busy:.0%} busy with other work; predictions "
+                     "may be off: re-measure on a quiet machine with `python -m codegen.hw_calibrate --force`",)
+        plan = dataclasses.replace(plan, calibrated=calibrated, notes=plan.notes + notes)
     source = model
     if planned.surgeries:  # latent: factor the K/V projections of a copy, then capture that
         source = apply_latent(model, [x for s in planned.surgeries for x in ((s.k_proj, s.uk), (s.v_proj, s.uv))])

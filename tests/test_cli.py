@@ -210,6 +210,8 @@ def test_first_use_calibrates_quickly_and_the_plan_says_whether_it_did(user_file
     pricing.profile.cache_clear()
     plan = optimize(model, inputs, variants=["dense"]).plan
     assert plan.calibrated is True and not any("generic CPU figures" in n for n in plan.notes)
+    busy = any("busy with other work" in n for n in plan.notes)
+    assert busy == (dict(hw.extra)["busy_share_before"] > 0.5), plan.notes  # a contended measurement is flagged
 
 
 @pytest.mark.parametrize("spec, sites", [("tests.hf_fixtures:build_vit", 2), ("minilm-dir", 6)])
