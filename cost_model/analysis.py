@@ -129,8 +129,26 @@ def einsum_counts(c: Cascade, e: Einsum) -> OpCounts:
             n_other += 1
         exps, others = pts * n_exp, pts * n_other
     if e.predicate is not None and not e.predicate.skip:
-        others = others + pts  # the mask's select is applied to every computed point
+        # the mask's select is applied once per (query, key) element it guards, not once per multiply-add
+        others = others + pts / _unmasked_extent(c, e)
     return OpCounts(macs, exps, others)
+
+
+def _unmasked_extent(c: Cascade, e: Einsum) -> sympy.Expr:
+    """Size of the ranks of a contraction's space that the mask's select does not run over (1 if none).
+
+    The select runs over the score-shaped operand: the input indexed by both a query and a key rank
+    (``A`` in ``A·V``), else the output (``S`` in ``Q·Kᵀ``). Element-wise Einsums select every point.
+    """
+    if not e.is_contraction:
+        return ONE
+    pred = e.predicate
+    sizes = c.size_map
+    kparts = {pred.key} | {p for w, ps in c.splits if w == pred.key for p in ps}
+    qparts = {pred.query} | {p for w, ps in c.splits if w == pred.query for p in ps}
+    scored = [a for a in e.inputs if set(a.ranks) & kparts and set(a.ranks) & qparts]
+    grid = set(scored[0].ranks if scored else e.out.ranks)
+    return _prod(sizes[r] for r in e.space if r not in grid)
 
 
 def op_counts(c: Cascade, names: tuple[str, ...] | None = None) -> OpCounts:

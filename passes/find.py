@@ -116,6 +116,7 @@ def _site(
         softcap=softcap,
         has_bias=analysis.has_bias,
         fill=analysis.fill if analysis.as_bool else None,
+        score_ops=_score_ops(nodes[1:-1], as_int(G.prod(G.shape(nodes[0]) or ()))) if spelling != "sdpa" else 0,
     )
     return Match(
         site=site,
@@ -134,6 +135,15 @@ def _site(
         v_gqa_source=vv_src if (kv_src is not None and vv_src is not None) else None,
         nodes=nodes,
     )
+
+
+def _score_ops(nodes: tuple, elems: int) -> int:
+    """How many of ``nodes`` (between the scores product and the value product) are separate element-wise
+    passes over a score-sized tensor: what eager attention pays beyond its three kernels (not the softmax)."""
+    if elems <= 0:
+        return 0
+    return sum(1 for n in nodes if G.opname(n) not in G.VIEW_OPS | G.SOFTMAX_OPS | SHAPE_ONLY
+               and G.shape(n) is not None and as_int(G.prod(G.shape(n))) == elems)
 
 
 def _match_sdpa(ctx: GraphContext, node: fx.Node, index: int) -> Match:

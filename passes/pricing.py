@@ -90,10 +90,25 @@ def original_seconds(site: AttentionSite, hw: hardware.Hardware, length: Optiona
         return None
     form = "online" if site.spelling == "sdpa" else "3pass"
     try:
-        return _seconds("dense", tuple(sorted(shape.items())), site.causal, form, hw, ())
+        base = _seconds("dense", tuple(sorted(shape.items())), site.causal, form, hw, ())
     except (KeyError, ValueError, TypeError) as e:
         logger.info("cannot price %s: %s", site.name, e)
         return None
+    return base + getattr(site, "score_ops", 0) * score_pass_seconds(shape, hw)
+
+
+def score_pass_seconds(shape: dict, hw: hardware.Hardware) -> float:
+    """Seconds of one separate element-wise library call over a whole score matrix (a scale, a mask add).
+
+    Eager attention runs each as its own pass: it reads the scores and writes a fresh score-sized
+    tensor, from the cache when that fits, else from and to main memory.
+    """
+    elems = shape["B"] * shape["H"] * shape["P"] * shape["M"]
+    compute = elems / (hw.eager_other_per_s or hw.other_per_s)
+    nbytes = elems * hw.dtype_bytes
+    if 2 * nbytes <= hw.cache_bytes:
+        return max(compute, 2 * nbytes / hw.cache_bytes_per_s) + hw.launch_s
+    return max(compute, nbytes / hw.read_bytes_per_s + nbytes / hw.write_bytes_per_s) + hw.launch_s
 
 
 def predicted_speedup(site: AttentionSite, variant: str, params: dict, hw: hardware.Hardware) -> Optional[float]:

@@ -32,6 +32,7 @@ class AttentionSite:
     softcap: float = 0.0  # scores soft-capped as softcap * tanh(s / softcap) before the mask (0: none)
     has_bias: bool = False  # a float term adds values at visible positions (ALiBi, relative position bias)
     fill: Optional[float] = None  # finite score of positions the mask hides (a model's masked_fill value)
+    score_ops: int = 0  # separate element-wise ops the model runs over the full score matrix (scale, mask, cast)
 
     def describe(self) -> str:
         """A one-line human summary of the site."""

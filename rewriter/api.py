@@ -249,12 +249,13 @@ def optimize(
         hw = profile("cpu")
         calibrated = not hw.source.startswith("generic")
         busy = float(dict(hw.extra).get("busy_share_before", 0.0)) if calibrated else 0.0
-        notes = () if calibrated else (
+        cpu_notes = () if calibrated else (
             "predictions use generic CPU figures (uncalibrated): run `python -m codegen.hw_calibrate --quick`",)
         if busy > 0.5:  # other work shared the cores while the profile was measured: rates read low and uneven
-            notes = (f"the CPU profile was measured while the CPU was {busy:.0%} busy with other work; predictions "
-                     "may be off: re-measure on a quiet machine with `python -m codegen.hw_calibrate --force`",)
-        plan = dataclasses.replace(plan, calibrated=calibrated, notes=plan.notes + notes)
+            cpu_notes = (f"the CPU profile was measured while the CPU was {busy:.0%} busy with other work; "
+                         "predictions may be off: re-measure on a quiet machine with "
+                         "`python -m codegen.hw_calibrate --force`",)
+        plan = dataclasses.replace(plan, calibrated=calibrated, notes=plan.notes + cpu_notes)
     source = model
     if planned.surgeries:  # latent: factor the K/V projections of a copy, then capture that
         source = apply_latent(model, [x for s in planned.surgeries for x in ((s.k_proj, s.uk), (s.v_proj, s.uv))])
@@ -302,7 +303,8 @@ def optimize(
                 "dense attention over the changed model instead" for i, why in sorted(failed.items()))))
     if dynamic and any(d.variant not in ("original", "dense") for d in plan.decisions):
         hw = profile(target, torch.cuda.get_device_name() if target == "cuda" and torch.cuda.is_available() else "")
-        high = max((t.shape[1] for k, t in kw0.items() if k in seq_inputs(kw0)), default=0)
+        lengths = {x for m in matches for x in (m.site.q_len, m.site.kv_len)}
+        high = max((t.shape[1] for k, t in kw0.items() if k in seq_inputs(kw0, lengths)), default=0)
         got = length_adaptive(source, kw0, matches, plan, hw, high) if high >= 2 else None
         if got is not None:
             ep_dyn, rng, schedules = got

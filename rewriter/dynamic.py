@@ -60,18 +60,25 @@ class LengthRange:
         return {"names": list(self.names), "low": self.low, "high": self.high}
 
 
-def seq_inputs(kw: dict) -> tuple[str, ...]:
-    """Inputs whose dim 1 is the sequence: every tensor of rank >= 2 sharing the first such tensor's dim 1."""
+def seq_inputs(kw: dict, lengths: Optional[set[int]] = None) -> tuple[str, ...]:
+    """Inputs whose dim 1 is the sequence: every tensor of rank >= 2 sharing the first such tensor's dim 1.
+
+    With ``lengths`` (the sites' query/key lengths), dim 1 must be one of them: an input laid out another
+    way ([B, H, N, D], say) has no sequence dimension here, and the model is re-captured per shape instead.
+    """
     tensors = [(k, t) for k, t in kw.items() if isinstance(t, torch.Tensor) and t.dim() >= 2]
     if not tensors:
         return ()
     n = tensors[0][1].shape[1]
+    if lengths is not None and n not in lengths:
+        return ()
     return tuple(k for k, t in tensors if t.shape[1] == n)
 
 
-def capture_dynamic(model: torch.nn.Module, kw: dict, high: int, low: int = 2):
+def capture_dynamic(model: torch.nn.Module, kw: dict, high: int, low: int = 2,
+                    lengths: Optional[set[int]] = None):
     """Export ``model`` on keyword inputs ``kw`` with a dynamic sequence length in [low, high], or None."""
-    names = seq_inputs(kw)
+    names = seq_inputs(kw, lengths)
     if not names or high < low:
         return None
     try:
@@ -116,7 +123,7 @@ def length_adaptive(model: torch.nn.Module, kw: dict, static_matches: list[Match
 
     Returns (exported program, its length range, {site index: schedule}).
     """
-    got = capture_dynamic(model, kw, high)
+    got = capture_dynamic(model, kw, high, lengths={x for m in static_matches for x in (m.site.q_len, m.site.kv_len)})
     if got is None:
         return None
     ep, rng = got

@@ -219,3 +219,49 @@ def test_explain_errors(args, needle):
     assert r.returncode == 2
     assert needle in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_mask_select_is_counted_per_score_not_per_multiply_add():
+    """Eager causal attention masks each (query, key) score once: its element ops do not grow with the head dim."""
+    from cost_model import hardware
+    from cost_model.predict import predict
+
+    hw = hardware.get("cpu")
+    counts = [predict("dense", dict(B=1, H=4, G=4, P=256, M=256, E=e, F=e), hw, causal=True, form="3pass").flops["other"]
+              for e in (32, 128)]
+    assert counts[0] == counts[1], counts
+    assert counts[0] < 16 * 4 * 256 * 256, counts  # a handful of element ops per score
+
+
+def test_eager_site_pays_for_its_separate_score_passes():
+    """A site whose model scales and masks the scores in separate ops is priced higher than one that does not."""
+    import dataclasses
+
+    from cost_model import hardware
+    from passes import pricing
+    from passes.site import AttentionSite
+
+    site = AttentionSite(name="a", index=0, spelling="matmul", causal=True, mask_kind="causal", is_cross=False,
+                         num_heads=8, num_kv_heads=8, head_dim=64, v_head_dim=64, q_len=2048, kv_len=2048, batch=1,
+                         scale=0.125)
+    hw = hardware.get("cpu")
+    base = pricing.original_seconds(site, hw)
+    two = pricing.original_seconds(dataclasses.replace(site, score_ops=2), hw)
+    assert two == pytest.approx(base + 2 * pricing.score_pass_seconds(pricing.site_shape(site), hw))
+    assert two > base
+
+
+def test_find_counts_the_separate_score_passes():
+    """Scale, mask and cast between the scores product and the value product are counted; views are not."""
+    import rewriter
+
+    class Eager(torch.nn.Module):
+        def forward(self, q, k, v, bias):
+            s = (q @ k.transpose(-1, -2)) * 0.125  # 1
+            s = s + bias  # 2
+            p = s.float().softmax(-1).to(q.dtype)  # 3 (float), softmax not counted, 4 (cast back)
+            return p @ v
+
+    q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.float16) for _ in range(3))
+    (site,) = rewriter.find_attention(Eager(), (q, k, v, torch.randn(1, 1, 9, 9, dtype=torch.float16)))
+    assert 2 <= site.score_ops <= 4, site.score_ops

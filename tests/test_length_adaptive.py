@@ -81,3 +81,24 @@ def test_one_artifact_dispatches_by_length_in_a_fresh_process(tmp_path):
     for name, x in (("short", short), ("long", long)):
         with torch.no_grad():
             assert rewriter.relative_l2(opt(x), torch.load(tmp_path / f"out_{name}.pt")) < 1e-6
+
+
+def test_heads_first_inputs_are_not_taken_for_a_sequence():
+    """An input laid out [B, H, N, D] has no sequence in dim 1: no dynamic program over the heads dimension;
+    the causal mask the model builds from N is still recognised and dropped (the kernel applies it)."""
+
+    class HeadsFirst(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = x.chunk(3, dim=-1)
+            n = x.shape[-2]
+            s = (q @ k.transpose(-1, -2)) / 4.0
+            s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+            return s.softmax(-1) @ v
+
+    x = torch.randn(1, 3, 40, 48)
+    opt = rewriter.optimize(HeadsFirst(), (x,), variants={"sliding_window": {"window": 8}}, budget=None)
+    assert not any("one program serves" in n for n in opt.plan.notes), opt.plan.notes
+    out, calls = _calls(opt, x)
+    assert [(c["variant"], c["causal"], c["mask"]) for c in calls] == [("sliding_window", True, None)]
+    q, k, v = x.chunk(3, dim=-1)
+    assert rewriter.relative_l2(sw.reference(q, k, v, None, 0.25, True, window=8), out) < 1e-5
