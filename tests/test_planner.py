@@ -46,6 +46,22 @@ class CrossAttention(nn.Module):
         return y.transpose(1, 2).reshape(b, n, d)
 
 
+class RowPaddedAttention(nn.Module):
+    """A key-padding mask materialised over the query rows ([B, 1, N, N]), as exported BERTs pass theirs."""
+
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        m = attention_mask[:, None, None, :].bool().expand(b, 1, n, n)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        return y.transpose(1, 2).reshape(b, n, d)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -135,6 +151,24 @@ def test_forced_variant_with_no_gate_runs_that_variant():
     assert (d.variant, d.params["window"]) == ("sliding_window", 64)
     assert d.error is not None and d.error > 0  # measured, not assumed
     assert opt.plan.error is not None
+
+
+def test_learned_map_is_not_fitted_where_its_kernel_refuses_the_mask(monkeypatch):
+    """Fitting costs seconds per site: a mask the linear kernel refuses leaves the site dense, unfitted, with why."""
+    import passes.fitting
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted a feature map the kernel cannot run")
+
+    monkeypatch.setattr(passes.fitting, "fit_hedgehog", no_fit)
+    x = torch.randn(4, 64, 16)
+    am = torch.ones(4, 64, dtype=torch.long)
+    am[1, 40:] = 0
+    opt = rewriter.optimize(RowPaddedAttention().eval(), {"x": x, "attention_mask": am},
+                            variants={"linear": {"feature_map": "hedgehog"}}, budget=None, dynamic=False)
+    (d,) = opt.plan.decisions
+    assert d.variant == "dense"
+    assert "key-padding" in d.reason, d.reason
 
 
 def test_plan_round_trips_through_json():
