@@ -41,13 +41,23 @@ def live_blocks(mask: Optional[torch.Tensor], p: int, m: int, block: int) -> Opt
     """[B|1, H|1, nq|1, nk] bool: tiles where the op mask lets at least one score through (None: no mask)."""
     if mask is None:
         return None
-    vis = visible_of(as4d(mask))
+    return _live(visible_of(as4d(mask)), p, m, block)
+
+
+def _live(vis: torch.Tensor, p: int, m: int, block: int) -> torch.Tensor:
     nq, nk = math.ceil(p / block), math.ceil(m / block)
     if vis.shape[3] == 1:
         vis = vis.expand(*vis.shape[:3], m)
     if vis.shape[2] != 1:  # padded rows and keys are False: they never make a tile live
         vis = F.pad(vis, (0, 0, 0, nq * block - p)).view(*vis.shape[:2], nq, block, m).any(3)
     return F.pad(vis, (0, nk * block - m)).view(*vis.shape[:3], nk, block).any(-1)
+
+
+def _blocks(x: torch.Tensor, n: int, block: int) -> torch.Tensor:
+    """[B, heads, N, E] -> [B, heads, n, block, E], zero-padded (only when N is not a multiple: a pad copies)."""
+    if x.shape[2] != n * block:
+        x = F.pad(x, (0, 0, 0, n * block - x.shape[2]))
+    return x.reshape(x.shape[0], x.shape[1], n, block, x.shape[-1])
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, causal: bool, keep: float, block: int,
@@ -63,24 +73,24 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, causal: bool, keep: float, b
     qf, kf = q.float(), k.float()
     dev = q.device  # every index tensor lives with q, so the selection also runs on CUDA
     qcount = torch.clamp(p - torch.arange(nq, device=dev) * block, max=block).to(qf.dtype)
-    q_pool = F.pad(qf, (0, 0, 0, nq * block - p)).view(bsz, h, nq, block, e).sum(3) / qcount[:, None]
-    live = live_blocks(mask, p, m, block)
-    if mask is None:
+    q_pool = _blocks(qf, nq, block).sum(3) / qcount[:, None]
+    vis = None if mask is None else visible_of(as4d(mask))
+    live = None if vis is None else _live(vis, p, m, block)
+    kb = _blocks(kf, nk, block)  # [B, G, nk, block, E]
+    if vis is None:
         kcount = torch.clamp(m - torch.arange(nk, device=dev) * block, max=block).to(kf.dtype)
-        k_pool = F.pad(kf, (0, 0, 0, nk * block - m)).view(bsz, g, nk, block, e).sum(3) / kcount[:, None]
-        k_pool = k_pool.repeat_interleave(h // g, dim=1)
+        k_pool = kb.sum(3) / kcount[:, None]
     else:
         # pool each block over the keys some query may see: hidden (padding) keys would drag the
         # block's mean toward junk and mis-rank a partly padded block
-        kvis = visible_of(as4d(mask)).any(2)  # [B|1, H|1, M|1]
+        kvis = vis.any(2)  # [B|1, H|1, M|1]
         w = F.pad(kvis.expand(*kvis.shape[:2], m).to(kf.dtype), (0, nk * block - m))
-        w = w.view(*w.shape[:2], nk, block, 1)
-        kb = F.pad(kf, (0, 0, 0, nk * block - m)).view(bsz, g, nk, block, e)
+        w = w.view(*w.shape[:2], nk, 1, block)
         if w.shape[1] != 1:  # a per-head mask: pool per query head
             kb = kb.repeat_interleave(h // g, dim=1)
-        k_pool = (kb * w).sum(3) / w.sum(3).clamp(min=1.0)
-        if k_pool.shape[1] != h:
-            k_pool = k_pool.repeat_interleave(h // g, dim=1)
+        k_pool = (w @ kb).squeeze(-2) / w.sum(-1).clamp(min=1.0)  # a batched matmul: no [.., block, E] product
+    if k_pool.shape[1] != h:
+        k_pool = k_pool.repeat_interleave(h // g, dim=1)
     scores = q_pool @ k_pool.transpose(-1, -2)  # [B,H,nq,nk]
     q_first = off + torch.arange(nq, device=dev) * block
     q_last = torch.clamp(q_first + block - 1, max=m - 1)

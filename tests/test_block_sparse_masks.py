@@ -99,11 +99,34 @@ def test_kernel_equals_reference_on_padded_batches(shape, causal, kind, left):
     q, k, v = _inputs(*shape)
     keep_keys = _valid_keys(b, m, left)
     mask = _mask(kind, keep_keys, h, p)
-    for keep, block in ((0.3, 16), (0.5, 8), (0.4, 64)):
+    for keep, block in ((0.3, 16), (0.5, 8), (0.35, 32), (0.4, 64)):
         out = codegen.run("block_sparse", q, k, v, mask, 0.3, causal, keep=keep, block=block)
         ref = block_sparse.reference(q, k, v, mask, 0.3, causal, keep=keep, block=block)
         assert _rel(out, ref) < 1e-5, (keep, block)
         assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_compiled_kernel_takes_every_block_width(block, causal):
+    """The C++ kernel itself (not the gathered fallback) runs 16-, 32- and 64-key blocks, ragged F included."""
+    from codegen import cpu_kernel
+    from codegen.cpu_blocked import blocked_attention
+    from codegen.pattern import dense_blocks, from_dense_blocks, intervals
+
+    if cpu_kernel.load() is None:
+        pytest.skip("the C++ kernel cannot be built here")
+    b, h, g, p, m, e, f = 2, 4, 2, 150, 150, 16, 20
+    q, k, v = _inputs(b, h, g, p, m, e, f, seed=6)
+    mask = _mask("finfo_min", _valid_keys(b, m, left=False), h, p)
+    chosen = block_sparse.select_blocks(q, k, causal, 0.5, block, mask)
+    lo, hi = intervals("block_sparse", (), p, m, causal)
+    anyb, fullb = dense_blocks(lo, hi, m, block, block)
+    bm = from_dense_blocks(chosen & anyb, chosen & fullb, block, block)
+    out = cpu_kernel.try_run(q, k, v, mask, 0.3, 0.0, bm, lo, hi)
+    assert out is not None
+    assert _rel(out, blocked_attention(q, k, v, mask, 0.3, 0.0, bm, lo, hi)) < 1e-5
+    assert _rel(out, block_sparse.reference(q, k, v, mask, 0.3, causal, keep=0.5, block=block)) < 1e-5
 
 
 @pytest.mark.parametrize("causal", [False, True])
