@@ -171,6 +171,28 @@ def test_learned_map_is_not_fitted_where_its_kernel_refuses_the_mask(monkeypatch
     assert "key-padding" in d.reason, d.reason
 
 
+def test_gain_is_not_measured_on_an_option_that_is_exact_up_to_rounding():
+    """A probe whose site error is float rounding measures noise; the gain comes from the next option."""
+    from passes.planner import Candidate, SitePlan, _probe_gains
+    from passes.site import AttentionSite
+
+    site = AttentionSite(name="s", index=0, spelling="sdpa", causal=False, mask_kind="padding", is_cross=False,
+                         num_heads=2, num_kv_heads=2, head_dim=8, v_head_dim=8, q_len=64, kv_len=64, batch=1,
+                         scale=8 ** -0.5)
+    opts = [Candidate("block_sparse", {"keep": keep}, t, error=err)
+            for keep, t, err in ((0.125, 1.0, 0.3), (0.5, 2.0, 0.04), (0.75, 3.0, 1e-7))]
+    sp = SitePlan(site, Candidate("dense", {}, 4.0, exact=True, error=0.0), opts)
+    by_keep = {c.params["keep"]: c.error for c in opts}
+
+    def evaluate(assignment):  # half of a site's error reaches the output; rounding-sized errors vanish in it
+        variant, params = assignment[0]
+        err = by_keep[params["keep"]] if variant == "block_sparse" else 0.0
+        return 1e-6 + (0.5 * err if err > 1e-5 else 0.0), None
+
+    _probe_gains([sp], [[]], evaluate, base=1e-6, say=lambda msg: None)
+    assert sp.gain == pytest.approx(0.5)
+
+
 def test_plan_round_trips_through_json():
     model = LocalAttention().eval()
     opt = rewriter.optimize(model, torch.randn(2, 300, 64), budget=0.01)
