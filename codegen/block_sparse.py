@@ -6,6 +6,13 @@ query block keeps ``ceil(keep · n_key_blocks)`` key blocks: always the first bl
 blocks holding its own positions (the diagonal), then the best-scoring others.  Under ``causal``
 blocks wholly in the future are never chosen, and keys after the query are masked element-wise.
 keep = 1 keeps every visible block, which is exact attention.
+
+The op's mask takes part in the selection: a key block the mask hides wholly from a query block
+(every score of the tile masked: bool False, or an additive value <= ``HIDDEN_BELOW``) is never
+chosen, not even as the first or diagonal block, and keys are pooled over the ones the mask lets
+some query see.  Skipping such a tile changes nothing a query with any visible key computes
+(its weights there are exactly 0), so on padded batches the kept budget goes to real keys.  A
+query block with no visible key at all gets no blocks and outputs 0 (as FlexAttention does).
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from codegen.naive import naive_attention
+from codegen.naive import as4d, naive_attention, visible_of
 from codegen.ops import register_kernel
 from codegen.pattern import dense_blocks, from_dense_blocks, intervals, register_pattern, visible
 from codegen.sparse import no_fill, run_block_map
@@ -30,7 +37,31 @@ def pattern(qpos: torch.Tensor, m: int, p: int, **_) -> tuple[torch.Tensor, torc
     return torch.zeros_like(qpos)[:, None], torch.full_like(qpos, m - 1)[:, None]
 
 
-def select_blocks(q: torch.Tensor, k: torch.Tensor, causal: bool, keep: float, block: int) -> torch.Tensor:
+def live_blocks(mask: Optional[torch.Tensor], p: int, m: int, block: int) -> Optional[torch.Tensor]:
+    """[B|1, H|1, nq|1, nk] bool: tiles where the op mask lets at least one score through (None: no mask)."""
+    if mask is None:
+        return None
+    return _live(visible_of(as4d(mask)), p, m, block)
+
+
+def _live(vis: torch.Tensor, p: int, m: int, block: int) -> torch.Tensor:
+    nq, nk = math.ceil(p / block), math.ceil(m / block)
+    if vis.shape[3] == 1:
+        vis = vis.expand(*vis.shape[:3], m)
+    if vis.shape[2] != 1:  # padded rows and keys are False: they never make a tile live
+        vis = F.pad(vis, (0, 0, 0, nq * block - p)).view(*vis.shape[:2], nq, block, m).any(3)
+    return F.pad(vis, (0, nk * block - m)).view(*vis.shape[:3], nk, block).any(-1)
+
+
+def _blocks(x: torch.Tensor, n: int, block: int) -> torch.Tensor:
+    """[B, heads, N, E] -> [B, heads, n, block, E], zero-padded (only when N is not a multiple: a pad copies)."""
+    if x.shape[2] != n * block:
+        x = F.pad(x, (0, 0, 0, n * block - x.shape[2]))
+    return x.reshape(x.shape[0], x.shape[1], n, block, x.shape[-1])
+
+
+def select_blocks(q: torch.Tensor, k: torch.Tensor, causal: bool, keep: float, block: int,
+                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[B, H, nq, nk] bool: the key blocks each query block keeps (the data-dependent spec)."""
     if not 0 < keep <= 1:
         raise ValueError("block_sparse: keep must be in (0, 1]")
@@ -42,10 +73,24 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, causal: bool, keep: float, b
     qf, kf = q.float(), k.float()
     dev = q.device  # every index tensor lives with q, so the selection also runs on CUDA
     qcount = torch.clamp(p - torch.arange(nq, device=dev) * block, max=block).to(qf.dtype)
-    kcount = torch.clamp(m - torch.arange(nk, device=dev) * block, max=block).to(kf.dtype)
-    q_pool = F.pad(qf, (0, 0, 0, nq * block - p)).view(bsz, h, nq, block, e).sum(3) / qcount[:, None]
-    k_pool = F.pad(kf, (0, 0, 0, nk * block - m)).view(bsz, g, nk, block, e).sum(3) / kcount[:, None]
-    k_pool = k_pool.repeat_interleave(h // g, dim=1)
+    q_pool = _blocks(qf, nq, block).sum(3) / qcount[:, None]
+    vis = None if mask is None else visible_of(as4d(mask))
+    live = None if vis is None else _live(vis, p, m, block)
+    kb = _blocks(kf, nk, block)  # [B, G, nk, block, E]
+    if vis is None:
+        kcount = torch.clamp(m - torch.arange(nk, device=dev) * block, max=block).to(kf.dtype)
+        k_pool = kb.sum(3) / kcount[:, None]
+    else:
+        # pool each block over the keys some query may see: hidden (padding) keys would drag the
+        # block's mean toward junk and mis-rank a partly padded block
+        kvis = vis.any(2)  # [B|1, H|1, M|1]
+        w = F.pad(kvis.expand(*kvis.shape[:2], m).to(kf.dtype), (0, nk * block - m))
+        w = w.view(*w.shape[:2], nk, 1, block)
+        if w.shape[1] != 1:  # a per-head mask: pool per query head
+            kb = kb.repeat_interleave(h // g, dim=1)
+        k_pool = (w @ kb).squeeze(-2) / w.sum(-1).clamp(min=1.0)  # a batched matmul: no [.., block, E] product
+    if k_pool.shape[1] != h:
+        k_pool = k_pool.repeat_interleave(h // g, dim=1)
     scores = q_pool @ k_pool.transpose(-1, -2)  # [B,H,nq,nk]
     q_first = off + torch.arange(nq, device=dev) * block
     q_last = torch.clamp(q_first + block - 1, max=m - 1)
@@ -55,7 +100,9 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, causal: bool, keep: float, b
     allowed = torch.ones(nq, nk, dtype=torch.bool, device=dev)
     if causal:
         allowed = kb * block <= q_last[:, None]
-    must &= allowed
+    if live is not None:
+        allowed = allowed & live.to(dev)  # [B|1, H|1, nq, nk]
+    must = must & allowed
     rank = scores.masked_fill(must, float("inf")).masked_fill(~allowed, float("-inf"))
     top = rank.topk(nsel, dim=-1).indices
     chosen = torch.zeros(bsz, h, nq, nk, dtype=torch.bool, device=dev).scatter_(-1, top, True)
@@ -66,7 +113,7 @@ def reference(q, k, v, mask, scale, causal, *, softcap: float = 0.0, keep: float
               ) -> torch.Tensor:
     """Naive dense attention with the selected blocks expanded to an element mask."""
     p, m = q.shape[2], k.shape[2]
-    chosen = select_blocks(q, k, causal, keep, block)
+    chosen = select_blocks(q, k, causal, keep, block, mask)
     elem = chosen.repeat_interleave(block, -2)[..., :p, :].repeat_interleave(block, -1)[..., :m]
     lo, hi = intervals(VARIANT, (), p, m, causal)
     return naive_attention(q, k, v, mask, scale, visible=elem & visible(lo, hi, m), softcap=softcap)
@@ -85,7 +132,7 @@ def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
         if out is not None:
             return out
     p, m = q.shape[2], k.shape[2]
-    chosen = select_blocks(q, k, causal, float(keep), block)
+    chosen = select_blocks(q, k, causal, float(keep), block, mask)
     lo, hi = intervals(VARIANT, (), p, m, bool(causal))
     anyb, fullb = dense_blocks(lo, hi, m, block, block)
     bm = from_dense_blocks(chosen & anyb, chosen & fullb, block, block)

@@ -5,8 +5,9 @@ query block visits), runs an online softmax over them, skips the element test on
 and applies the intervals' test on partial ones.  Nothing outside the map is computed.  The
 inner products use GCC vector extensions (16 floats), so the source is portable across x86 ISAs;
 it is built once per machine with ``torch.utils.cpp_extension.load_inline`` (about a minute)
-into torch's extension cache, keyed by the source hash.  If the build fails, or the call is
-outside what it handles (non-float32, non-CPU), the caller falls back to ``cpu_blocked``.
+into torch's extension cache, keyed by the source hash.  Key blocks of 16, 32 or 64 keys each have
+an instantiation.  If the build fails, or the call is outside what it handles (non-float32,
+non-CPU, another key block width), the caller falls back to ``cpu_blocked``.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from codegen.pattern import BlockMap
 
 logger = logging.getLogger(__name__)
 
-BK = 64  # key block width the kernel is compiled for
+BK = 64  # the key block width artifacts name by default
+BLOCKS = (16, 32, 64)  # key block widths the kernel is compiled for
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -36,7 +38,6 @@ SOURCE = r"""
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int vi16 __attribute__((vector_size(64)));
-static const int BK = 64;
 
 static inline v16 ld(const float* p) { v16 r; std::memcpy(&r, p, 64); return r; }
 static inline void st(float* p, v16 r) { std::memcpy(p, &r, 64); }
@@ -64,9 +65,28 @@ static inline v16 vexp(v16 x) {
   return (neg > splat(0.0f)) ? splat(0.0f) : out;
 }
 
-// s[4][BK] = scale * q[4][E] . kt[E][k0:k0+BK]; fixed sizes keep the 16 accumulators in registers
+// s[4][BK] = scale * q[4][E] . kt[E][k0:k0+BK] for BK = 16 or 32: 4 x BK/16 accumulators
+template <int BK>
 static inline void qk_tile(const float* __restrict q, const float* __restrict kt, int64_t E, int64_t Mp,
                            float scale, float* __restrict s) {
+  constexpr int NV = BK / 16;
+  v16 a[4][NV];
+  for (int r = 0; r < 4; ++r) for (int c = 0; c < NV; ++c) a[r][c] = splat(0.0f);
+  for (int64_t e = 0; e < E; ++e) {
+    const float* kr = kt + e * Mp;
+    v16 kv[NV];
+    for (int c = 0; c < NV; ++c) kv[c] = ld(kr + 16 * c);
+    const float q0 = q[e], q1 = q[E + e], q2 = q[2 * E + e], q3 = q[3 * E + e];
+    for (int c = 0; c < NV; ++c) { a[0][c] += q0 * kv[c]; a[1][c] += q1 * kv[c]; a[2][c] += q2 * kv[c]; a[3][c] += q3 * kv[c]; }
+  }
+  for (int r = 0; r < 4; ++r) for (int c = 0; c < NV; ++c) st(s + r * BK + 16 * c, a[r][c] * scale);
+}
+
+// BK = 64: written out, so the 16 accumulators stay in registers
+template <>
+inline void qk_tile<64>(const float* __restrict q, const float* __restrict kt, int64_t E, int64_t Mp,
+                        float scale, float* __restrict s) {
+  constexpr int BK = 64;
   v16 a00 = {}, a01 = {}, a02 = {}, a03 = {}, a10 = {}, a11 = {}, a12 = {}, a13 = {};
   v16 a20 = {}, a21 = {}, a22 = {}, a23 = {}, a30 = {}, a31 = {}, a32 = {}, a33 = {};
   for (int64_t e = 0; e < E; ++e) {
@@ -85,7 +105,7 @@ static inline void qk_tile(const float* __restrict q, const float* __restrict kt
 }
 
 // acc[4][NC*16] += p[4][BK] . v[BK][NC*16] (row stride Fp)
-template <int NC>
+template <int BK, int NC>
 static inline void pv_tile(const float* __restrict p, const float* __restrict v, int64_t Fp, float* __restrict acc) {
   v16 a[4][NC];
   for (int r = 0; r < 4; ++r) for (int c = 0; c < NC; ++c) a[r][c] = ld(acc + r * Fp + c * 16);
@@ -99,10 +119,12 @@ static inline void pv_tile(const float* __restrict p, const float* __restrict v,
   for (int r = 0; r < 4; ++r) for (int c = 0; c < NC; ++c) st(acc + r * Fp + c * 16, a[r][c]);
 }
 
-torch::Tensor attn_fwd(torch::Tensor q, torch::Tensor kt, torch::Tensor vp, torch::Tensor idx,
-                       torch::Tensor num, torch::Tensor full, torch::Tensor lo, torch::Tensor hi,
-                       torch::Tensor mask, std::vector<int64_t> mstride, int64_t m_len, int64_t block_q,
-                       double scale_d, double softcap_d) {
+template <int BK>
+torch::Tensor attn_fwd_bk(torch::Tensor q, torch::Tensor kt, torch::Tensor vp, torch::Tensor idx,
+                          torch::Tensor num, torch::Tensor full, torch::Tensor lo, torch::Tensor hi,
+                          torch::Tensor mask, std::vector<int64_t> mstride, int64_t m_len, int64_t block_q,
+                          double scale_d, double softcap_d) {
+  constexpr int NV = BK / 16;
   const int64_t B = q.size(0), H = q.size(1), P = q.size(2), E = q.size(3);
   const int64_t G = kt.size(1), Mp = kt.size(3), Fp = vp.size(3);
   const int64_t rep = H / G, BQ = block_q, nq = (P + BQ - 1) / BQ;
@@ -139,7 +161,7 @@ torch::Tensor attn_fwd(torch::Tensor q, torch::Tensor kt, torch::Tensor vp, torc
         const bool isfull = FULL[moff * S + si];
         const int64_t k0 = kb * BK;
         // S = scale * Q K^T for this key block, 4 query rows at a time (qt is zero-padded to BQ rows)
-        for (int64_t i = 0; i < rows; i += 4) qk_tile(qt.data() + i * E, kbase + k0, E, Mp, scale, s.data() + i * BK);
+        for (int64_t i = 0; i < rows; i += 4) qk_tile<BK>(qt.data() + i * E, kbase + k0, E, Mp, scale, s.data() + i * BK);
         for (int64_t i = 0; i < rows; ++i) {
           float* si_ = s.data() + i * BK;
           const int64_t qi = q0 + i;
@@ -153,7 +175,7 @@ torch::Tensor attn_fwd(torch::Tensor q, torch::Tensor kt, torch::Tensor vp, torc
               const int64_t a = std::max(LO[qi * T + t], k0), z = std::min(HI[qi * T + t], last);
               for (int64_t j = a; j <= z; ++j) add[j - k0] = 0.f;
             }
-            for (int c = 0; c < 4; ++c) st(si_ + c * 16, ld(si_ + c * 16) + ld(add + c * 16));
+            for (int c = 0; c < NV; ++c) st(si_ + c * 16, ld(si_ + c * 16) + ld(add + c * 16));
           }
           if (has_mask) {
             const float* mrowp = MK + b * mstride[0] + h * mstride[1] + qi * mstride[2];
@@ -162,14 +184,14 @@ torch::Tensor attn_fwd(torch::Tensor q, torch::Tensor kt, torch::Tensor vp, torc
           }
           // online softmax update of row i
           v16 mx = ld(si_);
-          for (int c = 1; c < 4; ++c) { v16 x = ld(si_ + c * 16); mx = (x > mx) ? x : mx; }
+          for (int c = 1; c < NV; ++c) { v16 x = ld(si_ + c * 16); mx = (x > mx) ? x : mx; }
           float bmax = mx[0];
           for (int l = 1; l < 16; ++l) bmax = std::max(bmax, mx[l]);
           const float mnew = std::max(mrow[i], bmax);
           if (mnew == NEG) { std::memset(si_, 0, sizeof(float) * BK); continue; }  // nothing visible yet
           const float alpha = (mrow[i] == NEG) ? 0.f : std::exp(mrow[i] - mnew);
           v16 sum = {};
-          for (int c = 0; c < 4; ++c) { v16 p = vexp(ld(si_ + c * 16) - mnew); st(si_ + c * 16, p); sum += p; }
+          for (int c = 0; c < NV; ++c) { v16 p = vexp(ld(si_ + c * 16) - mnew); st(si_ + c * 16, p); sum += p; }
           float bsum = 0.f;
           for (int l = 0; l < 16; ++l) bsum += sum[l];
           lrow[i] = lrow[i] * alpha + bsum;
@@ -182,10 +204,10 @@ torch::Tensor attn_fwd(torch::Tensor q, torch::Tensor kt, torch::Tensor vp, torc
             const float* vb = vbase + k0 * Fp + f0;
             float* ab = acc.data() + i * Fp + f0;
             switch (std::min<int64_t>(4, (Fp - f0) / 16)) {
-              case 4: pv_tile<4>(s.data() + i * BK, vb, Fp, ab); break;
-              case 3: pv_tile<3>(s.data() + i * BK, vb, Fp, ab); break;
-              case 2: pv_tile<2>(s.data() + i * BK, vb, Fp, ab); break;
-              default: pv_tile<1>(s.data() + i * BK, vb, Fp, ab); break;
+              case 4: pv_tile<BK, 4>(s.data() + i * BK, vb, Fp, ab); break;
+              case 3: pv_tile<BK, 3>(s.data() + i * BK, vb, Fp, ab); break;
+              case 2: pv_tile<BK, 2>(s.data() + i * BK, vb, Fp, ab); break;
+              default: pv_tile<BK, 1>(s.data() + i * BK, vb, Fp, ab); break;
             }
           }
       }
@@ -197,6 +219,19 @@ torch::Tensor attn_fwd(torch::Tensor q, torch::Tensor kt, torch::Tensor vp, torc
     }
   });
   return out;
+}
+
+// one entry point; the key block width (16, 32 or 64) picks the instantiation
+torch::Tensor attn_fwd(torch::Tensor q, torch::Tensor kt, torch::Tensor vp, torch::Tensor idx,
+                       torch::Tensor num, torch::Tensor full, torch::Tensor lo, torch::Tensor hi,
+                       torch::Tensor mask, std::vector<int64_t> mstride, int64_t m_len, int64_t block_q,
+                       int64_t block_k, double scale_d, double softcap_d) {
+  switch (block_k) {
+    case 16: return attn_fwd_bk<16>(q, kt, vp, idx, num, full, lo, hi, mask, mstride, m_len, block_q, scale_d, softcap_d);
+    case 32: return attn_fwd_bk<32>(q, kt, vp, idx, num, full, lo, hi, mask, mstride, m_len, block_q, scale_d, softcap_d);
+    case 64: return attn_fwd_bk<64>(q, kt, vp, idx, num, full, lo, hi, mask, mstride, m_len, block_q, scale_d, softcap_d);
+    default: TORCH_CHECK(false, "attn_fwd: key blocks of 16, 32 or 64, not ", block_k);
+  }
 }
 """
 
@@ -231,8 +266,8 @@ def load():
 
 
 def applies(q: torch.Tensor, bm: BlockMap) -> bool:
-    """Whether the compiled kernel handles this call (float32 CPU, 64-wide key blocks)."""
-    return q.device.type == "cpu" and q.dtype == torch.float32 and bm.block_k == BK
+    """Whether the compiled kernel handles this call (float32 CPU, key blocks of 16, 32 or 64)."""
+    return q.device.type == "cpu" and q.dtype == torch.float32 and bm.block_k in BLOCKS
 
 
 def try_run(q, k, v, mask, scale, softcap, bm: BlockMap, lo, hi) -> Optional[torch.Tensor]:
@@ -244,10 +279,13 @@ def try_run(q, k, v, mask, scale, softcap, bm: BlockMap, lo, hi) -> Optional[tor
         return None
     bsz, h, p, e = q.shape
     g, m, f = k.shape[1], k.shape[2], v.shape[-1]
-    nk = -(-m // BK)
+    bk = bm.block_k
+    nk = -(-m // bk)
     fp = -(-f // 16) * 16
-    kt = F.pad(k, (0, 0, 0, nk * BK - m)).transpose(-1, -2).contiguous()
-    vp = F.pad(v, (0, fp - f, 0, nk * BK - m)).contiguous()
+    # pad only when the lengths need it: a zero-width pad still copies the whole tensor
+    kp = F.pad(k, (0, 0, 0, nk * bk - m)) if nk * bk != m else k
+    kt = kp.transpose(-1, -2).contiguous()
+    vp = F.pad(v, (0, fp - f, 0, nk * bk - m)).contiguous() if (fp != f or nk * bk != m) else v.contiguous()
     idx, num, full = bm.idx, bm.num, bm.full
     if idx.dim() == 2:
         idx, num, full = idx[None, None], num[None, None], full[None, None]
@@ -261,5 +299,5 @@ def try_run(q, k, v, mask, scale, softcap, bm: BlockMap, lo, hi) -> Optional[tor
         strides = [0 if m4.shape[d] == 1 else m4.stride(d) for d in range(4)]
         mk = m4
     out = mod.attn_fwd(q.contiguous(), kt, vp, idx.contiguous(), num.contiguous(), full.contiguous(),
-                       lo.contiguous(), hi.contiguous(), mk, strides, m, bm.block_q, float(scale), float(softcap))
+                       lo.contiguous(), hi.contiguous(), mk, strides, m, bm.block_q, bk, float(scale), float(softcap))
     return out[..., :f] if fp != f else out

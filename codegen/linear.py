@@ -24,13 +24,12 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from codegen.naive import as4d
+from codegen.naive import HIDDEN_BELOW, as4d
 from codegen.ops import register_kernel
 
 VARIANT = "linear"
 FEATURE_MAPS = ("elu1", "taylor", "hedgehog")
 _BUDGET_BYTES = 256 << 20
-_HIDDEN_BELOW = -1e4
 
 
 def key_keep(mask: Optional[torch.Tensor], bsz: int, m: int) -> Optional[torch.Tensor]:
@@ -46,7 +45,7 @@ def key_keep(mask: Optional[torch.Tensor], bsz: int, m: int) -> Optional[torch.T
         return row.float()[:, None, :]
     # A huge negative fill (finfo.min, -1e9, old BERT's -10000) hides a key exactly as -inf does:
     # exp of it underflows to 0 against any real score.
-    hidden = row <= _HIDDEN_BELOW
+    hidden = row <= HIDDEN_BELOW
     if bool((row[~hidden] != 0).any()):
         raise ValueError("linear: an additive mask must hold only 0 and hiding values (-inf, finfo.min, <= -1e4): "
                          "key padding")

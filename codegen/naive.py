@@ -5,10 +5,19 @@ from typing import Optional
 
 import torch
 
+# An additive mask value at or below this hides its score exactly as -inf does for any row with a
+# visible key: exp(-1e4 + s - max) underflows to 0 (finfo.min, -1e9 and old BERT's -10000 all qualify).
+HIDDEN_BELOW = -1e4
+
 
 def as4d(mask: torch.Tensor) -> torch.Tensor:
     """View a broadcastable op mask as 4-D [B|1, H|1, P|1, M|1]."""
     return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 4 else mask
+
+
+def visible_of(mask: torch.Tensor) -> torch.Tensor:
+    """Bool view of an op mask: True where a score gets through (bool True, or additive > ``HIDDEN_BELOW``)."""
+    return mask if mask.dtype == torch.bool else mask > HIDDEN_BELOW
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],

@@ -21,7 +21,8 @@ def _cpu_sources(variant: str, params: Mapping[str, Any], **fields: Any) -> dict
     if variant not in COMPILED:
         return {}
     from codegen import cpu_kernel
-    spec = KernelSpec.make(variant, params, block_k=cpu_kernel.BK, **fields)
+    block = int(params.get("block", cpu_kernel.BK))  # the map's key block picks the kernel's instantiation
+    spec = KernelSpec.make(variant, params, block_k=block if block in cpu_kernel.BLOCKS else cpu_kernel.BK, **fields)
     header = f"// kernel: {variant} (CPU block-sparse flash)\n// spec: {json.dumps(spec.to_json(), sort_keys=True)}\n"
     text = header + cpu_kernel.SOURCE
     return {f"{variant}_cpu_{spec.hash}.cpp": (text, hashlib.sha256(text.encode()).hexdigest())}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -259,6 +260,12 @@ def _prepare_hedgehog(sp: SitePlan, records: list[SiteRecord], index: int, say) 
     cands = [c for c in sp.options if c.variant == "linear" and c.params.get("feature_map") == "hedgehog"]
     if not cands or not records:
         return
+    refusal = _linear_mask_refusal(records)
+    if refusal:  # the kernel would refuse every fitted map: do not spend the fitting time
+        for c in cands:
+            c.error, c.failure = math.inf, refusal
+        logger.info("site %s: hedgehog not fitted: %s", sp.site.name, refusal)
+        return
     lowrank.register_extra_probe_kernel()
     key = f"site{index}-hedgehog-{id(sp)}"
     cache: list = []
@@ -274,6 +281,18 @@ def _prepare_hedgehog(sp: SitePlan, records: list[SiteRecord], index: int, say) 
 
     for c in cands:
         c.prepare = prepare
+
+
+def _linear_mask_refusal(records: list[SiteRecord]) -> str:
+    """Why the linear kernel would refuse these records' masks ('' when it takes them all)."""
+    from codegen.linear import key_keep
+
+    for r in records:
+        try:
+            key_keep(r.mask, r.q.shape[0], r.k.shape[2])
+        except ValueError as e:
+            return f"ValueError: {e}"
+    return ""
 
 
 def _prepare_latent(sp: SitePlan, records: list[SiteRecord], index: int) -> None:

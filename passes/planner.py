@@ -31,6 +31,10 @@ CATALOGUE = (
 
 VariantSpec = Union[None, str, list, tuple, dict]
 
+# Site errors at or below this are float rounding (fp32 attention differs from the float64 record
+# by ~1e-7), not an approximation: too small to measure a site's gain with.
+ROUNDING = 1e-4
+
 
 def available() -> list[str]:
     """Variants that have both a planner module and a registered kernel."""
@@ -229,11 +233,15 @@ def _probe_gains(sites: Sequence[SitePlan], records, evaluate: Evaluate, base: f
 
     The residual stream and later layers damp (or amplify) a site's error; the gain converts a site
     error into the end-to-end error the budget counts. The probe is the site's most accurate
-    non-exact option, so the gain is measured in the small-error regime the plan works in.
+    non-exact option whose error is above float rounding, so the gain is measured in the small-error
+    regime the plan works in. An option that is exact on the calibration rows up to rounding (a
+    block-sparse choice that keeps every real key of short padded rows) would measure only noise,
+    and a gain near 0 from it would let every coarser option through; without a usable probe the
+    gain stays 1.
     """
     dense_all = {i: ("dense", {}) for i in range(len(sites))}
     for i, sp in enumerate(sites):
-        inexact = [c for c in sp.options if not c.exact and _score(sp, c, records[i]) < math.inf]
+        inexact = [c for c in sp.options if not c.exact and ROUNDING < _score(sp, c, records[i]) < math.inf]
         if not inexact:
             continue
         probe = min(inexact, key=lambda c: c.error)

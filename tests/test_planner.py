@@ -46,6 +46,22 @@ class CrossAttention(nn.Module):
         return y.transpose(1, 2).reshape(b, n, d)
 
 
+class RowPaddedAttention(nn.Module):
+    """A key-padding mask materialised over the query rows ([B, 1, N, N]), as exported BERTs pass theirs."""
+
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        m = attention_mask[:, None, None, :].bool().expand(b, 1, n, n)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        return y.transpose(1, 2).reshape(b, n, d)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -135,6 +151,46 @@ def test_forced_variant_with_no_gate_runs_that_variant():
     assert (d.variant, d.params["window"]) == ("sliding_window", 64)
     assert d.error is not None and d.error > 0  # measured, not assumed
     assert opt.plan.error is not None
+
+
+def test_learned_map_is_not_fitted_where_its_kernel_refuses_the_mask(monkeypatch):
+    """Fitting costs seconds per site: a mask the linear kernel refuses leaves the site dense, unfitted, with why."""
+    import passes.fitting
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted a feature map the kernel cannot run")
+
+    monkeypatch.setattr(passes.fitting, "fit_hedgehog", no_fit)
+    x = torch.randn(4, 64, 16)
+    am = torch.ones(4, 64, dtype=torch.long)
+    am[1, 40:] = 0
+    opt = rewriter.optimize(RowPaddedAttention().eval(), {"x": x, "attention_mask": am},
+                            variants={"linear": {"feature_map": "hedgehog"}}, budget=None, dynamic=False)
+    (d,) = opt.plan.decisions
+    assert d.variant == "dense"
+    assert "key-padding" in d.reason, d.reason
+
+
+def test_gain_is_not_measured_on_an_option_that_is_exact_up_to_rounding():
+    """A probe whose site error is float rounding measures noise; the gain comes from the next option."""
+    from passes.planner import Candidate, SitePlan, _probe_gains
+    from passes.site import AttentionSite
+
+    site = AttentionSite(name="s", index=0, spelling="sdpa", causal=False, mask_kind="padding", is_cross=False,
+                         num_heads=2, num_kv_heads=2, head_dim=8, v_head_dim=8, q_len=64, kv_len=64, batch=1,
+                         scale=8 ** -0.5)
+    opts = [Candidate("block_sparse", {"keep": keep}, t, error=err)
+            for keep, t, err in ((0.125, 1.0, 0.3), (0.5, 2.0, 0.04), (0.75, 3.0, 1e-7))]
+    sp = SitePlan(site, Candidate("dense", {}, 4.0, exact=True, error=0.0), opts)
+    by_keep = {c.params["keep"]: c.error for c in opts}
+
+    def evaluate(assignment):  # half of a site's error reaches the output; rounding-sized errors vanish in it
+        variant, params = assignment[0]
+        err = by_keep[params["keep"]] if variant == "block_sparse" else 0.0
+        return 1e-6 + (0.5 * err if err > 1e-5 else 0.0), None
+
+    _probe_gains([sp], [[]], evaluate, base=1e-6, say=lambda msg: None)
+    assert sp.gain == pytest.approx(0.5)
 
 
 def test_plan_round_trips_through_json():

@@ -129,6 +129,32 @@ def test_block_sparse(shape, mask_kind, causal, keep, dtype):
     _check("block_sparse", SHAPES[shape], mask_kind, causal, dtype, keep=keep, block=16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("pad", ["right_bool", "left_finfo_min"])
+def test_block_sparse_skips_blocks_the_mask_hides(pad, causal, dtype):
+    """Padded batch rows with whole hidden key blocks: the selection never spends a slot on them."""
+    b, h, g, p, m, e, f = shape = (2, 4, 2, 45, 45, 16, 16)
+    q, k, v = _inputs(shape, dtype)
+    keep = torch.zeros(b, m, dtype=torch.bool)
+    lens = (13, 35)  # row 0: two whole hidden blocks of 16; row 1: a partly hidden third block
+    for i, n in enumerate(lens):
+        if pad.startswith("left"):
+            keep[i, m - n:] = True
+        else:
+            keep[i, :n] = True
+    mask = (keep[:, None, None, :] if pad == "right_bool" else
+            torch.zeros(b, 1, 1, m, dtype=dtype).masked_fill(~keep[:, None, None, :], torch.finfo(dtype).min))
+    scale = 0.7 / e ** 0.5
+    out = torch.full((b, h, p, f), float("nan"), dtype=dtype)
+    ct.run("block_sparse", q, k, v, mask, scale, causal, out=out, keep=0.4, block=16)
+    ref = block_sparse.reference(q.double(), k.double(), v.double(), mask, scale, causal, keep=0.4, block=16)
+    assert not torch.isnan(out).any()
+    assert _rel(out, ref) < TOL[dtype]
+    chosen = block_sparse.select_blocks(q, k, causal, 0.4, 16, mask)
+    assert not chosen[0, ..., 1:].any() if pad == "right_bool" else not chosen[0, ..., :2].any()
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
 def test_neighborhood_2d(mask_kind, causal):

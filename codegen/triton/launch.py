@@ -120,14 +120,15 @@ def _causal_blocks(p: int, m: int, causal: bool, blk: int) -> tuple[torch.Tensor
     return dense_blocks(lo, hi, m, blk, blk)
 
 
-def _block_map(variant: str, sp: dict, q: torch.Tensor, k: torch.Tensor, causal: bool):
+def _block_map(variant: str, sp: dict, q: torch.Tensor, k: torch.Tensor, causal: bool,
+               mask: Optional[torch.Tensor] = None):
     """(num [B|1,H|1,nq], idx [..,nq,S], full [..,nq,S]) of a block-map variant, on q's device."""
     from codegen.pattern import cached_block_map, from_dense_blocks
     from codegen.sparse import freeze_params
     p, m, blk = q.shape[2], k.shape[2], int(sp["block"])
     if variant == "block_sparse":
         from codegen.block_sparse import select_blocks
-        chosen = select_blocks(q, k, causal, float(sp["keep"]), blk)  # on q's device
+        chosen = select_blocks(q, k, causal, float(sp["keep"]), blk, mask)  # on q's device; never a hidden tile
         anyb, fullb = (x.to(q.device) for x in _causal_blocks(p, m, bool(causal), blk))
         bm = from_dense_blocks(chosen & anyb, chosen & fullb, blk, blk)
     else:
@@ -196,7 +197,7 @@ def prepare(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
         m4, mstr = q, (0, 0, 0, 0)
     args: list[Any] = [q, k, v, out, m4]
     if FAMILIES[variant] == "blockmap":
-        num, idx, full = _block_map(variant, dict(spec.params), q, k, causal)
+        num, idx, full = _block_map(variant, dict(spec.params), q, k, causal, mask)
         num_e = num.expand(bsz, h, num.shape[-1])
         idx_e = idx.expand(bsz, h, *idx.shape[-2:])
         full_e = full.expand(bsz, h, *full.shape[-2:])

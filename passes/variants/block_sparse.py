@@ -6,7 +6,9 @@ score matrix (a cheap estimate, as MInference/SeerAttention do); each query bloc
 so every query block does the same work), always including the blocks holding its own
 positions.  Only the selected blocks are gathered and computed.  Under ``causal`` blocks that
 lie wholly in the future are never chosen ahead of visible ones, and keys after the query
-(bottom-right aligned: query i is at position M - P + i) are masked.
+(bottom-right aligned: query i is at position M - P + i) are masked.  The kernel's selection also
+reads the op mask (``codegen.block_sparse``): blocks the padding hides wholly are never kept, so
+on padded batches the price (``keep`` of all key blocks) is an upper bound of the work done.
 """
 from __future__ import annotations
 
