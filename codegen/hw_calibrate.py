@@ -78,8 +78,9 @@ def measure(threads: int | None = None, quick: bool = False,
     say = progress or (lambda msg: logger.info("calibration: %s", msg))
     if threads:
         torch.set_num_threads(threads)
-    # reps(n): the full mode's repetition count, cut for the quick mode (min-of-n is robust at small n)
-    reps = (lambda n: max(3, n // 2)) if quick else (lambda n: n)
+    # reps(n): the same repetition counts in both modes. Cutting them saved under a second and made the
+    # slope-based element-op rates unstable at 2 threads (exp read 4x slow, another op 200x fast).
+    reps = (lambda n: n)
     busy = busy_share(0.1) if quick else wait_quiet()
     g = torch.Generator().manual_seed(0)
     out: dict[str, float] = {"threads": float(torch.get_num_threads()), "busy_share_before": busy}
@@ -161,8 +162,64 @@ def measure(threads: int | None = None, quick: bool = False,
     say("call overhead")
     costs = sorted(_best(fn, repeat=reps(20), inner=reps(200)) for fn in calls)
     out["launch_s"] = costs[len(costs) // 2]
+    say("attention kernels")
+    try:
+        out.update(kernel_factors(out, repeat=reps(5)))
+    except Exception as e:  # a kernel that cannot run here leaves the cost model's figures uncorrected
+        logger.warning("calibration: could not time the attention kernels (%s: %s)", type(e).__name__, e)
     logger.info("calibration: %s", out)
     return out
+
+
+#: (cost-model cascade, its form, the kernel that runs it on this CPU, parameters) timed by kernel_factors
+FACTOR_KERNELS = (
+    ("dense", "online", "dense", {}),
+    ("dense", "3pass", None, {}),
+    ("sliding_window", None, "sliding_window", {"window": 256}),
+    ("block_sparse", None, "block_sparse", {"keep": 0.25}),
+    ("linear", None, "linear", {"chunk": 64}),
+)
+
+
+def factor_key(cascade: str, form: str | None) -> str:
+    """The profile field holding a cascade's measured-over-predicted time (``factor_dense_3pass``)."""
+    return f"factor_{cascade}" + (f"_{form}" if form == "3pass" else "")
+
+
+def kernel_factors(measured: dict, repeat: int = 5, n: int = 2048) -> dict[str, float]:
+    """Time the kernels this CPU runs at one causal shape and return measured / predicted per cascade.
+
+    The cost model counts the work; how well a particular CPU kernel turns work into time (vector width,
+    library calls, passes it makes that the cascade does not model) is what one timing per kernel
+    measures. Pricing multiplies the cascade's time by this factor at every shape.
+    """
+    from codegen import ops
+    from cost_model.predict import predict
+
+    hw = hardware.cpu_from_measurements(measured, source="calibrating")
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 8, n, 64, generator=g) for _ in range(3))
+    shape = dict(B=1, H=8, G=8, P=n, M=n, E=64, F=64)
+    hide = torch.ones(n, n, dtype=torch.bool).triu(1)
+
+    def eager() -> torch.Tensor:
+        return (q @ k.transpose(-1, -2) * 0.125).masked_fill_(hide, float("-inf")).softmax(-1) @ v
+
+    out: dict[str, float] = {}
+    for cascade, form, variant, params in FACTOR_KERNELS:
+        fn = eager if variant is None else (lambda var=variant, p=params: ops.run(var, q, k, v, None, None, True, **p))
+        fn()  # a compiled kernel builds on its first call
+        seconds = sorted(_time_once(fn) for _ in range(repeat))[repeat // 2]
+        predicted = predict(cascade, shape, hw, causal=True, form=form, **params).seconds
+        # bounded: one odd timing must not turn a prediction upside down
+        out[factor_key(cascade, form)] = min(10.0, max(0.1, seconds / predicted))
+    return out
+
+
+def _time_once(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def is_generic(hw: hardware.Hardware) -> bool:

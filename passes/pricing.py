@@ -36,7 +36,22 @@ def site_shape(site: AttentionSite, length: Optional[int] = None) -> Optional[di
 @functools.lru_cache(maxsize=8192)
 def _seconds(cascade: str, shape: tuple, causal: bool, form: Optional[str], hw: hardware.Hardware,
              params: tuple) -> float:
-    return predict(cascade, dict(shape), hw, causal=causal, form=form, **dict(params)).seconds
+    return predict(cascade, dict(shape), hw, causal=causal, form=form, **dict(params)).seconds * _factor(hw, cascade, form)
+
+
+def _factor(hw: hardware.Hardware, cascade: str, form: Optional[str]) -> float:
+    """The CPU calibration's measured-over-predicted time of the kernel that runs ``cascade`` (1 if not measured).
+
+    Variants without their own timing borrow the nearest kernel's: sinks and neighbourhoods run the same
+    block-sparse kernel as the window; latent and merged heads run dense attention.
+    """
+    extra = dict(hw.extra)
+    nearest = {"sinks_window": "sliding_window", "latent": "dense", "gqa_merge": "dense", "gqa": "dense"}
+    for name in (cascade, nearest.get(cascade)):
+        key = f"factor_{name}" + ("_3pass" if form == "3pass" else "")
+        if name and key in extra:
+            return float(extra[key])
+    return 1.0
 
 
 def _terms(site: AttentionSite, variant: str, params: dict, shape: dict) -> list[tuple[str, dict, dict, Optional[str]]]:

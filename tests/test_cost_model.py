@@ -265,3 +265,22 @@ def test_find_counts_the_separate_score_passes():
     q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.float16) for _ in range(3))
     (site,) = rewriter.find_attention(Eager(), (q, k, v, torch.randn(1, 1, 9, 9, dtype=torch.float16)))
     assert 2 <= site.score_ops <= 4, site.score_ops
+
+
+def test_pricing_applies_the_calibrated_kernel_factors():
+    """A profile's measured-over-predicted factor scales its cascade's price, and the variants that share the kernel."""
+    import dataclasses
+
+    from cost_model import hardware
+    from passes import pricing
+    from passes.site import AttentionSite
+
+    site = AttentionSite(name="a", index=0, spelling="sdpa", causal=True, mask_kind="causal", is_cross=False,
+                         num_heads=8, num_kv_heads=8, head_dim=64, v_head_dim=64, q_len=4096, kv_len=4096, batch=1,
+                         scale=0.125)
+    hw = hardware.get("cpu")
+    slow = dataclasses.replace(hw, extra=(*hw.extra, ("factor_sliding_window", 2.0), ("factor_dense", 0.5)))
+    for variant, params, factor in [("sliding_window", {"window": 256}, 2.0), ("sinks_window", {"window": 256, "sinks": 4}, 2.0),
+                                    ("dense", {}, 0.5), ("linear", {"feature_map": "elu1"}, 1.0)]:
+        assert pricing.seconds(site, variant, params, slow) == pytest.approx(
+            factor * pricing.seconds(site, variant, params, hw)), variant
