@@ -29,7 +29,7 @@ from codegen.ops import register_kernel
 
 VARIANT = "linear"
 FEATURE_MAPS = ("elu1", "taylor", "hedgehog")
-_BUDGET_BYTES = 256 << 20
+_BUDGET_BYTES = 8 << 20  # per segment of queries: intermediates stay cache-sized (256 MB ran 16k tokens 1.9x slower)
 
 
 def key_keep(mask: Optional[torch.Tensor], bsz: int, m: int) -> Optional[torch.Tensor]:

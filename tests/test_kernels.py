@@ -165,6 +165,19 @@ def test_linear(shape, causal, feature_map):
             assert _rel(out, ref) < 1e-5, (window, chunk)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_linear_in_many_query_segments(monkeypatch, causal):
+    """Long inputs run in cache-sized query segments with the state carried between them: same result."""
+    monkeypatch.setattr(linear, "_BUDGET_BYTES", 1)  # every segment is one chunk
+    b, h, g, p, m, e, f = 2, 4, 2, 45, 53, 8, 5
+    q, k, v = _inputs(b, h, g, p, m, e, f)
+    mask = _masks(b, h, p, m)["padding"]
+    for fm in ("elu1", "taylor"):
+        out = codegen.run("linear", q * 0.5, k * 0.5, v, mask, 0.3, causal, feature_map=fm, chunk=8)
+        ref = linear.reference(q * 0.5, k * 0.5, v, mask, 0.3, causal, feature_map=fm)
+        assert _rel(out, ref) < 1e-5, fm
+
+
 def test_linear_reference_is_the_quadratic_form():
     q, k, v = _inputs(1, 1, 1, 6, 6, 4, 3)
     s = 0.5 * q[0, 0].double() @ k[0, 0].double().T
