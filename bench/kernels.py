@@ -112,6 +112,10 @@ def main() -> None:
         dt = getattr(torch, args.dtype)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     flex = torch.compile(flex_attention, dynamic=False)
+    # one compile per (variant, N, D): past dynamo's default limit of 8 Flex would silently run eager
+    # (slow, and at 16k it materialises the N x N scores and runs out of memory)
+    torch._dynamo.config.recompile_limit = 1024
+    torch._dynamo.config.accumulated_recompile_limit = 4096
     print(f"device={dev} dtype={dt} threads={torch.get_num_threads()} heads={args.heads} causal; "
           f"median of {args.repeat} interleaved runs")
     print("| variant | N | D | ours s | ours GFLOP/s | SDPA s | Flex s | SDPA/ours | Flex/ours |")
