@@ -1,6 +1,8 @@
 """Measured figures and a readable report: interleaved timings, attention time by length, report.md + plot."""
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import math
 import statistics
@@ -136,7 +138,7 @@ def attention_curves(plan, max_seconds: float = 25.0, reps: int = 3) -> list[Cur
         decisions = [type(first)(first.site, "dense", {}), *decisions]
     curves = []
     for d in decisions:
-        s = d.site
+        s = dataclasses.replace(d.site, batch=1)  # measured on batch 1 below: predict the same
         high = max(int(s.q_len or 0), int(s.kv_len or 0))
         if high <= 0:
             continue

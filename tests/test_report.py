@@ -76,3 +76,23 @@ def test_report_without_matplotlib_says_so(opt, tmp_path, monkeypatch):
     assert "Plot not written: matplotlib is not installed" in text
     assert not (tmp_path / "attention_time.png").exists()
     assert "| dense | 256 |" in text  # the figures are still there as a table
+
+
+def test_curves_predict_the_shape_they_measure():
+    """Curves are measured on batch 1: the predictions beside them are for batch 1 too, whatever the site's batch."""
+    import dataclasses
+
+    from passes import pricing
+    from passes.plan import Decision, Plan
+    from passes.site import AttentionSite
+    from rewriter.report import attention_curves
+
+    site = AttentionSite(name="a", index=0, spelling="sdpa", causal=True, mask_kind="causal", is_cross=False,
+                         num_heads=2, num_kv_heads=2, head_dim=16, v_head_dim=16, q_len=128, kv_len=128, batch=8,
+                         scale=0.25)
+    plan = Plan((Decision(site, "sliding_window", {"window": 16}),), target="cpu", budget=None)
+    hw = pricing.profile("cpu")
+    for c in attention_curves(plan, reps=1):
+        for n, predicted in zip(c.lengths, c.predicted):
+            one = pricing.seconds(dataclasses.replace(site, batch=1), c.variant, c.params, hw, length=n)
+            assert predicted == pytest.approx(one), (c.label, n)
