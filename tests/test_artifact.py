@@ -8,23 +8,10 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import rewriter
 from rewriter.artifact import ArtifactError, describe
-
-
-class Causal(nn.Module):
-    def __init__(self, d: int = 32, h: int = 4):
-        super().__init__()
-        self.h, self.qkv, self.o = h, nn.Linear(d, 3 * d), nn.Linear(d, d)
-
-    def forward(self, x):
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o(y.transpose(1, 2).reshape(b, n, d))
+from tests.builders import Causal
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import torch
 import codegen
 from codegen import block_sparse
 from codegen.naive import naive_attention
+from tests import builders
 
 # b, h, g, p, m, e, f: lengths not multiples of the block, GQA and MQA, Nq != Nkv
 SHAPES = [
@@ -23,10 +24,7 @@ SHAPES = [
 ]
 
 
-def _inputs(b, h, g, p, m, e, f, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, h, p, e, generator=gen), torch.randn(b, g, m, e, generator=gen),
-            torch.randn(b, g, m, f, generator=gen))
+_inputs = builders.qkv
 
 
 def _valid_keys(b: int, m: int, left: bool) -> torch.Tensor:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import codegen
+from tests import builders
 from codegen import block_sparse, latent, linear
 from codegen.naive import naive_attention
 from codegen.pattern import cached_block_map
@@ -23,23 +24,7 @@ SHAPES = [  # b, h, g, p, m, e, f: lengths not multiples of any block; GQA, MQA,
 ]
 
 
-def _inputs(b, h, g, p, m, e, f, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, h, p, e, generator=gen), torch.randn(b, g, m, e, generator=gen),
-            torch.randn(b, g, m, f, generator=gen))
-
-
-def _masks(b, h, p, m, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    pad = torch.ones(b, 1, 1, m, dtype=torch.bool)
-    pad[0, ..., -3:] = False
-    return {
-        "none": None,
-        "padding": pad,
-        "additive_padding": torch.zeros(b, 1, 1, m).masked_fill(~pad, float("-inf")),
-        "bool": torch.rand(b, 1, p, m, generator=gen) > 0.2,
-        "additive": torch.randn(b, h, p, m, generator=gen),
-    }
+_inputs, _masks = builders.qkv, builders.masks
 
 
 def _rel(a, b):

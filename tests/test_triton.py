@@ -22,6 +22,7 @@ from codegen import block_sparse, latent, linear  # noqa: E402
 from codegen import triton as ct  # noqa: E402
 from codegen.naive import causal_top_left, naive_attention  # noqa: E402
 from codegen.sparse import reference_pattern  # noqa: E402
+from tests import builders  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not ct.interpreting(), reason="needs TRITON_INTERPRET=1 (CPU tensors)")
 
@@ -42,25 +43,12 @@ def _cache(tmp_path_factory, monkeypatch):
 
 
 def _inputs(shape, dtype, seed=0):
-    b, h, g, p, m, e, f = shape
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(b, h, p, e, generator=gen), torch.randn(b, g, m, e, generator=gen),
-               torch.randn(b, g, m, f, generator=gen))
-    return q.to(dtype), k.to(dtype), v.to(dtype)
+    return tuple(x.to(dtype) for x in builders.qkv(*shape, seed=seed))
 
 
 def _mask(kind, shape, seed=1):
     b, h, g, p, m, e, f = shape
-    gen = torch.Generator().manual_seed(seed)
-    pad = torch.ones(b, 1, 1, m, dtype=torch.bool)
-    pad[0, ..., -3:] = False
-    return {
-        "none": None,
-        "padding": pad,
-        "additive_padding": torch.zeros(b, 1, 1, m).masked_fill(~pad, float("-inf")),
-        "bool": torch.rand(b, 1, p, m, generator=gen) > 0.2,
-        "additive": torch.randn(b, h, p, m, generator=gen),
-    }[kind]
+    return builders.masks(b, h, p, m, seed)[kind]
 
 
 def _rel(a, b):
