@@ -6,6 +6,7 @@ import logging
 import math
 from typing import Optional
 
+from codegen.hw_calibrate import factor_key
 from cost_model import hardware
 from cost_model.predict import predict
 from passes.site import AttentionSite
@@ -47,9 +48,9 @@ def _factor(hw: hardware.Hardware, cascade: str, form: Optional[str]) -> float:
     """
     extra = dict(hw.extra)
     nearest = {"sinks_window": "sliding_window", "latent": "dense", "gqa_merge": "dense", "gqa": "dense"}
-    for name in (cascade, nearest.get(cascade)):
-        key = f"factor_{name}" + ("_3pass" if form == "3pass" else "")
-        if name and key in extra:
+    for name in filter(None, (cascade, nearest.get(cascade))):
+        key = factor_key(name, form)
+        if key in extra:
             return float(extra[key])
     return 1.0
 
