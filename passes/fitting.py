@@ -27,7 +27,8 @@ def _sample_rows(records: Sequence[SiteRecord], rows: int, seed: int = 0) -> lis
     for r in records:
         p = r.q.shape[2]
         idx = torch.randperm(p, generator=g)[: min(rows, p)].sort().values
-        out.append((r.q[:, :, idx].float(), r.k.float(), r.mask, r.causal, idx, r.scale))
+        # clones: records made under inference_mode are inference tensors, which autograd cannot save
+        out.append((r.q[:, :, idx].float().clone(), r.k.float().clone(), r.mask, r.causal, idx, r.scale))
     return out
 
 
@@ -38,7 +39,18 @@ def _phi(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def fit_hedgehog(records: Sequence[SiteRecord], *, steps: int = 150, seconds: float = 30.0, rows: int = 128,
                  lr: float = 1e-2, progress: bool = True, desc: str = "hedgehog") -> list[torch.Tensor]:
-    """Fitted ``[wq [H,E,E], bq [H,E], wk [G,E,E], bk [G,E]]`` for the linear kernel's ``hedgehog`` map."""
+    """Fitted ``[wq [H,E,E], bq [H,E], wk [G,E,E], bk [G,E]]`` for the linear kernel's ``hedgehog`` map.
+
+    Runs with gradients whatever the caller's mode (``no_grad``, ``inference_mode`` or grad disabled
+    globally, as inference scripts do); the caller's mode is back in force when it returns.
+    """
+    # inference_mode(False) first: tensors made under inference mode cannot be saved for backward
+    with torch.inference_mode(False), torch.enable_grad():
+        return _fit(records, steps=steps, seconds=seconds, rows=rows, lr=lr, progress=progress, desc=desc)
+
+
+def _fit(records: Sequence[SiteRecord], *, steps: int, seconds: float, rows: int, lr: float, progress: bool,
+         desc: str) -> list[torch.Tensor]:
     from tqdm.auto import tqdm
 
     h, e = records[0].q.shape[1], records[0].q.shape[-1]
@@ -71,7 +83,7 @@ def fit_hedgehog(records: Sequence[SiteRecord], *, steps: int = 150, seconds: fl
         opt.zero_grad()
         loss.backward()
         opt.step()
-        loss_v = float(loss)
+        loss_v = float(loss.detach())
         bar.update(1)
         bar.set_postfix(loss=f"{loss_v:.3f}")
         if time.perf_counter() - t0 > seconds:
