@@ -88,7 +88,7 @@ def _restrict(rec: SiteRecord, rows: tuple[int, ...], batch: int) -> Optional[Si
 class Measure:
     """Runs a program on the samples and measures the metric against reference outputs, per row split."""
 
-    def __init__(self, references: list, samples: list[dict], rows: Rows, metric: metrics.Metric):
+    def __init__(self, references: list, samples: list[dict], rows: Rows, metric: metrics.MetricChoice):
         self.references, self.samples, self.rows, self.metric = references, samples, rows, metric
 
     def __call__(self, module: Callable[..., Any]) -> tuple[float, Optional[float]]:
@@ -104,7 +104,7 @@ class Measure:
                         continue
                     sel = lambda x: metrics.select_rows(x, rows, b)  # noqa: E731
                     n, d = metrics.sums(sel(ref), sel(out), self.metric,
-                                        None if pad is None else pad[list(rows)])
+                                        None if pad is None else pad[list(rows)], inputs=sel(kw))
                     acc[key][0] += n
                     acc[key][1] += d
         calib = metrics.finish(*acc["calib"], self.metric)
@@ -122,11 +122,13 @@ def plan_program(
     target: str,
     metric: metrics.Metric = None,
     progress: Optional[Callable[[str], None]] = None,
+    site_cap: Optional[float] = None,
 ) -> "Planned":
     """Rewrite ``ep`` in place to the planned variants; returns the plan and any weight surgery it needs.
 
     Sites planned as ``latent`` run a planning-only probe in ``ep``: the caller applies the surgery
-    to a copy of the model and captures that (see ``rewriter.api``).
+    to a copy of the model and captures that (see ``rewriter.api``). ``metric`` None is chosen from what
+    the model returns (``metrics.resolve``); ``site_cap`` bounds every approximate site's own error.
     """
     say = progress or (lambda msg: logger.info("%s", msg))
     hw = pricing.profile(target, torch.cuda.get_device_name() if target == "cuda" and torch.cuda.is_available() else "")
@@ -137,7 +139,10 @@ def plan_program(
     if len(nodes) != len(live):
         raise RuntimeError(f"{len(nodes)} attention ops in the rewritten graph for {len(live)} rewritten sites")
     say(f"{len(live)} of {len(matches)} site(s) rewritten to exact dense; calibrating on {len(samples)} sample(s)")
-    references = [reference(**kw) for kw in samples]
+    with torch.no_grad():
+        references = [reference(**kw) for kw in samples]
+    choice = metrics.resolve(metric, samples[0], references[0], causal=any(m.site.causal for m in live))
+    say(f"budget measured as {choice.describe()}")
     records = record_sites(lambda kw: ep.module()(**kw), samples, len(live))
     batches = [_batch_of(kw) for kw in samples]
     rows = split_rows(batches)
@@ -145,7 +150,7 @@ def plan_program(
     for per in records:
         kept = [_restrict(r, rows.calib[s], batches[s]) for s, r in enumerate(per)]
         calib_records.append([r for r in kept if r is not None])
-    measure = Measure(references, samples, rows, metric)
+    measure = Measure(references, samples, rows, choice)
 
     projections: list[Optional[tuple[Projection, Projection]]] = []
     dg = G.to_digraph(ep.graph_module.graph) if "neighborhood_2d" in allowed else None
@@ -183,7 +188,7 @@ def plan_program(
         ep.graph_module.recompile()
         return measure(ep.module())
 
-    outcome: Outcome = search(plans, calib_records, evaluate, budget, progress=say)
+    outcome: Outcome = search(plans, calib_records, evaluate, budget, progress=say, site_cap=site_cap)
     surgeries, fitted, merges = [], [], []
     for i, sp in enumerate(outcome.sites):
         assign(nodes[i], *(sp.chosen.probe or (sp.chosen.variant, sp.chosen.params)))
@@ -197,7 +202,8 @@ def plan_program(
             fitted.append((live[i].site.index, tuple(sp.chosen.extra)))
     ep.graph_module.recompile()
     _forget_probes(plans)
-    return Planned(_plan(matches, live, outcome, pending, failures, hw, target, budget, metric, rows), tuple(surgeries),
+    return Planned(_plan(matches, live, outcome, pending, failures, hw, target, budget, choice, rows, site_cap),
+                   tuple(surgeries),
                    tuple(fitted), tuple(merges))
 
 
@@ -315,7 +321,8 @@ def _prepare_latent(sp: SitePlan, records: list[SiteRecord], index: int) -> None
         c.probe = ("latent_probe", {"probe": key, "rank": r})
 
 
-def _plan(matches, live, outcome: Outcome, pending, failures, hw, target, budget, metric, rows) -> Plan:
+def _plan(matches, live, outcome: Outcome, pending, failures, hw, target, budget, choice: metrics.MetricChoice, rows,
+          site_cap: Optional[float]) -> Plan:
     by_site = {m.site.index: sp for m, sp in zip(live, outcome.sites)}
     decisions = []
     for m, variant, _, reason in pending:
@@ -340,5 +347,5 @@ def _plan(matches, live, outcome: Outcome, pending, failures, hw, target, budget
     if outcome.backoffs:
         notes.append(f"{outcome.backoffs} back-off step(s) to fit the budget")
     return Plan(tuple(decisions), target=target, budget=budget, error=outcome.error,
-                holdout_error=outcome.holdout_error, metric=metric if isinstance(metric, str) else
-                ("l2" if metric is None else "custom"), notes=tuple(notes))
+                holdout_error=outcome.holdout_error, metric=choice.name, metric_reason=choice.reason,
+                site_cap=None if budget is None else site_cap, notes=tuple(notes))

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from passes.metrics import DESCRIPTIONS
 from passes.site import AttentionSite
 
 
@@ -33,6 +34,8 @@ class Plan:
     holdout_error: Optional[float] = None  # the same on rows held back from fitting and choosing
     metric: str = "l2"
     calibrated: Optional[bool] = None  # False: predicted times came from generic, not measured, hardware figures
+    metric_reason: str = ""  # why this metric (the caller's, or the default for what the model returns)
+    site_cap: Optional[float] = None  # no approximate site was allowed a site error above this
 
     @property
     def sites(self) -> list[AttentionSite]:
@@ -43,7 +46,7 @@ class Plan:
         if not self.decisions:
             lines = ["Plan: no attention found in the model; it runs unchanged."]
         else:
-            header = ("#", "site", "shape", "flags", "variant", "speedup", "error", "reason")
+            header = ("#", "site", "shape", "flags", "variant", "speedup", "site error", "reason")
             rows = [header]
             for d in self.decisions:
                 s = d.site
@@ -74,10 +77,23 @@ class Plan:
             lines.append(f"{rewritten} of {len(self.decisions)} attention sites rewritten; target={self.target}")
         if self.error is not None:
             budget = "none" if self.budget is None else f"{self.budget:g}"
-            what = {"l2": "relative L2", "kl": "KL of next-token distributions", "cosine": "1 - cosine"}.get(
-                self.metric, self.metric)
-            held = "" if self.holdout_error is None else f", held-out {self.holdout_error:.2e}"
-            lines.append(f"measured output error ({what}): calibration {self.error:.2e}{held}; budget: {budget}")
+            what = DESCRIPTIONS.get(self.metric, self.metric)
+            if self.metric == "perplexity":
+                held = "" if self.holdout_error is None else f", held-out {100 * self.holdout_error:+.2f}%"
+                budget = "none" if self.budget is None else f"+{100 * self.budget:g}%"
+                lines.append(f"measured perplexity change: calibration {100 * self.error:+.2f}%{held}; budget: {budget}")
+            else:
+                held = "" if self.holdout_error is None else f", held-out {self.holdout_error:.2e}"
+                words = _in_words(self.metric, self.budget) if self.budget is not None else ""
+                lines.append(f"measured model error ({what}): calibration {self.error:.2e}{held}; budget: {budget}"
+                             + (f" ({words})" if words else ""))
+            if self.metric_reason:
+                lines.append(f"metric: {self.metric} ({self.metric_reason})")
+            if self.site_cap is not None:
+                errs = [d.error for d in self.decisions if d.error is not None and d.variant != "original"]
+                worst = f"; largest site error {max(errs):.2g}" if errs else ""
+                lines.append(f"site cap: no approximate site above site error {self.site_cap:g} "
+                             f"(relative L2 of the attention output){worst}")
         lines.extend(self.notes)
         return "\n".join(lines)
 
@@ -101,11 +117,22 @@ class Plan:
             holdout_error=data.get("holdout_error"),
             metric=data.get("metric", "l2"),
             calibrated=data.get("calibrated"),
+            metric_reason=data.get("metric_reason", ""),
+            site_cap=data.get("site_cap"),
         )
 
     def dumps(self) -> str:
         """The plan as indented JSON text."""
         return json.dumps(self.to_json(), indent=2, sort_keys=True)
+
+
+def _in_words(metric: str, budget: float) -> str:
+    """What a budget means in the user's terms."""
+    if metric == "cosine":
+        return f"embedding cosine at least {1 - budget:g}"
+    if metric == "l2":
+        return f"outputs within {100 * budget:.3g}% relative L2"
+    return ""
 
 
 def _params(p: dict) -> str:

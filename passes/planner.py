@@ -35,6 +35,16 @@ VariantSpec = Union[None, str, list, tuple, dict]
 # by ~1e-7), not an approximation: too small to measure a site's gain with.
 ROUNDING = 1e-4
 
+# The default per-site cap on an approximate site's own error (relative L2 of its attention output
+# on the calibration records). Calibration data is small; a layer whose attention was replaced
+# wholesale (site error near 1) may matter on inputs it did not show. See README "The budget".
+DEFAULT_SITE_CAP = 0.3
+
+# Candidates predicted within this share of the cheapest fitting one count as equally fast and are
+# ranked by accuracy: a profile measured on another day (or a noisy one) moves predicted times by
+# 10-20%, and that must not flip the plan between near-equals.
+TIE_MARGIN = 0.3
+
 
 def available() -> list[str]:
     """Variants that have both a planner module and a registered kernel."""
@@ -253,6 +263,13 @@ def _probe_gains(sites: Sequence[SitePlan], records, evaluate: Evaluate, base: f
             f"(gain {sp.gain:.2f})")
 
 
+def _pick(fits: Sequence[Candidate]) -> Candidate:
+    """The most accurate of the fitting candidates priced within TIE_MARGIN of the cheapest (exact first)."""
+    fastest = min(fits, key=lambda c: c.seconds)
+    close = [c for c in fits if c.seconds <= fastest.seconds * (1 + TIE_MARGIN)]
+    return min(close, key=lambda c: (not c.exact, c.error or 0.0, c.seconds))
+
+
 def search(
     sites: Sequence[SitePlan],
     records: Sequence[Sequence[SiteRecord]],
@@ -260,12 +277,14 @@ def search(
     budget: Optional[float],
     progress: Optional[Callable[[str], None]] = None,
     max_rounds: int = 64,
+    site_cap: Optional[float] = None,
 ) -> Outcome:
     """Choose per site, then back off until the measured end-to-end error fits ``budget``.
 
     A site's share is the whole budget, in output-error units (site error times the site's measured
     gain): each site alone would fit. Together they may not, which the back-off settles with the
-    measured error of the whole model.
+    measured error of the whole model. ``site_cap`` bounds each approximate site's own error, however
+    little of it the calibration data shows at the output.
     """
     say = progress or (lambda msg: None)
     for sp in sites:
@@ -284,20 +303,24 @@ def search(
         base, _ = evaluate({i: ("dense", {}) for i in range(len(sites))})
         if budget > 0:
             _probe_gains(sites, records, evaluate, base, say)
+        cap = math.inf if site_cap is None else site_cap
         for i, sp in enumerate(sites):
-            fits = [c for c in sp.options if c.exact or (budget > 0 and _score(sp, c, records[i]) * sp.gain <= budget)]
+            fits = [c for c in sp.options if c.exact or (
+                budget > 0 and _score(sp, c, records[i]) <= cap and c.error * sp.gain <= budget)]
             if fits:
-                sp.chosen = fits[0]  # options are cheapest first
+                sp.chosen = _pick(fits)
                 sp.note = "exact" if sp.chosen.exact else (
-                    f"cheapest whose estimated output error {sp.chosen.error * sp.gain:.2g} fits the budget")
+                    f"estimated model error {sp.chosen.error * sp.gain:.2g} fits the budget")
             elif sp.options:
                 if budget == 0:
                     sp.note = "budget 0 admits exact rewrites only"
                 else:
                     scored = [c for c in sp.options if c.error is not None]
                     best = min(scored, key=lambda c: c.error) if scored else sp.options[0]
+                    capped = best.error > cap and best.error * sp.gain <= budget
                     sp.note = (f"no candidate fits: the most accurate, {best.label()}, has site error "
-                               f"{best.error:.2g}, about {best.error * sp.gain:.2g} at the output")
+                               f"{best.error:.2g}" + (f", above the site cap {cap:g}" if capped else
+                                                      f", about {best.error * sp.gain:.2g} at the output"))
             say(f"site {i} {sp.site.name}: {sp.chosen.label()}")
 
     def assignment() -> dict[int, tuple[str, dict]]:

@@ -9,11 +9,11 @@ from typing import Any, Callable, Optional
 import torch
 
 from passes.find import Match, find_matches
-from passes.metrics import Metric
+from passes.metrics import Metric, check_perplexity
 from passes.metrics import validate as validate_metric
 from passes.pipeline import plan_program
 from passes.plan import Decision, Plan
-from passes.planner import VariantSpec, choose, drops_band, normalise_variants
+from passes.planner import DEFAULT_SITE_CAP, VariantSpec, choose, drops_band, normalise_variants
 from passes.rewrite import rewrite_graph
 from passes.surgery import apply_latent, apply_merge, attach_fitted, parameter_count, rewrite_planned
 from passes.site import AttentionSite
@@ -148,6 +148,14 @@ def _check_budget(budget: Any) -> Optional[float]:
     return float(budget)
 
 
+def _check_cap(cap: Any) -> Optional[float]:
+    if cap is None:
+        return None
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
+        raise ValueError(f"site_cap must be a number > 0 (the largest site error allowed) or None, not {cap!r}")
+    return float(cap)
+
+
 def _samples(calibration: Any, example_inputs: Any, spec: CallSpec, signature: str) -> list[dict]:
     """Calibration samples bound to the captured inputs; a clear error before any work if one does not fit."""
     raw = calibration if isinstance(calibration, list) else [example_inputs if calibration is None else calibration]
@@ -199,17 +207,21 @@ def optimize(
     calibration: Any = None,
     dynamic: bool = True,
     progress: Optional[Callable[[str], None]] = None,
+    site_cap: Optional[float] = DEFAULT_SITE_CAP,
 ) -> OptimizedModel:
     """Capture ``model``, rewrite every attention it can inside ``budget`` and return the optimized module.
 
-    ``budget`` is the largest output error allowed (see ``metric``); None applies the given variants
-    with no accuracy gate. ``calibration`` is a sample or a list of samples shaped like
+    ``budget`` is the largest model error allowed, measured by ``metric`` (None: chosen from what the
+    model returns, see ``passes.metrics``; the plan says which and why); None applies the given variants
+    with no accuracy gate. ``site_cap`` is the largest error any one approximate site may have (relative
+    L2 of its attention output), however little of it reaches the output on the calibration data. ``calibration`` is a sample or a list of samples shaped like
     ``example_inputs``; a share of their batch rows is held back to measure the plan. With ``dynamic``,
     the result is one program for every sequence length up to the example's (when the model can be
     captured so), dispatching each site by length where the cost model says its variant starts to pay.
     ``progress`` receives one line per planning step (capture, calibration, fitting, search).
     """
     budget = _check_budget(budget)
+    site_cap = _check_cap(site_cap)
     validate_metric(metric)
     allowed = normalise_variants(variants)
     target = target or _infer_target(example_inputs)
@@ -222,6 +234,9 @@ def optimize(
     samples = None
     if not on_meta and signature is not None:
         samples = _samples(calibration, example_inputs, spec0, signature)
+    if metric == "perplexity" and samples:  # the model must return token logits: say so before any work
+        with torch.no_grad():
+            check_perplexity(samples[0], spec0.call(model, samples[0]))
     if progress:
         progress(f"capturing {type(model).__name__} with torch.export")
     ep, spec, matches, _ = _analyse(model, example_inputs)
@@ -243,7 +258,8 @@ def optimize(
     # The captured graph before surgery is the reference: a fast path eager mode takes (nested tensors
     # for padding, say) is not charged to the rewrite.
     captured = ep.module()
-    planned = plan_program(ep, matches, samples, captured, budget, allowed, target, metric, progress=progress)
+    planned = plan_program(ep, matches, samples, captured, budget, allowed, target, metric, progress=progress,
+                           site_cap=site_cap)
     plan = planned.plan
     if target == "cpu":  # say so when the times behind the plan were not measured on this machine
         hw = profile("cpu")
