@@ -207,6 +207,37 @@ def plan_program(
                    tuple(fitted), tuple(merges))
 
 
+def plan_unmeasured(ep: torch.export.ExportedProgram, matches: list[Match], allowed: dict[str, Optional[dict]],
+                    target: str, budget: Optional[float], why: str, notes: tuple[str, ...] = ()) -> Plan:
+    """Rewrite ``ep`` with no calibration run (a model on the meta device): priced, never measured.
+
+    Exact rewrites only, unless the caller pinned variants; every site is priced for the target, and
+    a pinned approximate variant says that its error was not measured.
+    """
+    from passes.variants import VARIANTS
+
+    hw = pricing.profile(target)
+    rest = {k: v for k, v in allowed.items() if k == "dense"} or allowed
+    chosen = {}
+    for m in matches:
+        variant, params, _ = choose(m, rest)
+        if variant is not None:
+            chosen[m.site.index] = (variant, params)
+    failures = rewrite_graph(ep.graph_module, [(m, *chosen[m.site.index]) for m in matches if m.site.index in chosen])
+    decisions = []
+    for m in matches:
+        idx = m.site.index
+        if idx not in chosen or idx in failures:
+            decisions.append(Decision(m.site, "original", {}, None, None, failures.get(idx, m.site.reason)))
+            continue
+        variant, params = chosen[idx]
+        exact = bool(getattr(VARIANTS[variant], "exact", lambda s, p: False)(m.site, params))
+        reason = f"{'exact;' if exact else 'approximate; error'} not measured ({why})"
+        decisions.append(Decision(m.site, variant, params, pricing.predicted_speedup(m.site, variant, params, hw),
+                                  0.0 if exact else None, reason))
+    return Plan(tuple(decisions), target=target, budget=budget, notes=notes)
+
+
 @dataclass(frozen=True)
 class Surgery:
     """Latent weight surgery one site needs: its K and V projections and the per-head bases."""

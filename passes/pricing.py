@@ -15,11 +15,17 @@ from passes.variants import get_variant
 logger = logging.getLogger(__name__)
 
 
+#: what ``optimize(target=...)`` accepts: this CPU, the CUDA device present, or a GPU's datasheet profile by name
+TARGETS = ("cpu", "cuda", "h100", "h200", "a100")
+
+
 @functools.lru_cache(maxsize=None)
 def profile(target: str, device_name: str = "") -> hardware.Hardware:
-    """The hardware profile for a target: this CPU's calibration, or the GPU's datasheet figures."""
+    """The hardware profile for a target: this CPU's calibration, a named GPU's or the CUDA device's datasheet."""
     if target == "cpu":
         return hardware.get("cpu")
+    if target != "cuda":
+        return hardware.get(target)
     name = device_name.upper()
     return hardware.get("h200" if "H200" in name else "a100" if "A100" in name else "h100")
 

@@ -11,13 +11,12 @@ import torch
 from passes.find import Match, find_matches
 from passes.metrics import Metric, check_perplexity
 from passes.metrics import validate as validate_metric
-from passes.pipeline import plan_program
-from passes.plan import Decision, Plan
-from passes.planner import DEFAULT_SITE_CAP, VariantSpec, choose, drops_band, normalise_variants
-from passes.rewrite import rewrite_graph
+from passes.pipeline import plan_program, plan_unmeasured
+from passes.plan import Plan
+from passes.planner import DEFAULT_SITE_CAP, VariantSpec, drops_band, normalise_variants
 from passes.surgery import apply_latent, apply_merge, attach_fitted, parameter_count, rewrite_planned
 from passes.site import AttentionSite
-from passes.pricing import profile
+from passes.pricing import TARGETS, profile
 from rewriter.capture import CallSpec, call_spec, capture, graph_context, split_inputs
 from rewriter.dynamic import LengthRange, length_adaptive, seq_inputs
 
@@ -225,8 +224,9 @@ def optimize(
     validate_metric(metric)
     allowed = normalise_variants(variants)
     target = target or _infer_target(example_inputs)
-    if target not in ("cpu", "cuda"):
-        raise ValueError(f"target must be 'cpu', 'cuda' or None, not {target!r}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(map(repr, TARGETS))} or None (the inputs' device), "
+                         f"not {target!r}")
     args0, kwargs0 = split_inputs(example_inputs)
     spec0 = call_spec(model, args0, kwargs0)
     signature = input_signature(spec0.bind(args0, kwargs0)) if not spec0.var_positional else None
@@ -246,15 +246,10 @@ def optimize(
         signature = input_signature(spec.bind(args0, kwargs0))
         samples = None if on_meta else _samples(calibration, example_inputs, spec, signature)
     notes = () if matches else ("no attention was found in the model; it runs unchanged",)
-    if on_meta or samples is None:  # nothing to run: exact rewrites only, unmeasured
-        rest = {k: v for k, v in allowed.items() if k == "dense"} or allowed
-        chosen = {m.site.index: choose(m, rest)[:2] for m in matches if choose(m, rest)[0] is not None}
-        _rewrite_as(ep, matches, chosen)
-        decisions = tuple(Decision(m.site, *chosen[m.site.index], None, None, "exact; not measured (meta device)")
-                          if m.site.index in chosen else Decision(m.site, "original", {}, None, None, m.site.reason)
-                          for m in matches)
-        return OptimizedModel(ep, spec, Plan(decisions, target=target, budget=budget, notes=notes), None,
-                              captured_for=signature)
+    if on_meta or samples is None:  # nothing to run: priced for the target, never measured
+        plan = plan_unmeasured(ep, matches, allowed, target, budget, "meta device" if on_meta else "no samples",
+                               notes)
+        return OptimizedModel(ep, spec, plan, None, captured_for=signature)
     # The captured graph before surgery is the reference: a fast path eager mode takes (nested tensors
     # for padding, say) is not charged to the rewrite.
     captured = ep.module()
