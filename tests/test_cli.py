@@ -227,3 +227,34 @@ def test_module_function_and_hf_directory_models(spec, sites, capsys):
         spec = str(models.minilm_dir())  # a Hugging Face model directory on disk
     assert cli.main(["find", "--model", spec]) == 0
     assert f"{sites} attention site(s)" in capsys.readouterr().out
+
+
+def test_cli_defaults_match_the_library():
+    from passes import planner, pricing
+
+    assert cli.DEFAULT_SITE_CAP == planner.DEFAULT_SITE_CAP
+    assert cli.TARGETS == pricing.TARGETS
+
+
+@pytest.mark.parametrize("cap", ["0", "-1", "x"])
+def test_bad_site_cap_is_one_line_exit_2(cap, capsys):
+    assert cli.main(["optimize", "--site-cap", cap]) == 2
+    assert "--site-cap" in _err(capsys)
+
+
+def test_hf_directory_loads_the_head_its_config_names_and_works_without_a_tokenizer(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from rewriter import models
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")  # weights and config, no tokenizer
+    with pytest.raises(models.ModelSpecError, match="--seq-len"):
+        models.from_spec(str(tmp_path / "llama"))
+    model, inputs = models.from_spec(str(tmp_path / "llama"), seq_len=40)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert inputs["input_ids"].shape == (3, 40) and int(inputs["input_ids"].max()) < 96
+    assert cli.main(["optimize", "--model", str(tmp_path / "llama"), "--seq-len", "40", "--out", "none",
+                     "--no-report", "--reps", "1", "--variants", "dense,sliding_window"]) == 0
+    out = capsys.readouterr().out
+    assert "metric: kl" in out  # judged on its next-token logits, not on hidden states
