@@ -182,13 +182,21 @@ def plan_program(
         _prepare_hedgehog(sp, calib_records[i], i, say)
         plans.append(sp)
 
-    def evaluate(assignment: dict[int, tuple[str, dict]]) -> tuple[float, Optional[float]]:
+    def evaluate(assignment: dict[int, tuple[str, dict]], by: Measure = measure) -> tuple[float, Optional[float]]:
         for i, (variant, params) in assignment.items():
             assign(nodes[i], variant, params)
         ep.graph_module.recompile()
-        return measure(ep.module())
+        return by(ep.module())
 
-    outcome: Outcome = search(plans, calib_records, evaluate, budget, progress=say, site_cap=site_cap)
+    gain_evaluate = None
+    if choice.name == "perplexity":
+        # One site's perplexity change on a few rows is noisy and can be negative (a gain of 0 would let any
+        # candidate through); next-token KL is smooth, never negative, and for a model that fits its text
+        # about the log-perplexity change, so it measures the gains and the back-off measures perplexity.
+        kl = Measure(references, samples, rows, metrics.MetricChoice("kl", leaf=choice.leaf))
+        gain_evaluate = lambda a: evaluate(a, kl)  # noqa: E731
+    outcome: Outcome = search(plans, calib_records, evaluate, budget, progress=say, site_cap=site_cap,
+                              gain_evaluate=gain_evaluate)
     surgeries, fitted, merges = [], [], []
     for i, sp in enumerate(outcome.sites):
         assign(nodes[i], *(sp.chosen.probe or (sp.chosen.variant, sp.chosen.params)))

@@ -278,13 +278,16 @@ def search(
     progress: Optional[Callable[[str], None]] = None,
     max_rounds: int = 64,
     site_cap: Optional[float] = None,
+    gain_evaluate: Optional[Evaluate] = None,
 ) -> Outcome:
     """Choose per site, then back off until the measured end-to-end error fits ``budget``.
 
     A site's share is the whole budget, in output-error units (site error times the site's measured
     gain): each site alone would fit. Together they may not, which the back-off settles with the
     measured error of the whole model. ``site_cap`` bounds each approximate site's own error, however
-    little of it the calibration data shows at the output.
+    little of it the calibration data shows at the output. ``gain_evaluate`` measures the gain probes
+    when the budget's own metric is too noisy for one site's effect (a perplexity change can be
+    negative on a few rows); it must be in the budget's units, or an upper proxy of them.
     """
     say = progress or (lambda msg: None)
     for sp in sites:
@@ -300,9 +303,10 @@ def search(
                 if sp.options:
                     sp.note = f"{sp.options[0].label()} refused by its kernel: {sp.options[0].failure or 'not finite'}"
     else:
-        base, _ = evaluate({i: ("dense", {}) for i in range(len(sites))})
         if budget > 0:
-            _probe_gains(sites, records, evaluate, base, say)
+            probe = gain_evaluate or evaluate
+            base, _ = probe({i: ("dense", {}) for i in range(len(sites))})
+            _probe_gains(sites, records, probe, base, say)
         cap = math.inf if site_cap is None else site_cap
         for i, sp in enumerate(sites):
             fits = [c for c in sp.options if c.exact or (
