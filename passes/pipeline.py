@@ -195,8 +195,10 @@ def plan_program(
         # about the log-perplexity change, so it measures the gains and the back-off measures perplexity.
         kl = Measure(references, samples, rows, metrics.MetricChoice("kl", leaf=choice.leaf))
         gain_evaluate = lambda a: evaluate(a, kl)  # noqa: E731
+    # KL and cosine (and perplexity, probed by KL) grow with the square of a small error, L2 linearly
+    power = 1.0 if choice.name in ("l2", "custom") else 2.0
     outcome: Outcome = search(plans, calib_records, evaluate, budget, progress=say, site_cap=site_cap,
-                              gain_evaluate=gain_evaluate)
+                              gain_evaluate=gain_evaluate, power=power)
     surgeries, fitted, merges = [], [], []
     for i, sp in enumerate(outcome.sites):
         assign(nodes[i], *(sp.chosen.probe or (sp.chosen.variant, sp.chosen.params)))

@@ -153,7 +153,18 @@ class SitePlan:
     refusals: list[str] = field(default_factory=list)
     chosen: Optional[Candidate] = None
     note: str = ""
-    gain: float = 1.0  # output error per unit of site error, measured by a probe run
+    gain: float = 1.0  # model error ~ gain * site_error ** power, measured by probe runs
+    power: float = 1.0
+    fits: dict = field(default_factory=dict)  # variant family -> (gain, power), where it was probed
+
+    def estimate(self, c: "Candidate") -> float:
+        """The model error candidate ``c`` is estimated to cause at this site (0 when exact)."""
+        if c.exact or not c.error:
+            return 0.0
+        if not math.isfinite(c.error):
+            return math.inf
+        gain, power = self.fits.get(family(c), (self.gain, self.power))
+        return gain * c.error ** power
 
 
 def site_candidates(site: AttentionSite, allowed: dict[str, Optional[dict]], hw, forced: bool,
@@ -237,30 +248,61 @@ class Outcome:
     backoffs: int
 
 
-def _probe_gains(sites: Sequence[SitePlan], records, evaluate: Evaluate, base: float,
-                 say: Callable[[str], None]) -> None:
-    """How much of a site's error reaches the model's output, from one run with only that site approximated.
+def family(c: "Candidate") -> str:
+    """A candidate's variant, with a correction it carries (its errors reach the output differently)."""
+    return c.variant + ("+delta" if c.params.get("delta") else "")
 
-    The residual stream and later layers damp (or amplify) a site's error; the gain converts a site
-    error into the end-to-end error the budget counts. The probe is the site's most accurate
-    non-exact option whose error is above float rounding, so the gain is measured in the small-error
-    regime the plan works in. An option that is exact on the calibration rows up to rounding (a
-    block-sparse choice that keeps every real key of short padded rows) would measure only noise,
-    and a gain near 0 from it would let every coarser option through; without a usable probe the
-    gain stays 1.
+
+def _probe_gains(sites: Sequence[SitePlan], records, evaluate: Evaluate, base: float,
+                 say: Callable[[str], None], power: float = 1.0) -> None:
+    """How a site's error reaches the model's output, from runs with only that site approximated.
+
+    The residual stream and later layers damp (or amplify) a site's error, and neither linearly nor
+    alike for every variant: KL and cosine grow with the square of a small perturbation, relative L2
+    about linearly, and a low-rank K/V error lands in directions that matter less than a window's.
+    Each site is probed with its most accurate non-exact option whose error is above float rounding,
+    and, per variant family, with the family's option nearest site error 0.1 (the range plans choose
+    from); the model error is fitted per family as ``gain * site_error ** power``, the power from the
+    two probes (clamped to 0.5-2.5) or ``power`` with one. A family without a probe of its own uses
+    the most pessimistic fitted one. An option exact on the calibration rows up to rounding (a
+    block-sparse choice that keeps every real key of short padded rows) would measure only noise, so
+    it is never a probe; without any usable probe the gain stays 1 at power 1.
     """
     dense_all = {i: ("dense", {}) for i in range(len(sites))}
     for i, sp in enumerate(sites):
-        inexact = [c for c in sp.options if not c.exact and ROUNDING < _score(sp, c, records[i]) < math.inf]
+        inexact = sorted((c for c in sp.options if not c.exact and ROUNDING < _score(sp, c, records[i]) < math.inf),
+                         key=lambda c: c.error)
         if not inexact:
             continue
-        probe = min(inexact, key=lambda c: c.error)
-        if probe.error <= 0:
-            continue
-        err, _ = evaluate({**dense_all, i: probe.probe or (probe.variant, probe.params)})
-        sp.gain = max(err - base, 0.0) / probe.error
-        say(f"site {i} {sp.site.name}: {probe.label()} site error {probe.error:.3g} -> output error {err:.3g} "
-            f"(gain {sp.gain:.2f})")
+
+        def run(c: Candidate) -> float:
+            err, _ = evaluate({**dense_all, i: c.probe or (c.variant, c.params)})
+            return max(err - base, 0.0)
+
+        small = inexact[0]
+        e_small = run(small)
+        lines = [f"{small.label()} {small.error:.3g} -> {e_small:.3g}"]
+        fits: dict[str, tuple[float, float]] = {}
+        for fam in dict.fromkeys(family(c) for c in inexact):
+            members = [c for c in inexact if family(c) == fam]
+            far = min(members, key=lambda c: abs(math.log(c.error / 0.1)))
+            if far is small or far.error < 2 * small.error:
+                if family(small) == fam and e_small > 0:
+                    fits[fam] = (e_small / small.error ** power, power)
+                continue
+            e_far = run(far)
+            lines.append(f"{far.label()} {far.error:.3g} -> {e_far:.3g}")
+            p = power
+            if e_small > 0 and e_far > 0:
+                p = min(2.5, max(0.5, math.log(e_far / e_small) / math.log(far.error / small.error)))
+            fits[fam] = (e_far / far.error ** p, p)
+        if not fits and e_small > 0:
+            fits[family(small)] = (e_small / small.error ** power, power)
+        sp.fits = fits
+        if fits:  # the default for families not probed: the most pessimistic fit, judged at site error 0.1
+            sp.gain, sp.power = max(fits.values(), key=lambda gp: gp[0] * 0.1 ** gp[1])
+        say(f"site {i} {sp.site.name}: site error -> model error: " + "; ".join(lines) + " (" + ", ".join(
+            f"{fam} ~ {g:.3g} * e^{p:.2f}" for fam, (g, p) in fits.items()) + ")")
 
 
 def _pick(fits: Sequence[Candidate]) -> Candidate:
@@ -268,6 +310,47 @@ def _pick(fits: Sequence[Candidate]) -> Candidate:
     fastest = min(fits, key=lambda c: c.seconds)
     close = [c for c in fits if c.seconds <= fastest.seconds * (1 + TIE_MARGIN)]
     return min(close, key=lambda c: (not c.exact, c.error or 0.0, c.seconds))
+
+
+def _allocate(sites: Sequence[SitePlan], records, budget: float, cap: float) -> None:
+    """Share the budget between sites by time saved per unit of estimated model error (greedy knapsack).
+
+    Every site starts exact (its cheapest exact option, else dense). A move takes one site to a
+    cheaper candidate; the move with the most seconds saved per unit of added estimated error that
+    keeps the estimated total inside the budget is made, until none fits. Estimated errors add up,
+    which holds for small errors and is checked afterwards by measuring the whole model.
+    """
+    for sp in sites:
+        exact = [c for c in sp.options if c.exact]
+        sp.chosen = _pick(exact) if exact else sp.dense
+    total = 0.0
+    while True:
+        best, best_ratio = None, -1.0
+        for i, sp in enumerate(sites):
+            cur, e_cur = sp.chosen, sp.estimate(sp.chosen)
+            for c in sp.options:
+                if c.seconds >= cur.seconds or c.exact or not _score(sp, c, records[i]) <= cap:
+                    continue
+                d_err = sp.estimate(c) - e_cur
+                if total + d_err > budget:
+                    continue
+                ratio = (cur.seconds - c.seconds) / max(d_err, 1e-12)
+                if ratio > best_ratio:
+                    best, best_ratio = (sp, c, d_err), ratio
+        if best is None:
+            break
+        sp, c, d_err = best
+        sp.chosen, total = c, total + d_err
+    for i, sp in enumerate(sites):  # near-equal alternatives: the most accurate one that still fits
+        if sp.chosen.exact:
+            continue
+        rest = total - sp.estimate(sp.chosen)
+        near = [c for c in sp.options + [sp.dense] if c.seconds <= sp.chosen.seconds * (1 + TIE_MARGIN)
+                and (c.exact or (_score(sp, c, records[i]) <= cap and rest + sp.estimate(c) <= budget))]
+        # (a NaN or infinite error fails the comparisons above, so a refused kernel is never picked)
+        pick = _pick(near) if near else sp.chosen
+        total = rest + sp.estimate(pick)
+        sp.chosen = pick
 
 
 def search(
@@ -279,19 +362,25 @@ def search(
     max_rounds: int = 64,
     site_cap: Optional[float] = None,
     gain_evaluate: Optional[Evaluate] = None,
+    power: float = 1.0,
 ) -> Outcome:
-    """Choose per site, then back off until the measured end-to-end error fits ``budget``.
+    """Choose per site, measure the whole model, back off until it fits ``budget``, then use any slack.
 
-    A site's share is the whole budget, in output-error units (site error times the site's measured
-    gain): each site alone would fit. Together they may not, which the back-off settles with the
-    measured error of the whole model. ``site_cap`` bounds each approximate site's own error, however
-    little of it the calibration data shows at the output. ``gain_evaluate`` measures the gain probes
-    when the budget's own metric is too noisy for one site's effect (a perplexity change can be
-    negative on a few rows); it must be in the budget's units, or an upper proxy of them.
+    Each site's candidates get an estimated model error from its measured gain (``_probe_gains``;
+    ``power`` is how the metric grows with a small error when one probe is all there is); the budget
+    is shared between sites where it saves the most time (``_allocate``). The whole model is then
+    measured: while it is over the budget, the site with the worst estimated error per second saved
+    backs off to its next more accurate candidate; while it is under, sites try their next cheaper
+    candidate and keep it when the measurement still fits. ``site_cap`` bounds each approximate
+    site's own error, however little of it the calibration data shows at the output.
+    ``gain_evaluate`` measures the gain probes when the budget's own metric is too noisy for one
+    site's effect (a perplexity change can be negative on a few rows); it must be in the budget's
+    units, or an upper proxy of them.
     """
     say = progress or (lambda msg: None)
     for sp in sites:
         sp.chosen = sp.dense
+    cap = math.inf if site_cap is None else site_cap
     if budget is None:  # no gate: the cheapest (a forced variant) wherever one applies and its kernel runs
         for i, sp in enumerate(sites):
             for cand in sp.options:
@@ -306,25 +395,10 @@ def search(
         if budget > 0:
             probe = gain_evaluate or evaluate
             base, _ = probe({i: ("dense", {}) for i in range(len(sites))})
-            _probe_gains(sites, records, probe, base, say)
-        cap = math.inf if site_cap is None else site_cap
+            _probe_gains(sites, records, probe, base, say, power)
+        _allocate(sites, records, budget, cap)
         for i, sp in enumerate(sites):
-            fits = [c for c in sp.options if c.exact or (
-                budget > 0 and _score(sp, c, records[i]) <= cap and c.error * sp.gain <= budget)]
-            if fits:
-                sp.chosen = _pick(fits)
-                sp.note = "exact" if sp.chosen.exact else (
-                    f"estimated model error {sp.chosen.error * sp.gain:.2g} fits the budget")
-            elif sp.options:
-                if budget == 0:
-                    sp.note = "budget 0 admits exact rewrites only"
-                else:
-                    scored = [c for c in sp.options if c.error is not None]
-                    best = min(scored, key=lambda c: c.error) if scored else sp.options[0]
-                    capped = best.error > cap and best.error * sp.gain <= budget
-                    sp.note = (f"no candidate fits: the most accurate, {best.label()}, has site error "
-                               f"{best.error:.2g}" + (f", above the site cap {cap:g}" if capped else
-                                                      f", about {best.error * sp.gain:.2g} at the output"))
+            _explain_choice(sp, budget, cap)
             say(f"site {i} {sp.site.name}: {sp.chosen.label()}")
 
     def assignment() -> dict[int, tuple[str, dict]]:
@@ -341,7 +415,7 @@ def search(
         def cost_of_error(i: int) -> float:
             sp = sites[i]
             saved = max(sp.dense.seconds - sp.chosen.seconds, 1e-12)
-            return (sp.chosen.error or 0.0) * sp.gain / saved
+            return sp.estimate(sp.chosen) / saved
 
         worst = max(movable, key=cost_of_error)
         sp = sites[worst]
@@ -351,4 +425,62 @@ def search(
         rounds += 1
         err, held = evaluate(assignment())
         say(f"back-off {rounds}: site {worst} -> {sp.chosen.label()}, end-to-end error {err:.3g}")
+    if budget is not None and budget > 0 and err <= budget:
+        err, held = _use_slack(sites, records, evaluate, assignment, budget, cap, err, held, say)
     return Outcome(tuple(sites), err, held, rounds)
+
+
+def _explain_choice(sp: SitePlan, budget: float, cap: float) -> None:
+    """The site's note for its allocated candidate (or why nothing cheaper than dense fits)."""
+    if sp.chosen.exact and sp.chosen is not sp.dense:
+        sp.note = "exact"
+    elif not sp.chosen.exact:
+        sp.note = f"estimated model error {sp.estimate(sp.chosen):.2g} within its share of the budget"
+    elif sp.options:
+        if budget == 0:
+            sp.note = "budget 0 admits exact rewrites only"
+            return
+        scored = [c for c in sp.options if c.error is not None]
+        best = min(scored, key=lambda c: c.error) if scored else sp.options[0]
+        capped = best.error > cap and sp.estimate(best) <= budget
+        sp.note = (f"no candidate fits: the most accurate, {best.label()}, has site error {best.error:.2g}"
+                   + (f", above the site cap {cap:g}" if capped else
+                      f", about {sp.estimate(best):.2g} at the output"))
+
+
+def _use_slack(sites, records, evaluate: Evaluate, assignment, budget: float, cap: float, err: float,
+               held: Optional[float], say, max_tries: int = 0) -> tuple[float, Optional[float]]:
+    """Under the budget after measuring: move sites to their next cheaper candidate while the model still fits.
+
+    Estimates are conservative for some sites and not others; each try is measured, kept when the
+    whole model still fits, else undone. Sites that save the most time try first; at most
+    ``max_tries`` measurements (default two per site).
+    """
+    tries = max_tries or 2 * len(sites)
+    frozen: set[int] = set()
+    while tries > 0:
+        steps = []
+        for i, sp in enumerate(sites):
+            if i in frozen:
+                continue
+            cheaper = [c for c in sp.options if c.seconds < sp.chosen.seconds / (1 + TIE_MARGIN) and not c.exact
+                       and _score(sp, c, records[i]) <= cap and math.isfinite(c.error)]
+            if cheaper:  # the most accurate of the cheaper ones: the smallest step down
+                nxt = min(cheaper, key=lambda c: (sp.estimate(c), -c.seconds))
+                steps.append((sp.chosen.seconds - nxt.seconds, i, nxt))
+        if not steps:
+            break
+        _, i, nxt = max(steps, key=lambda t: t[0])
+        sp, prev = sites[i], sites[i].chosen
+        sp.chosen = nxt
+        tries -= 1
+        got, got_held = evaluate(assignment())
+        if got <= budget:
+            err, held = got, got_held
+            sp.note = f"{nxt.label()}: the measured model error {got:.2g} still fits the budget"
+            say(f"slack: site {i} -> {nxt.label()}, end-to-end error {got:.3g}")
+        else:
+            sp.chosen = prev
+            frozen.add(i)
+            say(f"slack: site {i} -> {nxt.label()} would make the error {got:.3g}; kept {prev.label()}")
+    return err, held
