@@ -105,7 +105,11 @@ def _combined_mask(em: _Emitter, m: Match, drop_band: bool = False) -> Optional[
                 out = term if out is None else em(aten.add.Tensor, out, term)
         if keep is not None:
             fill = a.fill if a.fill is not None else float("-inf")
-            hidden = em(aten.where.Scalar, keep, 0.0, fill)
+            # where(keep, 0.0, fill) with two scalars is not lowerable by Inductor (the backend's graphs are
+            # already decomposed, so only core ops are emitted here)
+            sizes, dev = em.exact_sizes(list(G.shape(keep))), G.val(keep).device
+            zero = em(aten.full.default, sizes, 0.0, dtype=torch.float32, device=dev)
+            hidden = em(aten.where.self, keep, zero, em(aten.full.default, sizes, fill, dtype=torch.float32, device=dev))
             out = hidden if out is None else em(aten.add.Tensor, out, hidden)
     s = G.shape(out)
     if len(m.batch) > 2:

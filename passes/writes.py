@@ -173,7 +173,9 @@ def _classify(ctx: GraphContext, node: fx.Node, base: fx.Node, path: list, value
         return ("unsupported", f"{where} overwrites scores with values that are neither a bias nor a constant")
 
     def hide(em: Emitter, region: fx.Node) -> fx.Node:
-        return em(aten.zeros_like.default, region)
+        # a factory, not zeros_like: the backend's graphs are already decomposed for Inductor
+        return em(aten.full.default, em.exact_sizes(list(G.shape(region))), False, dtype=torch.bool,
+                  device=G.val(region).device)
 
     keep = _build(ctx, node, base, path, torch.bool, True, hide)
     ctx.refresh()
