@@ -169,7 +169,6 @@ class PerSampleText(nn.Module):
         outs = []
         for i in range(b):
             length = lengths[i].item()
-            torch._check_is_size(length)
             torch._check(length >= 1)
             torch._check(length <= text.shape[1])
             outs.append(F.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1, :, :length], v[i:i + 1, :, :length]))
@@ -190,7 +189,6 @@ class PerSampleSelf(nn.Module):
         lengths = keep.sum(-1)
         for i in range(b):
             length = lengths[i].item()
-            torch._check_is_size(length)
             torch._check(length >= 1)
             torch._check(length <= n)
             qi, ki, vi = q[i:i + 1, :, :length], k[i:i + 1, :, :length], v[i:i + 1, :, :length]
