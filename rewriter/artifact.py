@@ -62,10 +62,18 @@ def _pytree_modules(spec) -> list[str]:
     return sorted(found)
 
 
-def _kernel_fields(site) -> dict[str, Any]:
-    """The spec fields a site fixes (what the kernel is specialised on besides the variant's params)."""
+def _kernel_fields(site, variant: str = "", params: Optional[dict] = None) -> dict[str, Any]:
+    """The spec fields a site fixes (what the kernel is specialised on besides the variant's params).
+
+    A variant whose surgery changes the K/V heads (``kernel_kv_heads`` on its module) has its kernel
+    specialised on the heads it reads after the surgery."""
+    from passes.variants import VARIANTS
+    kv = int(site.num_kv_heads)
+    hook = getattr(VARIANTS.get(variant), "kernel_kv_heads", None)
+    if hook is not None:
+        kv = hook(site, params or {})
     return {"head_dim": int(site.head_dim), "value_dim": int(site.v_head_dim),
-            "gqa": max(1, int(site.num_heads) // max(1, int(site.num_kv_heads))), "causal": bool(site.causal)}
+            "gqa": max(1, int(site.num_heads) // max(1, kv)), "causal": bool(site.causal)}
 
 
 def planned_kernels(plan: Plan, failures: Optional[dict] = None) -> dict[str, dict[str, Any]]:
@@ -79,7 +87,7 @@ def planned_kernels(plan: Plan, failures: Optional[dict] = None) -> dict[str, di
     for d in plan.decisions:
         if d.variant == "original":
             continue
-        fields = _kernel_fields(d.site)
+        fields = _kernel_fields(d.site, d.variant, d.params)
         try:
             sources = kernel_sources(d.variant, d.params, **fields)
         except Exception as e:  # a spec codegen cannot make: the site keeps its PyTorch path
