@@ -27,8 +27,8 @@ from passes.operands import (
     Operand, Step, canon, count_heads, kv_heads, projection_sources, repeat_kv_source, score_operands,
     value_operand,
 )
-from passes.scores import SHAPE_ONLY, fold_ops, scalar_operand, softmax_input, walk_probs, walk_scores
 from passes.refused import refused_site
+from passes.scores import SHAPE_ONLY, fold_ops, scalar_operand, softmax_input, walk_probs, walk_scores
 from passes.site import AttentionSite, as_int
 
 logger = logging.getLogger(__name__)
