@@ -20,7 +20,7 @@ from passes.find import Match, find_matches
 from passes.plan import Plan
 from passes.planner import drops_band
 from passes.surgery import rewrite_planned
-from rewriter.capture import CallSpec, functional, graph_context
+from rewriter.capture import CallSpec, graph_context
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def capture_dynamic(model: torch.nn.Module, kw: dict, high: int, low: int = 2,
         logger.info("no dynamic-length capture (%s: %s); the model is re-captured per input shape",
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return None
-    return functional(ep), LengthRange(names, low, high)
+    return ep, LengthRange(names, low, high)
 
 
 def _dynamic_shapes(kw: dict, names: tuple[str, ...], low: int, high: int) -> dict:
