@@ -373,8 +373,43 @@ def _net_layout(start: fx.Node, chain: list[fx.Node]) -> Optional[bool]:
     try:
         with unset_fake_temporarily():  # inside a compiler a fake mode is active; replay for real
             return _replay(s, chain)
-    except Exception:  # symbolic sizes or an op we cannot replay: be conservative
+    except Exception:  # symbolic sizes (a data-dependent length) or an op we cannot replay
+        return _symbolic_layout(s, chain)
+
+
+_BATCH_VIEWS = G.VIEW_OPS | {"expand"}
+
+
+def _symbolic_layout(s: Optional[tuple], chain: list[fx.Node]) -> Optional[bool]:
+    """The same answer as ``_net_layout`` from the ops' arguments alone (no sizes to replay with): permutes
+    are composed; a view may only regroup the leading dims, in order, while the last two stay in place."""
+    if s is None or len(s) < 2:
         return None
+    dims: list = [*range(len(s) - 2), "P", "M"]  # what each dim of the current tensor is
+    for n in chain:
+        name, nd = G.opname(n), len(dims)
+        if name in G.CAST_OPS | G.DROPOUT_OPS:
+            continue
+        if name == "permute":
+            dims = [dims[d % nd] for d in n.args[1]]
+        elif name == "transpose":
+            a, b = G.arg(n, 1, "dim0") % nd, G.arg(n, 2, "dim1") % nd
+            dims[a], dims[b] = dims[b], dims[a]
+        elif name == "t" and nd == 2:
+            dims = dims[::-1]
+        elif name in _BATCH_VIEWS:
+            si, so = G.shape(n.args[0]), G.shape(n)
+            lead = dims[:-2]
+            if (si is None or so is None or len(so) < 2 or set(dims[-2:]) != {"P", "M"}
+                    or lead != sorted(lead) or not G.same_sizes(si[-2:], so[-2:])):
+                return None
+            dims = [*range(len(so) - 2), *dims[-2:]]
+        else:
+            return None
+    lead = dims[:-2]
+    if any(isinstance(d, str) for d in lead) or lead != sorted(lead):
+        return None
+    return {("P", "M"): False, ("M", "P"): True}.get(tuple(dims[-2:]))
 
 
 def _replay(s: tuple, chain: list[fx.Node]) -> Optional[bool]:

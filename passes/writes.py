@@ -75,6 +75,34 @@ def _view_step(x: Any) -> Optional[tuple[fx.Node, tuple]]:
     return (x.args[0], st) if st is not None else None
 
 
+# Ops that give the same values for the same input and arguments (a functional graph spells one view
+# again for every read of it: reshape(s, shape) twice is one tensor).
+_PURE_VIEWS = frozenset({"reshape", "view", "_unsafe_view", "alias", "expand", "permute", "transpose", "t",
+                         "unsqueeze", "squeeze", "slice", "select", "clone", "contiguous"})
+
+
+def _same_value(a: Any, b: Any, depth: int = 0) -> bool:
+    """True when ``a`` and ``b`` are one tensor: the same node, or the same view of the same tensor."""
+    if a is b:
+        return True
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or depth > 12:
+        return False
+    name = G.opname(a)
+    if name not in _PURE_VIEWS or G.opname(b) != name or len(a.args) != len(b.args) or a.kwargs != b.kwargs:
+        return False
+    if not _same_value(a.args[0], b.args[0], depth + 1):
+        return False
+    return all(_same_arg(x, y) for x, y in zip(a.args[1:], b.args[1:]))
+
+
+def _same_arg(x: Any, y: Any) -> bool:
+    if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+        return len(x) == len(y) and all(_same_arg(a, b) for a, b in zip(x, y))
+    if isinstance(x, fx.Node) or isinstance(y, fx.Node):
+        return x is y
+    return _same((x,), (y,))
+
+
 def _is_region(x: Any, base: fx.Node, path: list) -> bool:
     """True when ``x`` is ``base`` viewed through exactly the slices/selects of ``path``."""
     for st in reversed(path):
@@ -82,7 +110,7 @@ def _is_region(x: Any, base: fx.Node, path: list) -> bool:
         if got is None or got[1][0] != st[0] or not _same(got[1][1], st[1]):
             return False
         x = got[0]
-    return x is base
+    return _same_value(x, base)
 
 
 def _parse(node: fx.Node) -> tuple[fx.Node, list, Any]:

@@ -128,8 +128,6 @@ def generate(seed: int) -> Program:
     trans_v = r2.random() < 0.15
     trans_s = op in ("matmul", "at", "bmm", "einsum") and r2.random() < 0.12
     tscale = r2.choice([None] * 9 + ["head_mul", "head_div", "head_exp"] + ([] if per_sample else ["query"]))
-    if bias == "alibi_baddbmm":
-        tscale = None  # a bias inside the product comes before the tensor scale: not expressible
     inplace_bias = r2.choice([None, "full", "slice"]) if bias in ("alibi", "relbias") else None
     inplace_mask = r2.random() < 0.3
     inplace_scale = r2.random() < 0.2
@@ -227,6 +225,8 @@ def generate(seed: int) -> Program:
               "            k, v = k_all[j:j + 1, :, :L], v_all[j:j + 1, :, :L]"]
     body = [f"        s = {s_expr}"]
     flat4 = layout == "flat" and flat_masks_4d
+    if bias == "alibi_baddbmm":
+        tscale = None  # the bias inside the product comes before a tensor scale: not expressible, not drawn
     if tscale:
         t = {"head_mul": "s * self.ls", "head_div": "s / self.ls",
              "head_exp": "s * torch.clamp(self.ls, max=math.log(100.0)).exp()", "query": "s * self.qs[:n]"}[tscale]
