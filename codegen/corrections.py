@@ -7,11 +7,22 @@ extra cost is dense attention for P/stride queries.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
 from codegen.dense import dense
+
+# Parameters that name a correction applied on top of a kernel's output by the op (PyTorch ops), not
+# by the kernel: a kernel's spec, source and hash never include them.
+CORRECTIONS = frozenset({"delta"})
+
+
+def split_corrections(params: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(the kernel's own parameters, the corrections the op applies after it) of a variant's ``params``."""
+    kernel = {k: v for k, v in params.items() if k not in CORRECTIONS}
+    fixes = {k: v for k, v in params.items() if k in CORRECTIONS and v}
+    return kernel, fixes
 
 
 def _rows_mask(mask: Optional[torch.Tensor], rows: torch.Tensor, p: int, m: int, causal: bool,

@@ -43,8 +43,11 @@ def _triton_sources(variant: str, params: Mapping[str, Any], **fields: Any) -> d
 def kernel_sources(variant: str, params: Mapping[str, Any], **fields: Any) -> dict[str, tuple[str, str]]:
     """{filename: (source, sha256)} of the kernels that run ``variant`` with ``params`` (spec in the header).
 
-    ``fields`` are ``KernelSpec`` fields (dtype, head_dim, value_dim, gqa, causal, mask, softcap).
+    ``fields`` are ``KernelSpec`` fields (dtype, head_dim, value_dim, gqa, causal, mask, softcap). A correction
+    (``delta``) is applied by the op on top of the kernel's output in PyTorch, so it is no part of a kernel.
     """
+    from codegen.corrections import split_corrections
+    params, _ = split_corrections(params)
     return {**_cpu_sources(variant, params, **fields), **_triton_sources(variant, params, **fields)}
 
 

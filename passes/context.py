@@ -29,6 +29,20 @@ class Unsupported(Exception):
     """The pattern is an attention we cannot rewrite safely (reported with the reason)."""
 
 
+class Refused(Unsupported):
+    """Unsupported, raised once part of the site is known (``known``: operands, ops), so the report can
+    say what is known instead of guessing."""
+
+    def __init__(self, reason: str, known: dict):
+        super().__init__(reason)
+        self.known = dict(known)
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (messages from torch run to pages)."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:300]
+
+
 @dataclass
 class GraphContext:
     """What the finder needs to know about a graph beyond its nodes."""
@@ -38,8 +52,12 @@ class GraphContext:
     constants: dict  # placeholder/get_attr name -> tensor (parameters, buffers, lifted constants)
     dynamic: bool = False  # symbolic shapes: static masks are not evaluated
     evaluated: dict = field(default_factory=dict)  # static mask node -> computed value (or None)
+    derived: dict = field(default_factory=dict)  # write node -> what the finder made of it (built once)
     _activations: Optional[set] = None
     _dg: Any = None
+    _live: Optional[set] = None
+    _written: Optional[set] = None
+    _order: Optional[dict] = None
 
     @property
     def dg(self):
@@ -47,6 +65,39 @@ class GraphContext:
         if self._dg is None:
             self._dg = G.to_digraph(self.graph)
         return self._dg
+
+    def refresh(self) -> None:
+        """Forget what was derived from the nodes (after the finder added some to the graph)."""
+        self._dg = self._activations = self._live = self._written = self._order = None
+
+    @property
+    def order(self) -> dict:
+        """Each node's position in the graph."""
+        if self._order is None:
+            self._order = {n: i for i, n in enumerate(self.graph.nodes)}
+        return self._order
+
+    @property
+    def live(self) -> set:
+        """Nodes whose values reach the graph's outputs or an in-place write (the rest is dead code)."""
+        if self._live is None:
+            roots = [n for n in self.graph.nodes if n.op == "output" or G.mutates(n)]
+            live: set = set(roots)
+            stack = list(roots)
+            while stack:
+                for a in stack.pop().all_input_nodes:
+                    if a not in live:
+                        live.add(a)
+                        stack.append(a)
+            self._live = live
+        return self._live
+
+    @property
+    def written(self) -> set:
+        """Nodes an in-place op writes into, directly or through a view (empty for a functional graph)."""
+        if self._written is None:
+            self._written = G.written_in_place(self.graph)
+        return self._written
 
     @property
     def activations(self) -> set:

@@ -21,13 +21,14 @@ import torch
 import torch.fx as fx
 
 from passes import graph as G
-from passes.context import GraphContext, MaskTerm, NotAttention, Unsupported
+from passes.context import GraphContext, MaskTerm, NotAttention, Refused, Unsupported, first_line
 from passes.masks import MaskAnalysis, analyse_masks
 from passes.operands import (
     Operand, Step, canon, count_heads, kv_heads, projection_sources, repeat_kv_source, score_operands,
     value_operand,
 )
-from passes.scores import SHAPE_ONLY, scalar_operand, softmax_input, walk_probs, walk_scores
+from passes.refused import refused_site
+from passes.scores import SHAPE_ONLY, fold_ops, scalar_operand, softmax_input, walk_probs, walk_scores
 from passes.site import AttentionSite, as_int
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ class Match:
     v_gqa_source: Optional[fx.Node] = None
     nodes: tuple = ()
     softcap: float = 0.0  # scores are soft-capped (softcap * tanh(s / softcap)) before the masks
+    # tensor-valued scales of the scores, constant along the keys, folded into q by the rewrite:
+    # (tensor node, "mul" | "div", the scores' shape where it was applied)
+    q_scales: tuple = ()
 
 
 def _site(
@@ -76,6 +80,7 @@ def _site(
     score_dtype: Optional[torch.dtype] = None,
     softcap: float = 0.0,
     problems: tuple = (),
+    q_scales: tuple = (),
 ) -> Match:
     cq, ck, cv = canon(q), canon(k), canon(v)
     p_len, head_dim = cq[-2:]
@@ -131,6 +136,7 @@ def _site(
         sdpa_causal=sdpa_causal,
         analysis=analysis,
         softcap=softcap,
+        q_scales=tuple(q_scales),
         gqa_source=kv_src if (kv_src is not None and vv_src is not None) else None,
         v_gqa_source=vv_src if (kv_src is not None and vv_src is not None) else None,
         nodes=nodes,
@@ -178,41 +184,80 @@ def _match_sdpa(ctx: GraphContext, node: fx.Node, index: int) -> Match:
         anchor = outs[0]
     if scale is None:
         scale = 1.0 / math.sqrt(as_int(G.shape(q)[-1]))
+    problems = []
     if float(dropout) > 0:
-        raise Unsupported("dropout inside the fused attention call is active (model in training mode)")
+        problems.append("dropout inside the fused attention call is active (model in training mode)")
+    if ctx.written and any(n in ctx.written for n in (q, k, v, mask)):
+        problems.append("an operand of the attention is written in place (the graph is not functional)")
     masks = [MaskTerm("keep" if G.dtype(mask) == torch.bool else "add", mask)] if isinstance(mask, fx.Node) else []
     shape_q = G.shape(q)
     batch = tuple(shape_q[:-2])
     out_steps = [("reshape", tuple(G.shape(anchor)))]
-    return _site(
-        ctx, index, anchor, "sdpa", Operand(q), Operand(k), Operand(v), batch, masks, float(scale),
-        bool(causal), out_steps, [], (node,), node, G.dtype(q),
-    )
+    try:
+        return _site(
+            ctx, index, anchor, "sdpa", Operand(q), Operand(k), Operand(v), batch, masks, float(scale),
+            bool(causal), out_steps, [], (node,), node, G.dtype(q), problems=tuple(problems),
+        )
+    except Exception as e:  # e.g. a data-dependent size no guard can decide: refused, with what is known
+        logger.debug("could not describe %s", node.name, exc_info=True)
+        raise Refused(f"the finder could not analyse this site ({type(e).__name__}: {first_line(e)})",
+                      {"q": Operand(q), "k": Operand(k), "v": Operand(v), "masks": masks, "scale": float(scale),
+                       "sdpa_causal": bool(causal), "spelling": "sdpa"}) from e
 
 
 def _match_explicit(ctx: GraphContext, sm: fx.Node, index: int) -> Match:
     s_in = G.shape(sm)
     x_in, dim = softmax_input(sm)
-    if s_in is None or len(s_in) < 2 or dim is None or dim % len(s_in) != len(s_in) - 1:
+    nd = len(s_in) if s_in is not None else 0
+    if nd < 2 or not isinstance(dim, int) or dim % nd not in (nd - 1, nd - 2):
         raise NotAttention("softmax is not over the last dimension")
-    c1, ops, chain = walk_scores(ctx, x_in)
-    c2, probs, post, notes = walk_probs(sm)
+    keys_first = dim % nd == nd - 2  # softmax over dim -2: the scores are laid out [.., keys, queries]
+    known: dict = {"s_in": s_in, "keys_first": keys_first}
+    try:
+        c1, ops, chain = walk_scores(ctx, x_in)
+        known.update(ops=ops)
+        # every ("transpose",) op swaps queries and keys once between the product and the softmax
+        c1_swapped = keys_first != (sum(1 for op in ops if isinstance(op, tuple) and op[0] == "transpose") % 2 == 1)
+        q, k = score_operands(c1)
+        if c1_swapped:
+            q, k = k, q
+        known.update(q=q, k=k)
+    except Unsupported as e:
+        raise Refused(str(e), known) from e
+    try:
+        walked = walk_probs(ctx, sm)
+    except Unsupported as e:
+        raise Refused(str(e), known) from e
+    c2, probs, post, notes, p_swapped, _ = walked
     if c2 is None:
         raise NotAttention("softmax is not followed by a product")
-    q, k = score_operands(c1)
     if k.node not in ctx.activations:
         raise NotAttention("keys are weights, not activations (classifier or router)")
     batch = tuple(G.shape(x_in)[:-2])
+    pm = (s_in[-1], s_in[-2]) if keys_first else (s_in[-2], s_in[-1])  # (queries, keys)
+    v_swapped = keys_first != p_swapped  # the probabilities reach the product as [.., keys, queries]
     sp = G.shape(probs)
-    if sp is None or not G.same_sizes(sp[-2:], s_in[-2:]):
-        raise Unsupported("the probabilities are re-laid out before the value product")
-    v, out_steps = value_operand(c2, probs, len(G.shape(probs)) - 2)
+    try:
+        if sp is None or not G.same_sizes(sp[-2:], pm[::-1] if v_swapped else pm):
+            raise Unsupported("the probabilities are re-laid out before the value product")
+        v, out_steps = value_operand(c2, probs, len(sp) - 2, v_swapped)
+    except Unsupported as e:
+        raise Refused(str(e), known) from e
     if v.node not in ctx.activations:
         raise NotAttention("values are weights, not activations (pooling over weights)")
+    known.update(v=v)
+    problems = list(walked.problems)
+    inside = _between(ctx, c1, x_in, sm)
     for node in chain:
-        if node is not x_in and len([u for u in G.users(node) if G.opname(u) not in SHAPE_ONLY]) > 1:
-            raise Unsupported(f"an intermediate of the scores ({node.name}) is used outside the attention")
-    scale, softcap, masks, problems = _fold_ops(ops)
+        # a user that reaches no output (a clone kept for inspection) is dead code, not an outside use
+        outside = [u for u in G.users(node) if G.opname(u) not in SHAPE_ONLY and u in ctx.live and u not in inside]
+        if node is not x_in and outside:
+            problems.append(f"an intermediate of the scores ({node.name}) is used outside the attention")
+            break
+    if ctx.written and any(n in ctx.written for n in (c1, *chain, sm, *post, q.node, k.node, v.node)):
+        problems.append("the scores or an operand of the attention are written in place (the graph is not functional)")
+    scale, softcap, masks, fold_problems, q_scales = fold_ops(ops, c1_swapped)
+    problems += fold_problems
     # A scale applied to q or k before the product is part of the attention's scale.
     for opnd in (q, k):
         while True:
@@ -224,52 +269,41 @@ def _match_explicit(ctx: GraphContext, sm: fx.Node, index: int) -> Match:
     if not any(
         G.same_sizes(G.shape(n), s_in) or G.prod(G.shape(n)) == G.prod(s_in) for n in [c1] + chain if G.shape(n)
     ):
-        raise Unsupported("the scores change size between product and softmax")
+        problems.append("the scores change size between product and softmax")
+    if q_scales:
+        notes = [*notes, "a tensor-valued scale of the scores (per head or per query) is folded into q"]
     spelling = G.opname(c1)
-    return _site(
-        ctx, index, c2, spelling, q, k, v, batch, masks, scale, False, out_steps, notes,
-        tuple([c1, *chain, sm, *post, c2]), sm, G.dtype(x_in), softcap, tuple(problems),
-    )
+    try:
+        return _site(
+            ctx, index, c2, spelling, q, k, v, batch, masks, scale, False, out_steps, notes,
+            tuple([c1, *chain, sm, *post, c2]), sm, G.dtype(x_in), softcap, tuple(problems), q_scales,
+        )
+    except Exception as e:  # e.g. a data-dependent size no guard can decide: refused, with what is known
+        logger.debug("could not describe %s", sm.name, exc_info=True)
+        raise Refused(f"the finder could not analyse this site ({type(e).__name__}: {first_line(e)})",
+                      {**known, "masks": masks, "scale": scale, "spelling": spelling}) from e
 
 
-def _fold_ops(ops: list) -> tuple[float, float, list[MaskTerm], list[str]]:
-    """(scale, softcap, masks, problems) from the scores ops in forward order.
-
-    ``a * tanh(b * s)`` equals the op's ``c * tanh(s' / c)`` with c = |a| and s' = a·b·s, so any
-    scalar placement around the tanh is one soft-cap; masks must come after it (the op caps first).
-    """
-    scale, post, softcap = 1.0, 1.0, 0.0
-    masks: list[MaskTerm] = []
-    problems: list[str] = []
-    capped = False
-    for op in ops:
-        if isinstance(op, MaskTerm):
-            masks.append(op)
-        elif op[0] == "unsupported":
-            problems.append(op[1])
-        elif op[0] == "tanh":
-            if capped:
-                problems.append("the scores pass through tanh twice")
-            if masks:
-                problems.append("a mask or bias is applied before the soft-cap (tanh); rewriter::attention "
-                                "caps the scores first")
-            capped = True
-        else:
-            s = op[1]
-            if capped:
-                post *= s
-            else:
-                scale *= s
-            for m in masks:
-                if m.kind == "add":
-                    m.factor *= s
-                else:
-                    m.fill *= s
-    if capped:
-        if post == 0:
-            problems.append("the soft-capped scores are multiplied by zero")
-        softcap, scale = abs(post), scale * post
-    return scale, softcap, masks, problems
+def _between(ctx: GraphContext, c1: fx.Node, x_in: fx.Node, sm: fx.Node) -> set:
+    """Nodes on a dataflow path from the scores product to the softmax input (the scores' own expression,
+    including the pieces of a region write that read the scores and write them back)."""
+    order = ctx.order
+    stop = order.get(sm, len(order))
+    ahead: set = {c1}
+    stack = [c1]
+    while stack:  # forward from the product, never past the softmax in graph order
+        for u in stack.pop().users:
+            if u not in ahead and order.get(u, stop) < stop:
+                ahead.add(u)
+                stack.append(u)
+    inside: set = {x_in}
+    stack = [x_in]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a in ahead and a not in inside:
+                inside.add(a)
+                stack.append(a)
+    return inside
 
 
 @dataclass(frozen=True)
@@ -281,7 +315,11 @@ class Rejection:
 
 
 def find_matches(ctx: GraphContext) -> tuple[list[Match], list[Rejection]]:
-    """Every attention in ``ctx.graph`` in graph order, plus the softmaxes that were not attention."""
+    """Every attention in ``ctx.graph`` in graph order, plus the softmaxes that were not attention.
+
+    Never raises for a graph's contents: a site the finder cannot analyse is reported, unrewritten,
+    with the reason.
+    """
     matches: list[Match] = []
     rejected: list[Rejection] = []
     for node in list(ctx.graph.nodes):
@@ -297,20 +335,19 @@ def find_matches(ctx: GraphContext) -> tuple[list[Match], list[Rejection]]:
             rejected.append(Rejection(node.name, str(e)))
             logger.debug("%s is not attention: %s", node.name, e)
             continue
+        except Refused as e:
+            m = _refused_match(ctx, node, len(matches), str(e), e.known)
         except Unsupported as e:
-            m = _unsupported_site(ctx, node, len(matches), str(e))
+            m = _refused_match(ctx, node, len(matches), str(e), {})
+        except Exception as e:  # a graph we did not foresee: the site stays as it was, never a traceback
+            logger.debug("could not analyse %s", node.name, exc_info=True)
+            why = f"the finder could not analyse this site ({type(e).__name__}: {first_line(e)})"
+            m = _refused_match(ctx, node, len(matches), why, {})
         matches.append(m)
     return matches, rejected
 
 
-def _unsupported_site(ctx: GraphContext, node: fx.Node, index: int, reason: str) -> Match:
-    """A site we recognised but cannot rewrite: reported with its reason, left as it was."""
-    s = G.shape(node) or (1, 1, 1, 1)
-    site = AttentionSite(
-        name=G.module_path(node), index=index, spelling=G.opname(node), causal=False,
-        mask_kind="unknown", is_cross=False, num_heads=as_int(s[1]) if len(s) >= 4 else 1,
-        num_kv_heads=as_int(s[1]) if len(s) >= 4 else 1, head_dim=-1, v_head_dim=-1,
-        q_len=as_int(s[-2]), kv_len=-1, batch=as_int(s[0]) if len(s) >= 3 else 1, scale=float("nan"),
-        rewritable=False, reason=reason,
-    )
+def _refused_match(ctx: GraphContext, node: fx.Node, index: int, reason: str, known: dict) -> Match:
+    """A site we recognised but cannot rewrite: reported with its reason and what is known, left as it was."""
+    site = refused_site(ctx, node, index, reason, known)
     return Match(site, node, Operand(node), Operand(node), Operand(node), (), [], [], 1.0, False)

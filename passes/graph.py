@@ -31,7 +31,9 @@ SDPA_OPS = frozenset(
         "_scaled_dot_product_attention_math",
     }
 )
-DROPOUT_OPS = frozenset({"dropout", "native_dropout", "feature_dropout", "alpha_dropout"})
+# In-place forms included: in eval mode they return their input unchanged, as the functional ones do.
+DROPOUT_OPS = frozenset({"dropout", "native_dropout", "feature_dropout", "alpha_dropout", "dropout_",
+                         "feature_dropout_", "alpha_dropout_"})
 PROJECTION_OPS = frozenset({"linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "einsum", "conv1d", "conv2d"})
 
 
@@ -152,6 +154,37 @@ def module_path(node: fx.Node) -> str:
 def users(node: fx.Node) -> list[fx.Node]:
     """Users of ``node`` that do real work (runtime metadata asserts are ignored)."""
     return [u for u in node.users if opname(u) != "_assert_tensor_metadata"]
+
+
+def mutates(node: fx.Node) -> bool:
+    """True for a call of an in-place ATen op (add_, copy_, masked_fill_, dropout_, ...)."""
+    t = node.target
+    return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable
+
+
+# Ops whose result may share memory with their first argument (a write into it changes the input).
+ALIAS_OPS = VIEW_OPS - {"clone", "contiguous", "lift_fresh_copy"} | frozenset({
+    "slice", "select", "transpose", "permute", "t", "narrow", "diagonal", "as_strided", "unfold", "split",
+    "chunk", "unbind", "split_with_sizes", "getitem", "view_as", "expand_as", "movedim", "swapaxes",
+})
+
+
+def written_in_place(graph: fx.Graph) -> set:
+    """Nodes an in-place op writes into, directly or through a chain of views, and every view between."""
+    out: set = set()
+    for n in graph.nodes:
+        if not mutates(n):
+            continue
+        schema = n.target._schema
+        for i, a in enumerate(schema.arguments):
+            if a.alias_info is None or not a.alias_info.is_write or i >= len(n.args):
+                continue
+            x = n.args[i]
+            while isinstance(x, fx.Node) and x not in out:
+                out.add(x)
+                # an in-place op returns its input: writing into its result writes into that input
+                x = x.args[0] if (opname(x) in ALIAS_OPS or mutates(x)) and x.args else None
+    return out
 
 
 def same_sizes(a: Sequence, b: Sequence) -> bool:

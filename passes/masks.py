@@ -225,8 +225,23 @@ def analyse_masks(
 ) -> MaskAnalysis:
     """Classify a site's mask terms and decide what the rewritten op must be given."""
     # Inside a compiler a fake mode is active; static masks are computed and inspected for real.
-    with unset_fake_temporarily():
-        return _analyse_masks(ctx, masks, p_len, m_len, sdpa_causal, score_dtype)
+    symbolic = not (_concrete(p_len) and _concrete(m_len))
+    was = ctx.dynamic
+    # A length that depends on the data (a per-sample slice by a .item() length) has no value to
+    # compute a mask at: the masks are read from the graph alone, as for a dynamic capture.
+    ctx.dynamic = was or symbolic
+    try:
+        with unset_fake_temporarily():
+            return _analyse_masks(ctx, masks, p_len, m_len, sdpa_causal, score_dtype)
+    finally:
+        ctx.dynamic = was
+
+
+def _concrete(x: Any) -> bool:
+    """True for a size with a value here (an int, or a symbolic size with a hint)."""
+    if isinstance(x, torch.SymInt):
+        return x.node.hint is not None
+    return isinstance(x, int)
 
 
 @dataclass

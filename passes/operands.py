@@ -23,7 +23,8 @@ class Operand:
     steps: list[Step] = field(default_factory=list)
 
 
-def _is_transpose_last2(node: fx.Node) -> bool:
+def is_transpose_last2(node: fx.Node) -> bool:
+    """True when ``node`` swaps the last two dims of its input (transpose, permute or 2-D t)."""
     name = G.opname(node)
     s = G.shape(node)
     if s is None or len(s) < 2:
@@ -89,13 +90,16 @@ def score_operands(c1: fx.Node) -> tuple[Operand, Operand]:
     sa, sb = G.shape(a), G.shape(b)
     if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
         raise Unsupported(f"{name} operands are not matrices")
-    if _is_transpose_last2(b) and G.opname(b) != "t":
+    if is_transpose_last2(b) and G.opname(b) != "t":
         return Operand(a), Operand(b.args[0])
     return Operand(a), Operand(b, [("transpose",)])
 
 
-def value_operand(c2: fx.Node, probs: fx.Node, nbatch: int) -> tuple[Operand, list[Step]]:
-    """v [*b, M, F] and the steps from canonical output [*b, P, F] to c2's layout."""
+def value_operand(c2: fx.Node, probs: fx.Node, nbatch: int, swapped: bool = False) -> tuple[Operand, list[Step]]:
+    """v [*b, M, F] and the steps from canonical output [*b, P, F] to c2's layout.
+
+    ``swapped``: the probabilities reach c2 as [*b, M, P] (so ``vᵀ @ pᵀ`` gives the output transposed).
+    """
     name = G.opname(c2)
     if name == "einsum":
         ins, out = _parse_einsum(c2.args[0])
@@ -107,9 +111,9 @@ def value_operand(c2: fx.Node, probs: fx.Node, nbatch: int) -> tuple[Operand, li
         vnode = ops[1 - pi]
         if len(sp) != nbatch + 2:
             raise Unsupported(f"einsum {c2.args[0]!r}: probs rank differs from the scores")
-        i, j = sp[-2], sp[-1]
+        i, j = (sp[-1], sp[-2]) if swapped else (sp[-2], sp[-1])
         fs = set(sv) - set(sp)
-        if j not in sv or j in out or len(fs) != 1 or set(out) != set(sp[:-1]) | fs:
+        if j not in sv or j in out or len(fs) != 1 or set(out) != set(sp[:-2]) | {i} | fs:
             raise Unsupported(f"einsum {c2.args[0]!r} is not a reduction of probs over keys")
         (f,) = fs
         batch = list(sp[:-2])
@@ -117,10 +121,16 @@ def value_operand(c2: fx.Node, probs: fx.Node, nbatch: int) -> tuple[Operand, li
         perm = [canon.index(t) for t in out]
         out_steps = [("permute", perm)] if perm != list(range(len(canon))) else []
         return Operand(vnode, _align_steps(sv, batch + [j, f])), out_steps
-    if c2.args[0] is not probs:
-        raise NotAttention("probabilities are the right operand of the product")
-    v = c2.args[1]
-    return Operand(v), [("reshape", tuple(G.shape(c2)))]
+    a, b = c2.args[0], c2.args[1]
+    if swapped:
+        # out [*b, F, P] = vᵀ [*b, F, M] @ pᵀ [*b, M, P]: the same attention, its output transposed
+        if b is not probs or a is probs:
+            raise NotAttention("the transposed probabilities are not the right operand of the product")
+        v = Operand(a.args[0]) if is_transpose_last2(a) and G.opname(a) != "t" else Operand(a, [("transpose",)])
+        return v, [("transpose",), ("reshape", tuple(G.shape(c2)))]
+    if a is not probs:
+        raise NotAttention("probabilities are the right operand of the product (a sum over queries)")
+    return Operand(b), [("reshape", tuple(G.shape(c2)))]
 
 
 def steps_shape(shape: tuple, steps: list[Step]) -> tuple:

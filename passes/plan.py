@@ -50,10 +50,10 @@ class Plan:
             rows = [header]
             for d in self.decisions:
                 s = d.site
-                heads = f"{s.num_heads}h" + (f"/{s.num_kv_heads}kv" if s.num_kv_heads != s.num_heads else "")
+                heads = f"{_n(s.num_heads)}h" + (f"/{_n(s.num_kv_heads)}kv" if s.num_kv_heads != s.num_heads else "")
                 flags = ",".join(
                     x for x in (
-                        "causal" if s.causal else "",
+                        "causal?" if s.causal is None else ("causal" if s.causal else ""),
                         "cross" if s.is_cross else "",
                         s.mask_kind if s.mask_kind not in ("none", "causal") else "",
                     ) if x
@@ -61,7 +61,7 @@ class Plan:
                 rows.append((
                     str(s.index),
                     s.name or "<top>",
-                    f"{heads} d{s.head_dim} q{s.q_len} kv{s.kv_len}",
+                    f"{heads} d{_n(s.head_dim)} q{_n(s.q_len)} kv{_n(s.kv_len)}",
                     flags,
                     d.variant + (f"({_params(d.params)})" if d.params else ""),
                     "-" if d.predicted_speedup is None else f"{d.predicted_speedup:.2f}x",
@@ -137,3 +137,8 @@ def _in_words(metric: str, budget: float) -> str:
 
 def _params(p: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(p.items()))
+
+
+def _n(x: int) -> str:
+    """A size for the table; -1 is one the finder does not know (data-dependent, or a refused site)."""
+    return "?" if x < 0 else str(x)

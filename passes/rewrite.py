@@ -10,62 +10,12 @@ import torch.fx as fx
 
 import codegen  # noqa: F401  (registers torch.ops.rewriter.attention)
 from passes import graph as G
+from passes.emit import Emitter as _Emitter
+from passes.context import MaskTerm
 from passes.find import Match, Operand, Unsupported
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
-
-
-class _Emitter:
-    """Inserts ATen nodes before an anchor and records fake values so later passes and export see shapes."""
-
-    def __init__(self, graph: fx.Graph, anchor: fx.Node):
-        self.graph = graph
-        self.anchor = anchor
-        vals = [G.val(n) for n in graph.nodes if isinstance(G.val(n), torch.Tensor)]
-        self.fake_mode = torch._guards.detect_fake_mode(vals)
-
-    def _sizes(self, sizes: list) -> list:
-        """A reshape's sizes as graph arguments: a symbolic size is recomputed from the graph, never baked in."""
-        symbolic = [i for i, x in enumerate(sizes) if isinstance(x, torch.SymInt)]
-        if not symbolic:
-            return sizes
-        if len(symbolic) == 1:  # reshape infers the one size it is not told
-            return [-1 if i == symbolic[0] else x for i, x in enumerate(sizes)]
-        with self.graph.inserting_before(self.anchor):
-            return list(self.graph.materialize_symints(sizes))
-
-    def __call__(self, target, *args, **kwargs) -> fx.Node:
-        if target is aten.reshape.default:
-            args = (args[0], self._sizes(list(args[1])), *args[2:])
-        with self.graph.inserting_before(self.anchor):
-            node = self.graph.call_function(target, args, kwargs)
-        node.meta["nn_module_stack"] = self.anchor.meta.get("nn_module_stack", {})
-        fake_args, fake_kwargs = torch.utils._pytree.tree_map(
-            lambda a: G.val(a) if isinstance(a, fx.Node) else a, (args, kwargs)
-        )
-        if self.fake_mode is not None:
-            with self.fake_mode:
-                node.meta["val"] = target(*fake_args, **fake_kwargs)
-        return node
-
-    def steps(self, node: fx.Node, steps: list) -> fx.Node:
-        """Apply layout steps (permute / transpose / unsqueeze / reshape / to) to ``node``."""
-        for st in steps:
-            if st[0] == "permute":
-                node = self(aten.permute.default, node, list(st[1]))
-            elif st[0] == "transpose":
-                nd = len(G.shape(node))
-                node = self(aten.permute.default, node, [*range(nd - 2), nd - 1, nd - 2])
-            elif st[0] == "unsqueeze":
-                node = self(aten.unsqueeze.default, node, st[1])
-            elif st[0] == "reshape":
-                if not G.same_sizes(G.shape(node), st[1]):
-                    node = self(aten.reshape.default, node, list(st[1]))
-            elif st[0] == "to":
-                if G.dtype(node) != st[1]:
-                    node = self(torch.ops.prims.convert_element_type.default, node, st[1])
-        return node
 
 
 def _batch4(batch: tuple) -> tuple:
@@ -155,7 +105,11 @@ def _combined_mask(em: _Emitter, m: Match, drop_band: bool = False) -> Optional[
                 out = term if out is None else em(aten.add.Tensor, out, term)
         if keep is not None:
             fill = a.fill if a.fill is not None else float("-inf")
-            hidden = em(aten.where.Scalar, keep, 0.0, fill)
+            # where(keep, 0.0, fill) with two scalars is not lowerable by Inductor (the backend's graphs are
+            # already decomposed, so only core ops are emitted here)
+            sizes, dev = em.exact_sizes(list(G.shape(keep))), G.val(keep).device
+            zero = em(aten.full.default, sizes, 0.0, dtype=torch.float32, device=dev)
+            hidden = em(aten.where.self, keep, zero, em(aten.full.default, sizes, fill, dtype=torch.float32, device=dev))
             out = hidden if out is None else em(aten.add.Tensor, out, hidden)
     s = G.shape(out)
     if len(m.batch) > 2:
@@ -185,6 +139,14 @@ def rewrite_site(graph: fx.Graph, m: Match, variant: str, params: dict, drop_ban
         k = _canonical(em, m.k, m.batch, kv=True)
         v = _canonical(em, m.v, m.batch, kv=True)
     q = _canonical(em, m.q, m.batch, kv=False)
+    for t, how, layout in m.q_scales:
+        # (q·k) * t == (t * q)·k for a t constant along the keys: the op's scale stays one float
+        factor = _to_scores_layout(em, m, MaskTerm("add", t, layout=layout))
+        fs = G.shape(factor)
+        if len(m.batch) > 2:
+            factor = em(aten.expand.default, factor, [*m.batch, *fs[-2:]])
+            factor = em(aten.reshape.default, factor, [*_batch4(m.batch), *fs[-2:]])
+        q = em.steps(em(aten.mul.Tensor if how == "mul" else aten.div.Tensor, q, factor), [("to", dt)])
     k, v = em.steps(k, [("to", dt)]), em.steps(v, [("to", dt)])
     mask = _combined_mask(em, m, drop_band)
     causal = m.analysis.op_causal or (drop_band and m.site.causal)

@@ -6,9 +6,10 @@ product with the values.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.fx as fx
@@ -17,7 +18,9 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from passes import graph as G
 from passes import masks
 from passes.context import GraphContext, MaskTerm, NotAttention, Unsupported
+from passes.operands import is_transpose_last2
 from passes.site import as_int
+from passes.writes import WRITES, region_write
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +63,10 @@ def _score_root(ctx: GraphContext, x: Any, depth: int = 0) -> Optional[fx.Node]:
     name = G.opname(x)
     if name in G.CONTRACTION_OPS:
         return x
-    if name in PASS_THROUGH or _singleton_permute(x) or name == "masked_fill":
+    if name in PASS_THROUGH or _singleton_permute(x) or is_transpose_last2(x) or name in WRITES | {"masked_fill"}:
         return _score_root(ctx, x.args[0], depth + 1)
+    if name == "copy":  # a functional copy_: the values are its source's
+        return _score_root(ctx, x.args[1], depth + 1)
     if name in ("mul", "div"):
         so = scalar_operand(ctx, x)
         if so:
@@ -157,7 +162,8 @@ def walk_scores(ctx: GraphContext, x: fx.Node) -> tuple[fx.Node, list, list[fx.N
     """Walk back from the softmax input to the scores contraction.
 
     Returns (contraction, ops in forward order, chain nodes). ops are ("scale", s), ("tanh",),
-    ("unsupported", reason) or MaskTerm.
+    ("transpose",) (the last two dims swap), ("tscale", tensor, "mul" | "div", layout) (a tensor-valued
+    scale), ("unsupported", reason) or MaskTerm.
     """
     ops: list = []
     chain: list[fx.Node] = []
@@ -177,6 +183,20 @@ def walk_scores(ctx: GraphContext, x: fx.Node) -> tuple[fx.Node, list, list[fx.N
         if name in PASS_THROUGH or _singleton_permute(x):
             x = x.args[0]
             continue
+        if is_transpose_last2(x):
+            ops.append(("transpose",))
+            x = x.args[0]
+            continue
+        if name in WRITES:
+            x, op = region_write(ctx, x)
+            if op is not None:
+                ops.append(op)
+            continue
+        if name == "copy" and G.same_sizes(G.shape(x.args[1]) or (), G.shape(x) or (None,)):
+            x = x.args[1]  # copy(dst, src) of the whole tensor: src's values (cast to dst's dtype)
+            continue
+        if G.mutates(x):
+            raise Unsupported(f"{name} writes into the scores in place (the graph is not functional)")
         if name in ("mul", "div"):
             so = scalar_operand(ctx, x)
             if so is not None:
@@ -217,7 +237,9 @@ def walk_scores(ctx: GraphContext, x: fx.Node) -> tuple[fx.Node, list, list[fx.N
                                            "rewriter::attention cannot express it"))
                 x = x.args[0]
                 continue
-            ops.append(("unsupported", f"the scores are multiplied by a tensor at {x.name} (a per-element scale)"))
+            t = x.args[1 - side]
+            problem = _tensor_scale_problem(t, x)
+            ops.append(("unsupported", problem) if problem else ("tscale", t, name, G.shape(x)))
             x = x.args[side]
             continue
         if name == "masked_fill":
@@ -251,6 +273,77 @@ def walk_scores(ctx: GraphContext, x: fx.Node) -> tuple[fx.Node, list, list[fx.N
         raise NotAttention(f"{name or x.op} between scores and softmax")
 
 
+def _tensor_scale_problem(t: Any, out: fx.Node) -> str:
+    """Why scores times tensor ``t`` cannot be folded into q ("" when it can: constant along the keys)."""
+    st, so = G.shape(t), G.shape(out)
+    where = f"the scores are multiplied by a tensor at {out.name}"
+    if st is None or so is None:
+        return f"{where} of unknown shape"
+    if not G.dtype(t) or not G.dtype(t).is_floating_point:
+        return f"{where} that is not floating point"
+    if len(st) > len(so) or any(not (as_int(a) == 1 or G.same_sizes((a,), (b,))) for a, b in zip(st[::-1], so[::-1])):
+        return f"{where} that widens them"
+    if st and as_int(st[-1]) != 1:
+        return f"{where} that varies along the keys (a per-element scale)"
+    return ""
+
+
+def fold_ops(ops: list, swapped: bool = False) -> tuple[float, float, list[MaskTerm], list[str], list]:
+    """(scale, softcap, masks, problems, tensor scales) from the scores ops in forward order.
+
+    ``a * tanh(b * s)`` equals the op's ``c * tanh(s' / c)`` with c = |a| and s' = a·b·s, so any
+    scalar placement around the tanh is one soft-cap; masks must come after it (the op caps first).
+    ``swapped``: the product's output is laid out [.., keys, queries] (each transpose flips it); a mask
+    or tensor scale applied in that layout is not carried.
+    """
+    scale, post, softcap = 1.0, 1.0, 0.0
+    masks: list[MaskTerm] = []
+    problems: list[str] = []
+    tscales: list = []
+    capped = False
+    for op in ops:
+        if isinstance(op, MaskTerm):
+            if swapped:
+                problems.append("a mask or bias is applied to the transposed scores")
+            masks.append(dataclasses.replace(op))  # a copy: the factors below are folded into it, not into ops
+        elif op[0] == "unsupported":
+            problems.append(op[1])
+        elif op[0] == "transpose":
+            swapped = not swapped
+        elif op[0] == "tscale":
+            if swapped:
+                problems.append("a tensor-valued scale is applied to the transposed scores")
+            elif masks:
+                problems.append("a mask or bias is applied before a tensor-valued scale of the scores")
+            elif capped:
+                problems.append("a tensor-valued scale follows the soft-cap (tanh): a per-head cap")
+            else:
+                tscales.append(op[1:])
+        elif op[0] == "tanh":
+            if capped:
+                problems.append("the scores pass through tanh twice")
+            if masks:
+                problems.append("a mask or bias is applied before the soft-cap (tanh); rewriter::attention "
+                                "caps the scores first")
+            capped = True
+        else:
+            s = op[1]
+            if capped:
+                post *= s
+            else:
+                scale *= s
+            for m in masks:
+                if m.kind == "add":
+                    m.factor *= s
+                else:
+                    m.fill *= s
+    if capped:
+        if post == 0:
+            problems.append("the soft-capped scores are multiplied by zero")
+        softcap, scale = abs(post), scale * post
+    return scale, softcap, masks, problems, tscales
+
+
 def softmax_input(node: fx.Node) -> Optional[tuple[fx.Node, int]]:
     """(input, dim) if ``node`` computes a softmax: an ATen softmax op or its exp / sum decomposition."""
     name = G.opname(node)
@@ -273,51 +366,113 @@ def softmax_input(node: fx.Node) -> Optional[tuple[fx.Node, int]]:
     return x, dims[0]
 
 
-def _keeps_layout(start: fx.Node, chain: list[fx.Node]) -> bool:
-    """Replay a chain of view/permute ops on an index tensor: True if the values keep their order."""
+def _net_layout(start: fx.Node, chain: list[fx.Node]) -> Optional[bool]:
+    """Replay a chain of view/permute ops on an index tensor: False if the values keep their order, True if
+    the last two dims end up swapped, None for anything else (or when it cannot be replayed)."""
     s = G.shape(start)
     try:
         with unset_fake_temporarily():  # inside a compiler a fake mode is active; replay for real
-            return _replay_in_order(s, chain)
-    except Exception:  # symbolic sizes or an op we cannot replay: be conservative
-        return False
+            return _replay(s, chain)
+    except Exception:  # symbolic sizes (a data-dependent length) or an op we cannot replay
+        return _symbolic_layout(s, chain)
 
 
-def _replay_in_order(s: tuple, chain: list[fx.Node]) -> bool:
+_BATCH_VIEWS = G.VIEW_OPS | {"expand"}
+
+
+def _symbolic_layout(s: Optional[tuple], chain: list[fx.Node]) -> Optional[bool]:
+    """The same answer as ``_net_layout`` from the ops' arguments alone (no sizes to replay with): permutes
+    are composed; a view may only regroup the leading dims, in order, while the last two stay in place."""
+    if s is None or len(s) < 2:
+        return None
+    dims: list = [*range(len(s) - 2), "P", "M"]  # what each dim of the current tensor is
+    for n in chain:
+        name, nd = G.opname(n), len(dims)
+        if name in G.CAST_OPS | G.DROPOUT_OPS:
+            continue
+        if name == "permute":
+            dims = [dims[d % nd] for d in n.args[1]]
+        elif name == "transpose":
+            a, b = G.arg(n, 1, "dim0") % nd, G.arg(n, 2, "dim1") % nd
+            dims[a], dims[b] = dims[b], dims[a]
+        elif name == "t" and nd == 2:
+            dims = dims[::-1]
+        elif name in _BATCH_VIEWS:
+            si, so = G.shape(n.args[0]), G.shape(n)
+            lead = dims[:-2]
+            if (si is None or so is None or len(so) < 2 or set(dims[-2:]) != {"P", "M"}
+                    or lead != sorted(lead) or not G.same_sizes(si[-2:], so[-2:])):
+                return None
+            dims = [*range(len(so) - 2), *dims[-2:]]
+        else:
+            return None
+    lead = dims[:-2]
+    if any(isinstance(d, str) for d in lead) or lead != sorted(lead):
+        return None
+    return {("P", "M"): False, ("M", "P"): True}.get(tuple(dims[-2:]))
+
+
+def _replay(s: tuple, chain: list[fx.Node]) -> Optional[bool]:
     x = torch.arange(int(G.prod(s))).reshape([int(d) for d in s])
+    want = x
     for n in chain:
         if G.opname(n) in G.CAST_OPS | G.DROPOUT_OPS:
             continue
         x = n.target(x, *n.args[1:], **{k: v for k, v in n.kwargs.items() if k != "memory_format"})
-    return bool(torch.equal(x.reshape(-1), torch.arange(x.numel())))
+    flat = x.reshape(-1)  # batch dims may be flattened on the way ([B, H] -> [B*H] for bmm)
+    if torch.equal(flat, want.reshape(-1)) and tuple(x.shape[-2:]) == tuple(want.shape[-2:]):
+        return False
+    swapped = want.transpose(-1, -2)
+    if torch.equal(flat, swapped.reshape(-1)) and tuple(x.shape[-2:]) == tuple(swapped.shape[-2:]):
+        return True
+    return None
 
 
-def walk_probs(sm: fx.Node) -> tuple[Optional[fx.Node], Optional[fx.Node], list[fx.Node], list[str]]:
-    """Follow the softmax forward to the values contraction: (contraction, its probs operand, chain, notes)."""
+_LAYOUT_OPS = frozenset({"permute", "transpose", "t"})
+
+
+class Probs(NamedTuple):
+    """The probabilities side of an attention, from the softmax to the product with the values."""
+
+    c2: Optional[fx.Node]  # the values contraction (None when the softmax is not followed by one)
+    probs: Optional[fx.Node]  # its probabilities operand
+    chain: list  # nodes between the softmax and the product
+    notes: list  # facts worth reporting
+    swapped: bool  # the probabilities reach the product with their last two dims transposed (v.mT @ p.mT)
+    problems: list  # reasons the site cannot be rewritten (active dropout)
+
+
+def walk_probs(ctx: GraphContext, sm: fx.Node) -> Probs:
+    """Follow the softmax forward to the values contraction."""
     chain: list[fx.Node] = []
     notes: list[str] = []
+    problems: list[str] = []
     x = sm
     while True:
-        us = G.users(x)
+        us = [u for u in G.users(x) if u in ctx.live]  # a dead clone kept "for inspection" is no use
         nxt = [u for u in us if G.opname(u) in (G.CONTRACTION_OPS - {"baddbmm"})]
         if len(nxt) != 1:
-            nxt = [u for u in us if G.opname(u) in (PASS_THROUGH | G.DROPOUT_OPS | {"permute"})]
+            nxt = [u for u in us if G.opname(u) in (PASS_THROUGH | G.DROPOUT_OPS | _LAYOUT_OPS)]
         if len(us) > 1:
             notes.append("the attention probabilities are also used elsewhere (returned weights?); they are still computed")
         if len(nxt) != 1:
-            return None, None, chain, notes
+            return Probs(None, None, chain, notes, False, problems)
         u = nxt[0]
         name = G.opname(u)
         if name in G.CONTRACTION_OPS and name not in ("baddbmm",):
-            if any(G.opname(n) == "permute" for n in chain) and not _keeps_layout(sm, chain):
-                raise Unsupported("the probabilities are permuted before the value product")
-            return u, x, chain, notes
+            swapped = False
+            if any(G.opname(n) in _LAYOUT_OPS for n in chain):
+                got = _net_layout(sm, chain)
+                if got is None:
+                    raise Unsupported("the probabilities are permuted before the value product")
+                swapped = got
+            return Probs(u, x, chain, notes, swapped, problems)
         if name == "native_dropout":
             raise Unsupported("native_dropout on the probabilities (model in training mode)")
         if name in G.DROPOUT_OPS:
             p = float(G.arg(u, 1, "p", 0.0))
             train = G.arg(u, 2, "train", True)
             if p > 0 and train:
-                raise Unsupported("dropout on the attention probabilities is active (model in training mode)")
+                problems.append("dropout on the attention probabilities is active (model in training mode)")
         chain.append(u)
         x = u

@@ -14,9 +14,9 @@ class AttentionSite:
     name: str  # module path of the attention, e.g. "model.layers.0.self_attn" ("" at top level)
     index: int  # position among the sites of the graph, in graph order
     spelling: str  # how the scores were written: sdpa | matmul | bmm | mm | einsum | baddbmm
-    causal: bool
-    mask_kind: str  # none | causal | padding | bool | additive
-    is_cross: bool
+    causal: Optional[bool]  # None: not known (a refused site the finder could not read that far)
+    mask_kind: str  # none | causal | padding | bool | additive (| unknown, on a refused site)
+    is_cross: Optional[bool]
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -35,19 +35,26 @@ class AttentionSite:
     score_ops: int = 0  # separate element-wise ops the model runs over the full score matrix (scale, mask, cast)
 
     def describe(self) -> str:
-        """A one-line human summary of the site."""
-        flags = ["causal" if self.causal else "bidirectional", "cross" if self.is_cross else "self"]
+        """A one-line human summary of the site ("unknown" where a refused site could not be read)."""
+        flags = ["causal=unknown" if self.causal is None else ("causal" if self.causal else "bidirectional"),
+                 "cross=unknown" if self.is_cross is None else ("cross" if self.is_cross else "self")]
         if self.window is not None:
             flags[0] += f", window={self.window}"
         if self.softcap:
             flags.append(f"softcap={self.softcap:g}")
         if self.has_bias:
             flags.append("bias")
-        heads = f"{self.num_heads}h" + (f"/{self.num_kv_heads}kv" if self.num_kv_heads != self.num_heads else "")
+        heads = f"{_n(self.num_heads)}h" + (
+            f"/{_n(self.num_kv_heads)}kv" if self.num_kv_heads != self.num_heads else "")
         return (
             f"{self.name or '<top>'} [{self.spelling}] {', '.join(flags)}, mask={self.mask_kind}, "
-            f"{heads}, d={self.head_dim}, q={self.q_len}, kv={self.kv_len}"
+            f"{heads}, d={_n(self.head_dim)}, q={_n(self.q_len)}, kv={_n(self.kv_len)}"
         )
+
+
+def _n(x: int) -> str:
+    """A size as text; -1 is a size the finder does not know (data-dependent, or a refused site)."""
+    return "unknown" if x < 0 else str(x)
 
 
 def as_int(x) -> int:

@@ -12,12 +12,13 @@ from passes.find import Match, find_matches
 from passes.metrics import Metric, check_perplexity
 from passes.metrics import validate as validate_metric
 from passes.pipeline import plan_program, plan_unmeasured
-from passes.plan import Plan
+from passes.plan import Decision, Plan
 from passes.planner import DEFAULT_SITE_CAP, VariantSpec, drops_band, normalise_variants
 from passes.surgery import apply_latent, apply_merge, attach_fitted, parameter_count, rewrite_planned
 from passes.site import AttentionSite
+from passes.context import first_line
 from passes.pricing import TARGETS, profile
-from rewriter.capture import CallSpec, call_spec, capture, graph_context, split_inputs
+from rewriter.capture import CallSpec, CaptureError, call_spec, capture, graph_context, split_inputs
 from rewriter.dynamic import LengthRange, length_adaptive, seq_inputs
 
 logger = logging.getLogger(__name__)
@@ -213,12 +214,53 @@ def optimize(
     ``budget`` is the largest model error allowed, measured by ``metric`` (None: chosen from what the
     model returns, see ``passes.metrics``; the plan says which and why); None applies the given variants
     with no accuracy gate. ``site_cap`` is the largest error any one approximate site may have (relative
-    L2 of its attention output), however little of it reaches the output on the calibration data. ``calibration`` is a sample or a list of samples shaped like
-    ``example_inputs``; a share of their batch rows is held back to measure the plan. With ``dynamic``,
+    L2 of its attention output), however little of it reaches the output on the calibration data.
+    ``calibration`` is a sample or a list of samples shaped like ``example_inputs``; a share of their
+    batch rows is held back to measure the plan. With ``dynamic``,
     the result is one program for every sequence length up to the example's (when the model can be
     captured so), dispatching each site by length where the cost model says its variant starts to pay.
     ``progress`` receives one line per planning step (capture, calibration, fitting, search).
+
+    Raises CaptureError (one line, naming the backend route) when torch.export cannot capture the model,
+    and ValueError / TypeError for arguments that do not fit; any other failure after capture leaves the
+    model unchanged, with the plan saying why.
     """
+    try:
+        return _optimize(model, example_inputs, budget, metric, variants, target, calibration, dynamic, progress,
+                         site_cap)
+    except (CaptureError, ValueError, TypeError):
+        raise
+    except Exception as e:  # never a stray traceback from inside planning: the model runs as it was
+        logger.warning("optimize failed after capture (%s: %s); the model runs unchanged", type(e).__name__, e,
+                       exc_info=logger.isEnabledFor(logging.DEBUG))
+        return _unchanged(model, example_inputs, budget, target or _infer_target(example_inputs),
+                          f"planning failed ({type(e).__name__}: {first_line(e)}); the model runs unchanged")
+
+
+def _unchanged(model: torch.nn.Module, example_inputs: Any, budget: Optional[float], target: str,
+               why: str) -> OptimizedModel:
+    """The model captured again and left as it was, every site's decision saying ``why``."""
+    ep, spec, matches, _ = _analyse(model, example_inputs)
+    args0, kwargs0 = split_inputs(example_inputs)
+    decisions = tuple(Decision(m.site, "original", {}, None, None, why) for m in matches)
+    plan = Plan(decisions, target=target, budget=budget, notes=(why,))
+    return OptimizedModel(ep, spec, plan, lambda kw: _analyse(model, kw)[0],
+                          captured_for=input_signature(spec.bind(args0, kwargs0)))
+
+
+def _optimize(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    budget: Optional[float],
+    metric: Metric,
+    variants: VariantSpec,
+    target: Optional[str],
+    calibration: Any,
+    dynamic: bool,
+    progress: Optional[Callable[[str], None]],
+    site_cap: Optional[float],
+) -> OptimizedModel:
+    """``optimize`` itself (the public function adds the guarantee that only deliberate errors escape)."""
     budget = _check_budget(budget)
     site_cap = _check_cap(site_cap)
     validate_metric(metric)

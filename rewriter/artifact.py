@@ -62,23 +62,55 @@ def _pytree_modules(spec) -> list[str]:
     return sorted(found)
 
 
-def _kernel_fields(site) -> dict[str, Any]:
-    """The spec fields a site fixes (what the kernel is specialised on besides the variant's params)."""
+def _kernel_fields(site, variant: str = "", params: Optional[dict] = None) -> dict[str, Any]:
+    """The spec fields a site fixes (what the kernel is specialised on besides the variant's params).
+
+    A variant whose surgery changes the K/V heads (``kernel_kv_heads`` on its module) has its kernel
+    specialised on the heads it reads after the surgery."""
+    from passes.variants import VARIANTS
+    kv = int(site.num_kv_heads)
+    hook = getattr(VARIANTS.get(variant), "kernel_kv_heads", None)
+    if hook is not None:
+        kv = hook(site, params or {})
     return {"head_dim": int(site.head_dim), "value_dim": int(site.v_head_dim),
-            "gqa": max(1, int(site.num_heads) // max(1, int(site.num_kv_heads))), "causal": bool(site.causal)}
+            "gqa": max(1, int(site.num_heads) // max(1, kv)), "causal": bool(site.causal)}
 
 
-def planned_kernels(plan: Plan) -> dict[str, dict[str, Any]]:
-    """{filename: {source, sha256, site, variant, params, fields}} for every site the plan rewrote."""
+def planned_kernels(plan: Plan, failures: Optional[dict] = None) -> dict[str, dict[str, Any]]:
+    """{filename: {source, sha256, site, variant, params, fields}} for every site the plan rewrote.
+
+    A site whose kernel source cannot be generated is left out (it runs the variant's PyTorch path, as
+    the op does when a kernel fails to generate); with ``failures`` given, {site index: reason} is
+    filled in for those, so export records them instead of losing the plan.
+    """
     out: dict[str, dict[str, Any]] = {}
     for d in plan.decisions:
         if d.variant == "original":
             continue
-        fields = _kernel_fields(d.site)
-        for name, (src, digest) in kernel_sources(d.variant, d.params, **fields).items():
+        fields = _kernel_fields(d.site, d.variant, d.params)
+        try:
+            sources = kernel_sources(d.variant, d.params, **fields)
+        except Exception as e:  # a spec codegen cannot make: the site keeps its PyTorch path
+            logger.warning("site %d: no kernel source for %s %s (%s: %s); it runs the PyTorch path",
+                           d.site.index, d.variant, d.params, type(e).__name__, e)
+            if failures is not None:
+                failures[d.site.index] = f"{type(e).__name__}: {e}"
+            continue
+        for name, (src, digest) in sources.items():
             entry = out.setdefault(name, {"source": src, "sha256": digest, "variant": d.variant,
                                           "params": dict(d.params), "fields": fields, "sites": []})
             entry["sites"].append(d.site.index)
+    return out
+
+
+def _corrections(plan: Plan) -> dict[str, dict]:
+    """{site index: corrections} for sites whose plan adds a correction the op applies after the kernel."""
+    from codegen.corrections import split_corrections
+    out = {}
+    for d in plan.decisions:
+        fixes = split_corrections(d.params)[1] if d.variant != "original" else {}
+        if fixes:
+            out[str(d.site.index)] = {**fixes, "runs": "PyTorch, on top of the kernel's output"}
     return out
 
 
@@ -105,10 +137,16 @@ def _prepare_target(out: Path) -> None:
                               "(choose another --out or remove it)")
 
 
+class ExportError(ArtifactError, RuntimeError):
+    """A part of the artifact could not be written; the message names it and where the plan was kept."""
+
+
 def export(opt: OptimizedModel, path: str | Path, extra: Optional[Callable[[Path], None]] = None) -> Path:
     """Write ``opt`` to directory ``path`` atomically (an existing artifact there is replaced); returns it.
 
-    ``extra(tmpdir)`` may add files (the report) before the directory is moved into place.
+    ``extra(tmpdir)`` may add files (the report) before the directory is moved into place. When a part
+    cannot be written (the program, the report) the artifact at ``path`` is left as it was, everything
+    else is kept in ``<path>.incomplete`` and ExportError says which part failed and why.
     """
     if not isinstance(opt, OptimizedModel):
         raise TypeError(f"export expects the module rewriter.optimize returned, not {type(opt).__name__}")
@@ -116,9 +154,14 @@ def export(opt: OptimizedModel, path: str | Path, extra: Optional[Callable[[Path
     _prepare_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    failed: list[tuple[str, Exception]] = []
     try:
-        torch.export.save(opt.program, tmp / "model.pt2")
-        kernels = planned_kernels(opt.plan)
+        try:
+            torch.export.save(opt.program, tmp / "model.pt2")
+        except Exception as e:  # the plan below is still written: a finished plan is never lost
+            failed.append(("model.pt2", e))
+        kernel_failures: dict = {}
+        kernels = planned_kernels(opt.plan, kernel_failures)
         (tmp / KERNELS).mkdir()
         for name, k in kernels.items():
             (tmp / KERNELS / name).write_text(k["source"])
@@ -127,18 +170,43 @@ def export(opt: OptimizedModel, path: str | Path, extra: Optional[Callable[[Path
                 "lengths": None if opt.lengths is None else opt.lengths.to_json(),
                 "example_shapes": opt.example_shapes, "provenance": provenance(opt),
                 "kernels": {n: {k: v for k, v in e.items() if k != "source"} for n, e in kernels.items()},
-                "model_sha256": _sha256(tmp / "model.pt2"),
+                "kernel_failures": {str(i): f"no kernel source ({why}); the site runs its PyTorch path"
+                                    for i, why in kernel_failures.items()},
+                "corrections": _corrections(opt.plan),
+                "model_sha256": _sha256(tmp / "model.pt2") if not failed else None,
                 "pytree_modules": _pytree_modules(opt.program.call_spec.in_spec)
                 + _pytree_modules(opt.program.call_spec.out_spec)}
         (tmp / "plan.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
         if extra is not None:
-            extra(tmp)
+            try:
+                extra(tmp)
+            except Exception as e:
+                failed.append(("the report", e))
+        if failed:
+            raise _incomplete(tmp, out, failed)
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("exported to %s", out)
     return out
+
+
+def _incomplete(tmp: Path, out: Path, failed: list[tuple[str, Exception]]) -> ExportError:
+    """Keep what was written in ``<out>.incomplete`` and say what failed (the artifact at ``out`` stays)."""
+    keep = out.with_name(out.name + ".incomplete")
+    shutil.rmtree(keep, ignore_errors=True)
+    try:
+        shutil.copytree(tmp, keep)
+        where = f"the finished plan was kept in {keep / 'plan.json'}"
+    except OSError as e:
+        where = f"the plan could not be kept either ({e})"
+    parts = "; ".join(f"{part}: {type(e).__name__}: {first}" for part, e in failed
+                      for first in [next((x for x in str(e).splitlines() if x.strip()), "")])
+    state = "the artifact there is unchanged" if (out / "plan.json").exists() else "nothing was written there"
+    err = ExportError(f"could not export to {out}: writing {parts}; {where}; {state}")
+    err.__cause__ = failed[0][1]
+    return err
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
@@ -288,6 +356,11 @@ def describe(path: str | Path) -> str:
                      f"sites {k.get('sites')}")
     if kernels:
         lines.append(f"  {status}")
+    for site, fix in sorted((meta.get("corrections") or {}).items()):
+        named = ", ".join(f"{k}={v}" for k, v in fix.items() if k != "runs")
+        lines.append(f"  site {site}: correction {named} runs in PyTorch on top of the kernel's output")
+    for site, why in sorted((meta.get("kernel_failures") or {}).items()):
+        lines.append(f"  site {site}: {why}")
     if meta.get("model_sha256"):
         lines.append(f"model.pt2 sha256 {meta['model_sha256']}")
     return "\n".join(lines)

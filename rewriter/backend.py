@@ -6,6 +6,7 @@ through Inductor unchanged, never wrong.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, Sequence
 
@@ -74,13 +75,28 @@ def rewriter_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **
         placeholders = [n for n in agm.graph.nodes if n.op == "placeholder"]
         # The forward graph keeps dynamo's input order; if aot added inputs, treat all as activations.
         positions = params if len(placeholders) == n_inputs else set()
-        if not kwargs.get("is_backward", False):
-            try:
-                n = _rewrite_inner(agm, positions, variants)
-                logger.info("rewriter backend: %d attention site(s) rewritten", n)
-            except Exception as e:  # never break the user's compile: run the graph unchanged
-                logger.warning("rewriter backend left a graph unchanged: %s: %s", type(e).__name__, e)
-        return compile_fx_inner(agm, inputs, *args, **kwargs)
+        if kwargs.get("is_backward", False):
+            return compile_fx_inner(agm, inputs, *args, **kwargs)
+        # The graph as dynamo handed it: compiled instead when Inductor rejects the rewritten one.
+        unchanged = torch.fx.GraphModule(agm, copy.deepcopy(agm.graph))
+        seen = len(LAST_SITES)
+        n = 0
+        try:
+            n = _rewrite_inner(agm, positions, variants)
+            logger.info("rewriter backend: %d attention site(s) rewritten", n)
+        except Exception as e:  # never break the user's compile: run the graph unchanged
+            logger.warning("rewriter backend left a graph unchanged: %s: %s", type(e).__name__, e)
+            agm = unchanged
+            del LAST_SITES[seen:]
+        if n == 0:
+            return compile_fx_inner(agm, inputs, *args, **kwargs)
+        try:
+            return compile_fx_inner(agm, inputs, *args, **kwargs)
+        except Exception as e:  # a rewritten graph Inductor cannot lower: the original one is compiled
+            logger.warning("rewriter backend: Inductor could not compile the rewritten graph (%s: %s); the graph "
+                           "runs unchanged", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            del LAST_SITES[seen:]
+            return compile_fx_inner(unchanged, inputs, *args, **kwargs)
 
     # AOTAutograd's cache keys on the graph before our inner step runs: a hit would skip the rewrite,
     # and our entry would be served to plain Inductor compiles of the same graph.

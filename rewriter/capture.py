@@ -10,11 +10,13 @@ import torch
 import torch.fx as fx
 
 from passes.find import GraphContext
+from passes import graph as G
 from passes.graph import WRAPPED
 
 logger = logging.getLogger(__name__)
 
 ROUTE = "torch.export.export(strict=False)"
+BACKEND_ROUTE = 'torch.compile(model, backend="rewriter")'
 VARARG = "input_"  # keyword name prefix of the positional arguments a forward(*args) receives
 
 
@@ -124,7 +126,39 @@ def capture(model: torch.nn.Module, example_inputs: Any) -> tuple[torch.export.E
             ep = torch.export.export(target, (), call_kwargs, strict=False)
     except Exception as e:  # export raises many types; the user needs one clear message
         raise CaptureError(_explain(model, e)) from e
-    return ep, spec
+    return functional(ep), spec
+
+
+def mutates(graph: fx.Graph) -> bool:
+    """True when the graph holds an in-place op (add_, copy_ into a slice, dropout_, ...)."""
+    return any(G.mutates(n) for n in graph.nodes)
+
+
+def functional(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``ep`` with its in-place ops replaced by their functional forms (slice writes become slice_scatter).
+
+    Export's graph keeps the model's in-place ops, and a write into a view of the scores
+    (``s[..., 1:, 1:] += bias``) is then invisible on the dataflow path from the product to the softmax.
+    Functionalising makes every write a value the finder can follow. Graphs without in-place ops are
+    returned as they are (the re-trace costs time on large models).
+    """
+    if not mutates(ep.graph):
+        return ep
+    try:
+        with torch.no_grad():
+            out = ep.run_decompositions({})
+    except Exception as e:  # the finder refuses sites whose scores are written in place; nothing is lost
+        logger.info("could not functionalise the captured graph (%s: %s); in-place writes stay as they are",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return ep
+    # Functionalising spells each reshape as the view the traced strides allowed; a rewritten site hands
+    # its consumer other strides, where that view would fail. In a graph without writes a view and a
+    # reshape give the same values, so every view becomes a reshape again.
+    for n in out.graph.nodes:
+        if n.op == "call_function" and n.target in (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default):
+            n.target = torch.ops.aten.reshape.default
+    out.graph_module.recompile()
+    return out
 
 
 def _has_varargs(model: torch.nn.Module) -> bool:
@@ -157,12 +191,13 @@ def _explain(model: torch.nn.Module, e: Exception) -> str:
     for line in msg:
         if "File " in line and ".py" in line and "torch/" not in line:
             where = line.strip()
-    return (
+    text = (
         f"could not capture {type(model).__name__} with {ROUTE}: {type(e).__name__}: {first}"
         + (f" (at {where})" if where else "")
-        + ". The model runs unchanged; make its forward traceable (no data-dependent Python control flow on "
-        "tensor values) or pass example inputs it accepts."
+        + f". The model runs unchanged; {BACKEND_ROUTE} can still serve it (graph breaks at what export "
+        "rejects), or make its forward traceable (no data-dependent Python control flow on tensor values)."
     )
+    return " ".join(text.split())  # one line, whatever the exception's own text held
 
 
 def graph_context(ep: torch.export.ExportedProgram) -> GraphContext:

@@ -135,22 +135,24 @@ def check_program(t: Tally, prog: Program, variants: bool = True) -> None:
         model, args = prog.build()
         ep, spec = capture(model, args)
         matches, _ = find_matches(graph_context(ep))
-        if not matches:
+        want_sites = prog.expect.get("sites", 1)  # a per-sample loop is one site per sample
+        if len(matches) < want_sites:
             t.misses += 1
-            return _fail(t, prog, "no site found")
-        if len(matches) > 1:
+            return _fail(t, prog, f"{len(matches)} of {want_sites} sites found")
+        if len(matches) > want_sites:
             t.false_positives += 1
-            return _fail(t, prog, f"{len(matches)} sites found")
-        (m,) = matches
+            return _fail(t, prog, f"{len(matches)} sites found, {want_sites} expected")
         t.found += 1
-        site = m.site
-        got = {f: getattr(site, f) for f in FLAGS if f in prog.expect}
-        want = {f: prog.expect[f] for f in got}
-        if not site.rewritable or got != want:
-            t.wrong_flags += 1
-            diff = {f: (got[f], want[f]) for f in got if got[f] != want[f]}
-            return _fail(t, prog, f"flags (got, want): {diff} rewritable={site.rewritable} {site.reason}")
-        failures = rewrite_graph(ep.graph_module, [(m, "dense", {})])
+        for m in matches:
+            site = m.site
+            got = {f: getattr(site, f) for f in FLAGS if f in prog.expect}
+            want = {f: prog.expect[f] for f in got}
+            if not site.rewritable or got != want:
+                t.wrong_flags += 1
+                diff = {f: (got[f], want[f]) for f in got if got[f] != want[f]}
+                return _fail(t, prog, f"flags (got, want): {diff} rewritable={site.rewritable} {site.reason}")
+        site = matches[0].site
+        failures = rewrite_graph(ep.graph_module, [(m, "dense", {}) for m in matches])
         if failures:
             t.crashes += 1
             return _fail(t, prog, f"rewrite failed: {failures}")

@@ -7,6 +7,12 @@ several fill values), softmax with or without float32 casts and eval-mode dropou
 (soft-capping, ALiBi, relative position bias), layouts (BHND, BNHD, flattened [B*H], packed qkv),
 GQA/MQA (expand, repeat_interleave, broadcast), cross-attention, and unrelated ops around the attention
 (rotary embeddings, q/k norms, residuals). The program's source is its own reproducer.
+
+Classes third-party libraries showed (issue 14) are layered on from a second random stream, so the
+programs above keep their draws: dead clones of the scores, in-place dropout, in-place scales, masks and
+bias writes (``+=``, slice assignment, ``masked_fill_``, boolean indexing), products under transposition
+(``(k @ q.mT).mT``, ``v.mT @ p.mT``), tensor-valued score scales (per head or per query), and per-sample
+lengths read from the padding mask with ``.item()`` (one site per sample, its length data-dependent).
 """
 from __future__ import annotations
 
@@ -111,6 +117,20 @@ def generate(seed: int) -> Program:
     if layout == "flat" and op in ("matmul", "at", "einsum"):
         value_op = r.choice(["torch.bmm(p, v)", "p @ v", "torch.einsum('bqk,bkd->bqd', p, v)"])
     flat_masks_4d = layout == "flat" and r.random() < 0.5  # view scores to [b, H, n, m] for masking
+    # issue 14 classes, from their own stream
+    r2 = random.Random(seed * 7919 + 14)
+    per_sample = (padding and layout in ("bhnd", "packed") and gqa in ("none", "broadcast") and causal_way is None
+                  and not band_sym and bias is None and r2.random() < 0.5)
+    dead_clone = r2.choice([None] * 6 + ["clone", "detach"])
+    if dropout is None and r2.random() < 0.1:
+        dropout = "module"
+    inplace_drop = dropout is not None and r2.random() < 0.4
+    trans_v = r2.random() < 0.15
+    trans_s = op in ("matmul", "at", "bmm", "einsum") and r2.random() < 0.12
+    tscale = r2.choice([None] * 9 + ["head_mul", "head_div", "head_exp"] + ([] if per_sample else ["query"]))
+    inplace_bias = r2.choice([None, "full", "slice"]) if bias in ("alibi", "relbias") else None
+    inplace_mask = r2.random() < 0.3
+    inplace_scale = r2.random() < 0.2
 
     init = ["        super().__init__()"]
     if layout == "packed":
@@ -131,7 +151,11 @@ def generate(seed: int) -> Program:
     if bias == "relbias":
         init.append("        self.rel = nn.Parameter(torch.randn(H, 32, 32) * 0.5)")
     if dropout == "module":
-        init.append("        self.drop = nn.Dropout(0.1)")
+        init.append("        self.drop = nn.Dropout(0.1" + (", inplace=True)" if inplace_drop else ")"))
+    if tscale in ("head_mul", "head_div", "head_exp"):
+        init.append("        self.ls = nn.Parameter(torch.rand(H, 1, 1) + 0.5)")
+    elif tscale == "query":
+        init.append("        self.qs = nn.Parameter(torch.rand(32, 1) + 0.5)")
 
     args = ["x"] + (["memory"] if cross else []) + (["keep"] if padding else []) + \
         (["umask"] if user_bool or user_float else [])
@@ -179,38 +203,81 @@ def generate(seed: int) -> Program:
     else:
         s_expr = {"matmul": "torch.matmul(q, k.transpose(-1, -2))", "at": "q @ k.transpose(2, 3)",
                   "einsum": "torch.einsum('bhqd,bhkd->bhqk', q, k)"}[op]
+    if trans_s:  # the product written keys-first, transposed back
+        s_expr = {"bmm": "torch.bmm(k, q.transpose(1, 2)).transpose(1, 2)",
+                  "matmul": "torch.matmul(k, q.transpose(-1, -2)).transpose(-1, -2)",
+                  "at": "(k @ q.transpose(-2, -1)).transpose(-2, -1)"}.get(op, s_expr)
+        if op == "einsum":
+            s_expr = {"flat": "torch.einsum('bkd,bqd->bkq', k, q).transpose(1, 2)",
+                      "bnhd": "torch.einsum('bkhd,bqhd->bhkq', k, q).transpose(-1, -2)"}.get(
+                layout, "torch.einsum('bhkd,bhqd->bhkq', k, q).transpose(-1, -2)")
     if bias == "alibi_baddbmm":
         f += ["        def self_alibi(b, n, m):",
               "            slopes = torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)])",
               "            dist = torch.arange(m)[None, None, :].float()",
               "            return (slopes[None, :, None, None] * dist).expand(b, H, 1, m).reshape(b * H, 1, m)"]
-    f.append(f"        s = {s_expr}")
+    if per_sample:  # each sample attends over its own unpadded length, read from the mask
+        f += ["        lens = keep.sum(-1)", "        y = torch.zeros(b, H, n, D, dtype=x.dtype)",
+              "        q_all, k_all, v_all = q, k, v", "        for j in range(b):",
+              "            L = lens[j].item()", "            torch._check(L >= 1)",
+              f"            torch._check(L <= {'m' if cross else 'n'})",
+              "            q = q_all[j:j + 1]" + ("" if cross else "[:, :, :L]"),
+              "            k, v = k_all[j:j + 1, :, :L], v_all[j:j + 1, :, :L]"]
+    body = [f"        s = {s_expr}"]
+    flat4 = layout == "flat" and flat_masks_4d
+    if bias == "alibi_baddbmm":
+        tscale = None  # the bias inside the product comes before a tensor scale: not expressible, not drawn
+    if tscale:
+        t = {"head_mul": "s * self.ls", "head_div": "s / self.ls",
+             "head_exp": "s * torch.clamp(self.ls, max=math.log(100.0)).exp()", "query": "s * self.qs[:n]"}[tscale]
+        if layout == "flat" and tscale != "query":
+            t = t.replace("self.ls", "self.ls.repeat(b, 1, 1)")
+        body.append(f"        s = {t}")
+    if dead_clone:  # kept for inspection; nothing reads it
+        body.append("        kept = s.clone()" if dead_clone == "clone" else "        self_scores = s.detach().clone()")
     scale_stmt = {"scores_mul": f"        s = s * ({scale_val})", "scores_div": f"        s = s / (1.0 / ({scale_val}))"}
+    if inplace_scale:
+        scale_stmt = {"scores_mul": f"        s.mul_({scale_val})", "scores_div": f"        s.div_(1.0 / ({scale_val}))"}
     if scale_at in scale_stmt and not mask_before_scale:
-        f.append(scale_stmt[scale_at])
+        body.append(scale_stmt[scale_at])
     if softcap:
-        f.append(r.choice([f"        s = torch.tanh(s / {softcap}) * {softcap}",
-                           f"        s = {softcap} * torch.tanh(s * {1.0 / softcap!r})"]))
+        body.append(r.choice([f"        s = torch.tanh(s / {softcap}) * {softcap}",
+                              f"        s = {softcap} * torch.tanh(s * {1.0 / softcap!r})"]))
     flat = layout == "flat" and not flat_masks_4d
-    if layout == "flat" and flat_masks_4d:
-        f.append("        s = s.view(b, H, n, m)")
-    f += _mask_lines(r, causal_way, band_sym, window, padding, user_bool, user_float, bias, apply, fill, flat)
+    if flat4:
+        body.append("        s = s.view(b, H, n, m)")
+    body += _mask_lines(r, causal_way, band_sym, window, padding and not per_sample, user_bool, user_float, bias,
+                        apply, fill, flat, inplace_bias, inplace_mask)
     if mask_before_scale:
-        f.append(scale_stmt[scale_at])
-    f.append(f"        p = {softmax}")
+        body.append(scale_stmt[scale_at])
+    body.append(f"        p = {softmax}")
     if dropout == "functional":
-        f.append("        p = F.dropout(p, p=0.1, training=self.training)")
+        body.append("        p = F.dropout(p, p=0.1, training=self.training" + (", inplace=True)" if inplace_drop else ")"))
     elif dropout == "module":
-        f.append("        p = self.drop(p)")
+        body.append("        p = self.drop(p)")
     if layout == "flat":
-        if flat_masks_4d:
-            f.append("        p = p.view(b * H, n, m)")
-        f += [f"        y = ({value_op}).view(b, H, n, D).transpose(1, 2).reshape(b, n, H * D)"]
+        if flat4:
+            body.append("        p = p.view(b * H, n, m)")
+        if trans_v and value_op == "torch.bmm(p, v)":
+            value_op = "torch.bmm(v.transpose(1, 2), p.transpose(1, 2)).transpose(1, 2)"
+        elif trans_v and value_op == "p @ v":
+            value_op = "(v.transpose(-2, -1) @ p.transpose(-2, -1)).transpose(-2, -1)"
+        body += [f"        y = ({value_op}).view(b, H, n, D).transpose(1, 2).reshape(b, n, H * D)"]
     elif layout == "bnhd":
-        f.append("        y = torch.einsum('bhqk,bkhd->bqhd', p, v).reshape(b, n, H * D)")
+        body.append("        y = torch.einsum(" + ("'bkhd,bhqk->bqhd', v, p" if trans_v else "'bhqk,bkhd->bqhd', p, v")
+                    + ").reshape(b, n, H * D)")
     else:
         vo = value_op or "torch.einsum('bhqk,bhkd->bhqd', p, v)"
-        f.append(f"        y = ({vo}).transpose(1, 2).reshape(b, n, H * D)")
+        if trans_v:
+            vo = ("torch.einsum('bhkd,bhqk->bhqd', v, p)" if value_op is None else
+                  "(v.transpose(-2, -1) @ p.transpose(-2, -1)).transpose(-2, -1)")
+        if per_sample:
+            body.append(f"        y[j:j + 1{'' if cross else ', :, :L'}] = {vo}")
+        else:
+            body.append(f"        y = ({vo}).transpose(1, 2).reshape(b, n, H * D)")
+    f += ["    " + line for line in body] if per_sample else body
+    if per_sample:
+        f.append("        y = y.transpose(1, 2).reshape(b, n, H * D)")
     f.append("        return x + self.o(y)" if "residual" in extras else "        return self.o(y)")
 
     inputs = [f"def inputs(seed):", "    g = torch.Generator().manual_seed(seed)",
@@ -247,14 +314,28 @@ def generate(seed: int) -> Program:
         expect["has_bias"] = True
     elif not user_float:
         expect["has_bias"] = False
+    if per_sample:  # one site per sample; the lengths depend on the data, so the finder cannot know them
+        expect.update(sites=b, batch=1, mask_kind="none", kv_len=-1, q_len=n if cross else -1)
+    new_classes = [name for name, on in (("per_sample", per_sample), ("dead_clone", dead_clone),
+                                         ("inplace_drop", inplace_drop), ("trans_v", trans_v), ("trans_s", trans_s),
+                                         ("tscale", tscale), ("inplace_bias", inplace_bias),
+                                         ("inplace_mask", inplace_mask and bool(apply)),
+                                         ("inplace_scale", inplace_scale and scale_at in ("scores_mul", "scores_div")))
+                   if on]
     summary = (f"{layout}/{op}/{gqa} scale@{scale_at} causal={causal_way} band={band_sym} pad={padding}"
                f"[{apply.get('padding')}] ubool={user_bool} ufloat={user_float} bias={bias} fill={fill} "
-               f"softcap={softcap} {sorted(extras)} cross={cross}")
+               f"softcap={softcap} {sorted(extras)} cross={cross} {new_classes}")
     return Program(seed, source, expect, summary)
 
 
-def _mask_lines(r, causal_way, band_sym, window, padding, user_bool, user_float, bias, apply, fill, flat) -> list:
-    """Statements that build and apply the program's masks to ``s`` ([b, H, n, m] or flat [b*H, n, m])."""
+def _mask_lines(r, causal_way, band_sym, window, padding, user_bool, user_float, bias, apply, fill, flat,
+                inplace_bias=None, inplace_mask=False) -> list:
+    """Statements that build and apply the program's masks to ``s`` ([b, H, n, m] or flat [b*H, n, m]).
+
+    ``inplace_bias``: the bias is added in place ("full": ``s += b``) or written into a slice that leaves
+    out the first query and key ("slice": ``s[..., 1:, 1:] += b[..., 1:, 1:]``). ``inplace_mask``: hiding
+    masks are applied by ``masked_fill_`` or boolean indexing instead.
+    """
     out: list = []
     fl = fill
     if fill == "fill_tensor":
@@ -269,9 +350,21 @@ def _mask_lines(r, causal_way, band_sym, window, padding, user_bool, user_float,
         if fill == "full_like" and how == "where":
             return [f"        s = torch.where({keep_expr}, s, torch.full_like(s, torch.finfo(s.dtype).min))"]
         f2 = "torch.finfo(s.dtype).min" if fill == "full_like" else fl
+        if inplace_mask:
+            if how == "where":  # boolean indexing: s[hidden] = fill
+                return [f"        s[(~({keep_expr})).expand_as(s)] = {f2}"]
+            return [f"        s.masked_fill_(~({keep_expr}), {f2})"]
         if how == "where":
             return [f"        s = torch.where({keep_expr}, s, {f2})"]
         return [f"        s = s.masked_fill(~({keep_expr}), {f2})"]
+
+    def add_bias(expr: str) -> str:
+        if inplace_bias == "full":
+            return f"        s += {expr}"
+        if inplace_bias == "slice":
+            lead = ":, 1:, 1:" if flat else ":, :, 1:, 1:"
+            return f"        s[{lead}] += ({expr})[..., 1:, 1:]"
+        return f"        s = s + {expr}"
 
     if causal_way:
         out.append("        i = torch.arange(n)")
@@ -294,9 +387,9 @@ def _mask_lines(r, causal_way, band_sym, window, padding, user_bool, user_float,
         out += ["        slopes = torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)])",
                 "        rel = -(torch.arange(n)[:, None] - torch.arange(m)[None, :]).abs().float()",
                 "        alibi = slopes[:, None, None] * rel",
-                "        s = s + " + ("alibi.repeat(b, 1, 1)" if flat else "alibi")]
+                add_bias("alibi.repeat(b, 1, 1)" if flat else "alibi")]
     elif bias == "relbias":
-        out.append("        s = s + " + ("self.rel[:, :n, :m].repeat(b, 1, 1)" if flat else "self.rel[:, :n, :m]"))
+        out.append(add_bias("self.rel[:, :n, :m].repeat(b, 1, 1)" if flat else "self.rel[:, :n, :m]"))
     if padding:
         how = apply["padding"]
         pk = to_flat("keep[:, None, None, :]")

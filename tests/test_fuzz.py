@@ -45,7 +45,11 @@ def test_generator_is_deterministic_and_varied():
     assert len(summaries) >= 8  # layouts x operators x GQA methods
     src = "\n".join(generate(s).source for s in range(200))
     for needle in ("baddbmm", "einsum", "torch.bmm", "repeat_interleave", "expand(", "tanh", "masked_fill",
-                   "torch.where", "full_like", "rot(", "LayerNorm", "Dropout", "self.rel", "slopes", "memory"):
+                   "torch.where", "full_like", "rot(", "LayerNorm", "Dropout", "self.rel", "slopes", "memory",
+                   # issue 14: dead clones, in-place ops and writes, transposed products, tensor scales, lengths
+                   "kept = s.clone()", "inplace=True", "s.mul_(", "s += ", "] += (", "s.masked_fill_(", "] = ",
+                   "v.transpose(-2, -1) @ p.transpose(-2, -1)", "torch.matmul(k, q.transpose(-1, -2))", "self.ls",
+                   "self.qs[:n]", ".item()"):
         assert needle in src, needle
 
 

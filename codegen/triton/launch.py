@@ -29,6 +29,9 @@ _SPEC_PARAMS: dict[str, tuple[str, ...]] = {
     "linear": ("feature_map", "chunk", "window"),
     "latent": ("rank",),
 }
+# Parameters a variant's weight surgery consumes: the kernel sees their effect in the tensors it gets
+# (merged K/V heads are the spec's ``gqa``), so they are no part of its spec.
+_SURGERY_PARAMS: dict[str, tuple[str, ...]] = {"gqa_merge": ("groups",)}
 _TUNED: dict[str, Any] = {}
 
 
@@ -48,7 +51,7 @@ def _spec_params(variant: str, params: dict) -> dict:
     if variant == "linear":
         out = {"feature_map": out.get("feature_map", "elu1"), "chunk": int(out.get("chunk", 64)),
                **({"window": int(out["window"])} if int(out.get("window", 0) or 0) > 0 else {})}
-    unknown = set(params) - set(keep) - {"block"}
+    unknown = set(params) - set(keep) - {"block"} - set(_SURGERY_PARAMS.get(variant, ()))
     if unknown:
         raise ValueError(f"{variant}: unknown parameters for the Triton kernel: {sorted(unknown)}")
     return out

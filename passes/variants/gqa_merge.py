@@ -34,6 +34,11 @@ def exact(site, params: dict) -> bool:
     return int(params.get("groups", 0)) >= site.num_kv_heads
 
 
+def kernel_kv_heads(site, params: dict) -> int:
+    """The K/V heads the kernel reads after the surgery (what its spec's GQA ratio is made from)."""
+    return max(1, min(int(params.get("groups", site.num_kv_heads)), site.num_kv_heads))
+
+
 def check_params(params: dict) -> None:
     """Raise a ValueError for parameter values the surgery cannot apply."""
     if params.get("groups", 1) < 1:
