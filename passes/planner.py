@@ -80,6 +80,10 @@ def normalise_variants(spec: VariantSpec) -> dict[str, Optional[dict]]:
     if isinstance(spec, dict):
         items = {k: (dict(v) if v is not None else None) for k, v in spec.items()}
     elif isinstance(spec, (list, tuple)):
+        bad = [x for x in spec if not isinstance(x, str)]
+        if bad:
+            raise TypeError(f"variants as a list holds names only, not {bad[0]!r}; give parameters as a dict, "
+                            "for example {'sliding_window': {'window': 64}}")
         items = {name: None for name in spec}
     else:
         raise TypeError(f"variants must be None, a name, a list of names or a dict of name -> params, not {spec!r}")

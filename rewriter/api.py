@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from passes.find import Match, find_matches
+from passes.lower import lower_dense
 from passes.metrics import Metric, check_perplexity
 from passes.metrics import validate as validate_metric
 from passes.pipeline import plan_program, plan_unmeasured
@@ -19,6 +20,7 @@ from passes.site import AttentionSite
 from passes.context import first_line
 from passes.pricing import TARGETS, profile
 from rewriter.capture import CallSpec, CaptureError, call_spec, capture, graph_context, split_inputs
+from rewriter.runner import flat_runner
 from rewriter.dynamic import LengthRange, length_adaptive, seq_inputs
 
 logger = logging.getLogger(__name__)
@@ -79,10 +81,12 @@ class OptimizedModel(torch.nn.Module):
         example_shapes: Optional[dict] = None,
     ):
         super().__init__()
+        lower_dense(program.graph_module, plan.target)  # exact dense sites call SDPA itself on the CPU
         self.program = program
         self.spec = spec
         self.plan = plan
         self._module = program.module()
+        self._run = flat_runner(program) or self._module  # weights bound once: eager's per-call cost
         self._rebuild = rebuild  # re-captures for new input shapes; None for a loaded artifact
         self._by_shape: dict[tuple, torch.nn.Module] = {}
         self.captured_for: Optional[str] = captured_for
@@ -101,7 +105,7 @@ class OptimizedModel(torch.nn.Module):
         kw = self.spec.bind(args, kwargs)
         key = input_signature(kw)
         if key == self.captured_for or self._serves(kw):
-            return self._module(**kw)
+            return self._run(**kw)
         if self._rebuild is None:
             served = "" if self.lengths is None else (
                 f" (it serves sequence lengths {self.lengths.low}..{self.lengths.high} of {list(self.lengths.names)})")
@@ -111,7 +115,9 @@ class OptimizedModel(torch.nn.Module):
             )
         if key not in self._by_shape:
             logger.info("new input shapes %s: capturing and rewriting again", key)
-            self._by_shape[key] = self._rebuild(kw).module()
+            ep = self._rebuild(kw)
+            lower_dense(ep.graph_module, self.plan.target)
+            self._by_shape[key] = flat_runner(ep) or ep.module()
         return self._by_shape[key](**kw)
 
 

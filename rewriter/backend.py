@@ -14,6 +14,7 @@ import torch
 
 from passes.fastpath import open_fast_paths
 from passes.find import find_matches
+from passes.lower import lower_dense
 from passes.planner import choose, normalise_variants
 from passes.rewrite import rewrite_graph
 from rewriter.capture import fx_context
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 LAST_SITES: list = []
 
 
-def _rewrite_inner(gm: torch.fx.GraphModule, param_positions: set[int], variants) -> int:
+def _rewrite_inner(gm: torch.fx.GraphModule, param_positions: set[int], variants, device: str = "cpu") -> int:
     ctx = fx_context(gm, param_positions)
     matches, _ = find_matches(ctx)
     allowed = normalise_variants(variants)
@@ -37,6 +38,7 @@ def _rewrite_inner(gm: torch.fx.GraphModule, param_positions: set[int], variants
             logger.info("site %s stays as it was: %s", m.site.name, reason)
     failures = rewrite_graph(gm, chosen)
     LAST_SITES.extend(m.site for m, _, _ in chosen if m.site.index not in failures)
+    lower_dense(gm, device)
     return len(chosen) - len(failures)
 
 
@@ -82,7 +84,8 @@ def rewriter_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **
         seen = len(LAST_SITES)
         n = 0
         try:
-            n = _rewrite_inner(agm, positions, variants)
+            device = next((t.device.type for t in inputs if isinstance(t, torch.Tensor)), "cpu")
+            n = _rewrite_inner(agm, positions, variants, device)
             logger.info("rewriter backend: %d attention site(s) rewritten", n)
         except Exception as e:  # never break the user's compile: run the graph unchanged
             logger.warning("rewriter backend left a graph unchanged: %s: %s", type(e).__name__, e)

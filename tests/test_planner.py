@@ -219,3 +219,11 @@ def test_native_windows_become_sliding_window_exactly(n):
     fresh = torch.randn(2, n, g.E)
     with torch.no_grad():
         assert rewriter.relative_l2(model(fresh), opt(fresh)) < 1e-5
+
+
+def test_variants_list_with_parameters_says_how_to_give_them():
+    import pytest as _pytest
+    from passes.planner import normalise_variants
+
+    with _pytest.raises(TypeError, match="as a dict"):
+        normalise_variants([("sliding_window", {"window": 4})])
