@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import statistics
 import time
 from typing import Callable
 
@@ -19,31 +21,77 @@ from cost_model import hardware
 logger = logging.getLogger(__name__)
 
 
+def _proc_times() -> tuple[float, float, float]:
+    """(all CPUs' busy seconds, all CPUs' total seconds, this process's CPU seconds) from /proc/stat."""
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    with open("/proc/stat") as fh:
+        vals = [int(x) for x in fh.readline().split()[1:]]
+    total = sum(vals[:8])  # guest time is already counted in user time
+    idle = vals[3] + vals[4]
+    t = os.times()
+    return (total - idle) / hz, total / hz, t.user + t.system
+
+
+class Contention:
+    """How many cores other processes kept busy between ``start()`` and ``cores()`` (0.0 where unknown)."""
+
+    def __init__(self) -> None:
+        self._t0: tuple[float, float, float] | None = None
+
+    def start(self) -> "Contention":
+        """Begin a window."""
+        try:
+            self._t0 = _proc_times()
+        except OSError:
+            self._t0 = None
+        return self
+
+    def cores(self) -> float:
+        """Cores' worth of CPU time other processes used since ``start()``."""
+        if self._t0 is None:
+            return 0.0
+        try:
+            busy1, total1, own1 = _proc_times()
+        except OSError:
+            return 0.0
+        busy0, total0, own0 = self._t0
+        n = os.cpu_count() or 1
+        wall = max((total1 - total0) / n, 1e-6)
+        return max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
+
+
+def others_cores(interval: float = 0.5) -> float:
+    """Cores' worth of CPU time other processes use, sampled over ``interval`` seconds."""
+    c = Contention().start()
+    time.sleep(interval)
+    return c.cores()
+
+
 def busy_share(interval: float = 0.5) -> float:
-    """Share of CPU time other processes used over ``interval`` seconds (from /proc/stat)."""
-    def snap() -> tuple[int, int]:
-        with open("/proc/stat") as fh:
-            vals = [int(x) for x in fh.readline().split()[1:]]
-        return sum(vals), vals[3] + vals[4]
-    try:
-        t0, i0 = snap()
-        time.sleep(interval)
-        t1, i1 = snap()
-    except OSError:
-        return 0.0
-    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+    """Share of all CPUs' time other processes used over ``interval`` seconds (kept for callers that print it)."""
+    return others_cores(interval) / (os.cpu_count() or 1)
 
 
-def wait_quiet(max_wait_s: float = 30.0, threshold: float = 0.25) -> float:
-    """Wait (up to ``max_wait_s``) until other processes leave the CPUs mostly idle; return the busy share."""
+#: other processes may use this many cores' worth of time while a calibration runs; more, and the
+#: figures are not this machine's (one spinning process halves a 2-thread matmul rate)
+CONTENDED_CORES = 0.3
+#: at least two of a figure's rounds must agree within this factor (the median is then one of them);
+#: single rounds on a shared VM read up to 3x off even with no other process running
+SPREAD_LIMIT = 1.25
+#: kernel factors outside these bounds are a failed timing, not a property of the machine
+FACTOR_BOUNDS = (0.1, 10.0)
+
+
+def wait_quiet(max_wait_s: float = 30.0, threshold: float = CONTENDED_CORES) -> float:
+    """Wait (up to ``max_wait_s``) until other processes use under ``threshold`` cores; return the cores they use."""
     deadline = time.time() + max_wait_s
-    share = busy_share()
-    while share > threshold and time.time() < deadline:
-        time.sleep(2.0)
-        share = busy_share()
-    if share > threshold:
-        logger.warning("CPU is %.0f%% busy with other work; measurements will be noisy", 100 * share)
-    return share
+    used = others_cores()
+    while used > threshold and time.time() < deadline:
+        time.sleep(1.0)
+        used = others_cores()
+    if used > threshold:
+        logger.warning("other processes keep %.1f cores busy; measurements may be refused", used)
+    return used
 
 
 def _best(fn: Callable[[], object], repeat: int = 15, inner: int = 1) -> float:
@@ -68,22 +116,75 @@ GEMM_SHAPES = ((64, 64, 64), (64, 64, 128), (64, 128, 64), (128, 128, 128), (64,
 QUICK_SHAPES = ((64, 64, 64), (64, 320, 64), (64, 64, 320), (128, 128, 128), (64, 1, 64))
 
 
-def measure(threads: int | None = None, quick: bool = False,
-            progress: Callable[[str], None] | None = None) -> dict[str, object]:
-    """Run the micro-benchmarks and return the fields of a CPU profile.
+def measure(threads: int | None = None, quick: bool = False, progress: Callable[[str], None] | None = None,
+            rounds: int = 3, attempts: int = 2) -> dict[str, object]:
+    """Measure this CPU ``rounds`` times and return the figures' medians, or raise CalibrationRefused.
 
-    ``quick`` (a few seconds) skips waiting for a quiet CPU, takes fewer repetitions, a smaller GEMM
-    table and a smaller main-memory probe; the profile records ``quick: 1`` so a full run can replace it.
+    A measurement is refused when other processes used the cores while it ran, when a figure's rounds
+    differ by more than SPREAD_LIMIT, or when a kernel factor lands outside FACTOR_BOUNDS. Each refusal
+    waits for a quiet CPU and tries again, ``attempts`` times in all. ``quick`` (seconds a round) takes a
+    smaller GEMM table and memory probe and waits less; the profile records ``quick: 1``.
     """
     say = progress or (lambda msg: logger.info("calibration: %s", msg))
     if threads:
         torch.set_num_threads(threads)
-    # reps(n): the same repetition counts in both modes. Cutting them saved under a second and made the
-    # slope-based element-op rates unstable at 2 threads (exp read 4x slow, another op 200x fast).
+    problems: list[str] = []
+    for attempt in range(attempts):
+        before = wait_quiet(5.0 if quick else 30.0) if attempt or not quick else others_cores(0.2)
+        results, loads = [], []
+        for r in range(rounds):
+            say(f"round {r + 1} of {rounds}" + (f" (attempt {attempt + 1})" if attempt else ""))
+            window = Contention().start()
+            results.append(_measure_round(quick, say if r == 0 else (lambda msg: None)))
+            loads.append(window.cores())
+        out, problems = combine(results, loads)
+        if not problems:
+            out.update(threads=float(torch.get_num_threads()), busy_share_before=before / (os.cpu_count() or 1),
+                       others_cores=max(loads), rounds=float(rounds))
+            if quick:
+                out["quick"] = 1.0
+            logger.info("calibration: %s", out)
+            return out
+        logger.warning("calibration attempt %d refused: %s", attempt + 1, "; ".join(problems))
+    raise hardware.CalibrationRefused(problems)
+
+
+def combine(results: list[dict], loads: list[float]) -> tuple[dict[str, object], list[str]]:
+    """Median of each figure over rounds, and what makes the set untrustworthy (empty when nothing does)."""
+    problems = []
+    worst = max(loads, default=0.0)
+    if worst > CONTENDED_CORES:
+        problems.append(f"other processes kept {worst:.1f} cores busy while it measured")
+    out: dict[str, object] = {}
+    spreads = {}
+    for key in results[0]:
+        vals = [r[key] for r in results if key in r]
+        if key == "gemm_table":
+            out[key] = [[*row[:3], statistics.median(r[key][i][3] for r in results)] for i, row in enumerate(vals[0])]
+            continue
+        out[key] = statistics.median(vals)
+        vals = sorted(float(v) for v in vals)
+        if len(vals) > 1 and vals[0] > 0:
+            spreads[key] = min(b / a for a, b in zip(vals, vals[1:]))
+    uneven = {k: v for k, v in spreads.items() if v > SPREAD_LIMIT}
+    if uneven:
+        k = max(uneven, key=uneven.get)
+        problems.append(f"no two rounds of {len(uneven)} figure(s) agreed within {SPREAD_LIMIT}x "
+                        f"({k}: closest pair {uneven[k]:.2f}x apart)")
+    lo, hi = FACTOR_BOUNDS
+    clamped = {k: v for k, v in out.items() if k.startswith("factor_") and not lo <= float(v) <= hi}
+    if clamped:
+        k = next(iter(clamped))
+        problems.append(f"kernel timing {k} = {float(clamped[k]):.2g} is outside {lo}..{hi} (a failed timing)")
+    out["spread"] = max(spreads.values(), default=1.0)
+    return out, problems
+
+
+def _measure_round(quick: bool, say: Callable[[str], None]) -> dict[str, object]:
+    """One round of every micro-benchmark."""
     reps = (lambda n: n)
-    busy = busy_share(0.1) if quick else wait_quiet()
     g = torch.Generator().manual_seed(0)
-    out: dict[str, float] = {"threads": float(torch.get_num_threads()), "busy_share_before": busy}
+    out: dict[str, object] = {}
     if quick:
         out["quick"] = 1.0
     say("matmul rate")
@@ -167,7 +268,6 @@ def measure(threads: int | None = None, quick: bool = False,
         out.update(kernel_factors(out, repeat=reps(5)))
     except Exception as e:  # a kernel that cannot run here leaves the cost model's figures uncorrected
         logger.warning("calibration: could not time the attention kernels (%s: %s)", type(e).__name__, e)
-    logger.info("calibration: %s", out)
     return out
 
 
@@ -209,17 +309,11 @@ def kernel_factors(measured: dict, repeat: int = 5, n: int = 2048) -> dict[str, 
     for cascade, form, variant, params in FACTOR_KERNELS:
         fn = eager if variant is None else (lambda var=variant, p=params: ops.run(var, q, k, v, None, None, True, **p))
         fn()  # a compiled kernel builds on its first call
-        seconds = sorted(_time_once(fn) for _ in range(repeat))[repeat // 2]
+        seconds = _best(fn, repeat=repeat)
         predicted = predict(cascade, shape, hw, causal=True, form=form, **params).seconds
-        # bounded: one odd timing must not turn a prediction upside down
-        out[factor_key(cascade, form)] = min(10.0, max(0.1, seconds / predicted))
+        # unbounded here: a factor outside FACTOR_BOUNDS fails the calibration rather than being clamped
+        out[factor_key(cascade, form)] = seconds / predicted
     return out
-
-
-def _time_once(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def is_generic(hw: hardware.Hardware) -> bool:
@@ -228,12 +322,29 @@ def is_generic(hw: hardware.Hardware) -> bool:
 
 
 def ensure_calibrated(progress: Callable[[str], None] | None = None) -> tuple[hardware.Hardware, bool]:
-    """This CPU's cached profile, or a quick measurement (seconds) cached now; returns (profile, measured_now)."""
+    """This CPU's cached profile, or a quick measurement (seconds) cached now; returns (profile, measured_now).
+
+    A refused measurement caches nothing: the profile returned is the last good one or the generic
+    figures, and its ``note`` says why.
+    """
     if hardware.cache_path().exists():
         hw = hardware.cpu_profile()
         if not is_generic(hw):
             return hw, False
-    return hardware.cpu_profile(refresh=True, measure=lambda: measure(quick=True, progress=progress)), True
+    if _REFUSED.get(str(hardware.cache_path())) is not None:  # refused once in this process: do not wait again
+        return _REFUSED[str(hardware.cache_path())], False
+    hw = hardware.cpu_profile(refresh=True, measure=lambda: measure(quick=True, progress=progress))
+    if hw.note:
+        _REFUSED[str(hardware.cache_path())] = hw
+    return hw, not hw.note
+
+
+_REFUSED: dict[str, hardware.Hardware] = {}
+
+
+def auto_calibrate() -> bool:
+    """Whether the Python API may calibrate this CPU on first use (``ATTENTION_REWRITER_CALIBRATE=0``: never)."""
+    return os.environ.get("ATTENTION_REWRITER_CALIBRATE", "1") != "0"
 
 
 def calibrate(force: bool = False, threads: int | None = None, quick: bool = False) -> hardware.Hardware:

@@ -54,6 +54,8 @@ class Hardware:
     eager_mac_per_s: float | None = None
     #: measured library-matmul rates by block shape: ((m, n, k, mac/s), ...)
     gemm_table: tuple[tuple[float, float, float, float], ...] = ()
+    #: why these figures and not a fresh measurement (a refused calibration); '' when nothing to say
+    note: str = ""
 
     def gemm_rate(self, m: float, n: float, k: float) -> float:
         """MAC/s of a library matmul with blocks (m x k) @ (k x n): the nearest measured shape."""
@@ -103,6 +105,15 @@ GENERIC_CPU = dict(mac_per_s=50e9, exp_per_s=2e9, other_per_s=2e9, read_bytes_pe
 #: Measured fields of a CPU profile (what a calibration must return).
 MEASURED_FIELDS = ("mac_per_s", "exp_per_s", "other_per_s", "read_bytes_per_s", "write_bytes_per_s",
                    "cache_bytes_per_s", "launch_s")
+
+
+class CalibrationRefused(RuntimeError):
+    """A calibration whose figures cannot be trusted (other work on the cores, uneven repeats, a factor at
+    its bound): nothing is cached, and the reasons say why."""
+
+    def __init__(self, reasons: list[str]):
+        super().__init__("; ".join(reasons))
+        self.reasons = list(reasons)
 
 
 def machine_id() -> str:
@@ -191,12 +202,43 @@ def cpu_profile(refresh: bool = False, measure: Callable[[], Mapping[str, float]
         logger.warning("no CPU calibration cached at %s; using generic figures "
                        "(run `python -m codegen.hw_calibrate` to measure this machine)", path)
         return cpu_from_measurements(GENERIC_CPU, source="generic (uncalibrated)")
-    measured = dict(measure())
+    try:
+        measured = dict(measure())
+    except CalibrationRefused as exc:
+        return _fallback(path, str(exc))
     when = time.strftime("%Y-%m-%d %H:%M:%S")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": machine_id(), "when": when, "measured": measured}, indent=2))
     logger.info("CPU profile measured and cached at %s", path)
     return cpu_from_measurements(measured, source=f"measured {when} ({path})")
+
+
+def _fallback(path: Path, why: str) -> Hardware:
+    """The last good cached profile, or the generic figures, after a refused calibration (nothing is written)."""
+    import dataclasses
+
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+            hw = cpu_from_measurements(data["measured"], source=f"measured {data.get('when', '?')} ({path})")
+            logger.warning("CPU calibration refused (%s); keeping the profile measured %s", why, data.get("when", "?"))
+            return dataclasses.replace(hw, note=f"a new CPU calibration was refused ({why}); predictions use the "
+                                                f"profile measured {data.get('when', '?')}")
+        except (ValueError, KeyError, OSError):
+            pass
+    logger.warning("CPU calibration refused (%s); nothing cached, using generic figures", why)
+    return dataclasses.replace(cpu_from_measurements(GENERIC_CPU, source="generic (calibration refused)"),
+                               note=f"the CPU calibration was refused ({why}), so nothing was cached; predictions use "
+                                    "generic CPU figures: run `python -m codegen.hw_calibrate --force` on a quiet machine")
+
+
+def profile_note(hw: Hardware) -> str:
+    """One line for a plan when its CPU figures are not a trusted measurement of this machine ('' when they are)."""
+    if hw.note:
+        return hw.note
+    if hw.source.startswith("generic"):
+        return "predictions use generic CPU figures (uncalibrated): run `python -m codegen.hw_calibrate --quick`"
+    return ""
 
 
 PROFILES: dict[str, Callable[[], Hardware]] = {

@@ -6,8 +6,9 @@ import logging
 import math
 from typing import Optional
 
-from codegen.hw_calibrate import factor_key
+from codegen.hw_calibrate import auto_calibrate, ensure_calibrated, factor_key
 from cost_model import hardware
+from cost_model.hardware import profile_note  # noqa: F401  (the plan's note on its CPU figures)
 from cost_model.predict import predict
 from passes.site import AttentionSite
 from passes.variants import get_variant
@@ -21,8 +22,14 @@ TARGETS = ("cpu", "cuda", "h100", "h200", "a100")
 
 @functools.lru_cache(maxsize=None)
 def profile(target: str, device_name: str = "") -> hardware.Hardware:
-    """The hardware profile for a target: this CPU's calibration, a named GPU's or the CUDA device's datasheet."""
+    """The hardware profile for a target: this CPU's calibration, a named GPU's or the CUDA device's datasheet.
+
+    The CPU is calibrated on first use (a quick measurement, cached) unless ``ATTENTION_REWRITER_CALIBRATE=0``.
+    """
     if target == "cpu":
+        if auto_calibrate() and not hardware.cache_path().exists():
+            logger.info("calibrating this CPU once (a few seconds; cached at %s)", hardware.cache_path())
+            return ensure_calibrated()[0]
         return hardware.get("cpu")
     if target != "cuda":
         return hardware.get(target)

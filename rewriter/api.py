@@ -18,7 +18,7 @@ from passes.planner import DEFAULT_SITE_CAP, VariantSpec, drops_band, normalise_
 from passes.surgery import apply_latent, apply_merge, attach_fitted, parameter_count, rewrite_planned
 from passes.site import AttentionSite
 from passes.context import first_line
-from passes.pricing import TARGETS, profile
+from passes.pricing import TARGETS, profile, profile_note
 from rewriter.capture import CallSpec, CaptureError, call_spec, capture, graph_context, split_inputs
 from rewriter.runner import flat_runner
 from rewriter.dynamic import LengthRange, length_adaptive, seq_inputs
@@ -306,15 +306,9 @@ def _optimize(
     plan = planned.plan
     if target == "cpu":  # say so when the times behind the plan were not measured on this machine
         hw = profile("cpu")
-        calibrated = not hw.source.startswith("generic")
-        busy = float(dict(hw.extra).get("busy_share_before", 0.0)) if calibrated else 0.0
-        cpu_notes = () if calibrated else (
-            "predictions use generic CPU figures (uncalibrated): run `python -m codegen.hw_calibrate --quick`",)
-        if busy > 0.5:  # other work shared the cores while the profile was measured: rates read low and uneven
-            cpu_notes = (f"the CPU profile was measured while the CPU was {busy:.0%} busy with other work; "
-                         "predictions may be off: re-measure on a quiet machine with "
-                         "`python -m codegen.hw_calibrate --force`",)
-        plan = dataclasses.replace(plan, calibrated=calibrated, notes=plan.notes + cpu_notes)
+        note = profile_note(hw)
+        plan = dataclasses.replace(plan, calibrated=not hw.source.startswith("generic"),
+                                   notes=plan.notes + ((note,) if note else ()))
     source = model
     if planned.surgeries:  # latent: factor the K/V projections of a copy, then capture that
         source = apply_latent(model, [x for s in planned.surgeries for x in ((s.k_proj, s.uk), (s.v_proj, s.uv))])

@@ -123,7 +123,7 @@ def _calibrate_cpu(say) -> None:
         say(f"CPU calibration failed ({type(e).__name__}: {e}); predictions use generic figures")
         return
     pricing.profile.cache_clear()
-    say(f"CPU profile: {hw.source}")
+    say(f"CPU profile: {hw.note or hw.source}")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

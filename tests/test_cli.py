@@ -204,6 +204,9 @@ def test_first_use_calibrates_quickly_and_the_plan_says_whether_it_did(user_file
     assert Plan.from_json(plan.to_json()).calibrated is False
     t0 = time.perf_counter()
     hw, now = hw_calibrate.ensure_calibrated()
+    if hw.note:  # refused on a busy machine: nothing cached, and the profile says why
+        assert "refused" in hw.note and not hardware.cache_path().exists()
+        pytest.skip(f"calibration refused on this machine: {hw.note}")
     # seconds, plus the one-time build of the C++ kernel it times when no test built it before
     assert now and time.perf_counter() - t0 < 120 and hardware.cache_path().exists()
     assert dict(hw.extra).get("quick") == 1.0 and not hw_calibrate.is_generic(hw)
@@ -214,8 +217,7 @@ def test_first_use_calibrates_quickly_and_the_plan_says_whether_it_did(user_file
     pricing.profile.cache_clear()
     plan = optimize(model, inputs, variants=["dense"]).plan
     assert plan.calibrated is True and not any("generic CPU figures" in n for n in plan.notes)
-    busy = any("busy with other work" in n for n in plan.notes)
-    assert busy == (dict(hw.extra)["busy_share_before"] > 0.5), plan.notes  # a contended measurement is flagged
+    assert dict(hw.extra)["others_cores"] <= hw_calibrate.CONTENDED_CORES  # a contended measurement is never cached
 
 
 @pytest.mark.parametrize("spec, sites", [("tests.hf_fixtures:build_vit", 2), ("minilm-dir", 6)])
