@@ -202,9 +202,12 @@ def _measure_round(quick: bool, say: Callable[[str], None]) -> dict[str, object]
     def rate(op: Callable[[torch.Tensor, torch.Tensor], object]) -> float:
         small, large = torch.randn(8, 128, generator=g), torch.randn(8, 512, generator=g)
         ys, yl = torch.empty_like(small), torch.empty_like(large)
-        t_small = _best(lambda: op(small, ys), repeat=reps(30), inner=reps(200))
-        t_large = _best(lambda: op(large, yl), repeat=reps(30), inner=reps(200))
-        return (large.numel() - small.numel()) / max(t_large - t_small, 1e-9)
+        slopes = []
+        for _ in range(5):  # a difference of two short timings is noisy: the median of five
+            t_small = _best(lambda: op(small, ys), repeat=reps(10), inner=reps(200))
+            t_large = _best(lambda: op(large, yl), repeat=reps(10), inner=reps(200))
+            slopes.append((large.numel() - small.numel()) / max(t_large - t_small, 1e-9))
+        return statistics.median(slopes)
 
     say("element-op rates")
     out["exp_per_s"] = rate(lambda x, y: torch.exp(x, out=y))
@@ -271,48 +274,61 @@ def _measure_round(quick: bool, say: Callable[[str], None]) -> dict[str, object]
     return out
 
 
-#: (cost-model cascade, its form, the kernel that runs it on this CPU, parameters) timed by kernel_factors
+#: (cost-model cascade, its form, the kernel that runs it on this CPU, parameters at length n) timed by kernel_factors
 FACTOR_KERNELS = (
-    ("dense", "online", "dense", {}),
-    ("dense", "3pass", None, {}),
-    ("sliding_window", None, "sliding_window", {"window": 256}),
-    ("block_sparse", None, "block_sparse", {"keep": 0.25}),
-    ("linear", None, "linear", {"chunk": 64}),
+    ("dense", "online", "dense", lambda n: {}),
+    ("dense", "3pass", None, lambda n: {}),
+    ("sliding_window", None, "sliding_window", lambda n: {"window": n // 8}),
+    ("block_sparse", None, "block_sparse", lambda n: {"keep": 0.25}),
+    ("linear", None, "linear", lambda n: {"chunk": 64}),
 )
+#: the lengths each kernel is timed at: one long, where the work dominates, and one short, where the
+#: per-call costs (block selection, the library calls around the kernel, threading) are a large share
+FACTOR_LENGTHS = (2048, 256)
 
 
-def factor_key(cascade: str, form: str | None) -> str:
+def factor_key(cascade: str, form: str | None, short: bool = False) -> str:
     """The profile field holding a cascade's measured-over-predicted time (``factor_dense_3pass``)."""
-    return f"factor_{cascade}" + (f"_{form}" if form == "3pass" else "")
+    return f"factor_{cascade}" + (f"_{form}" if form == "3pass" else "") + ("_short" if short else "")
 
 
-def kernel_factors(measured: dict, repeat: int = 5, n: int = 2048) -> dict[str, float]:
-    """Time the kernels this CPU runs at one causal shape and return measured / predicted per cascade.
+def predicted_key(cascade: str, form: str | None, short: bool = False) -> str:
+    """The profile field holding the cost model's uncorrected seconds at the shape a factor was timed at."""
+    return "predicted_" + factor_key(cascade, form, short)[len("factor_"):]
+
+
+def kernel_factors(measured: dict, repeat: int = 5) -> dict[str, float]:
+    """Time the kernels this CPU runs at two causal shapes and return measured / predicted per cascade.
 
     The cost model counts the work; how well a particular CPU kernel turns work into time (vector width,
-    library calls, passes it makes that the cascade does not model) is what one timing per kernel
-    measures. Pricing multiplies the cascade's time by this factor at every shape.
+    library calls, passes it makes that the cascade does not model) is what these timings measure.
+    Pricing multiplies the cascade's time by the factor, interpolated between the two shapes by the
+    predicted time (so per-call costs weigh as much as they do at short lengths).
     """
     from codegen import ops
     from cost_model.predict import predict
 
     hw = hardware.cpu_from_measurements(measured, source="calibrating")
-    g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(1, 8, n, 64, generator=g) for _ in range(3))
-    shape = dict(B=1, H=8, G=8, P=n, M=n, E=64, F=64)
-    hide = torch.ones(n, n, dtype=torch.bool).triu(1)
-
-    def eager() -> torch.Tensor:
-        return (q @ k.transpose(-1, -2) * 0.125).masked_fill_(hide, float("-inf")).softmax(-1) @ v
-
     out: dict[str, float] = {}
-    for cascade, form, variant, params in FACTOR_KERNELS:
-        fn = eager if variant is None else (lambda var=variant, p=params: ops.run(var, q, k, v, None, None, True, **p))
-        fn()  # a compiled kernel builds on its first call
-        seconds = _best(fn, repeat=repeat)
-        predicted = predict(cascade, shape, hw, causal=True, form=form, **params).seconds
-        # unbounded here: a factor outside FACTOR_BOUNDS fails the calibration rather than being clamped
-        out[factor_key(cascade, form)] = seconds / predicted
+    for n in FACTOR_LENGTHS:
+        g = torch.Generator().manual_seed(n)
+        q, k, v = (torch.randn(1, 8, n, 64, generator=g) for _ in range(3))
+        shape = dict(B=1, H=8, G=8, P=n, M=n, E=64, F=64)
+        hide = torch.ones(n, n, dtype=torch.bool).triu(1)
+        short = n != FACTOR_LENGTHS[0]
+
+        def eager(q=q, k=k, v=v, hide=hide) -> torch.Tensor:
+            return (q @ k.transpose(-1, -2) * 0.125).masked_fill_(hide, float("-inf")).softmax(-1) @ v
+
+        for cascade, form, variant, make in FACTOR_KERNELS:
+            params = make(n)
+            fn = eager if variant is None else (
+                lambda var=variant, p=params, q=q, k=k, v=v: ops.run(var, q, k, v, None, None, True, **p))
+            seconds = _best(fn, repeat=repeat if not short else 3 * repeat)  # its first call builds a kernel
+            predicted = predict(cascade, shape, hw, causal=True, form=form, **params).seconds
+            # unbounded here: a factor outside FACTOR_BOUNDS fails the calibration rather than being clamped
+            out[factor_key(cascade, form, short)] = seconds / predicted
+            out[predicted_key(cascade, form, short)] = predicted
     return out
 
 

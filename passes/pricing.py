@@ -6,7 +6,7 @@ import logging
 import math
 from typing import Optional
 
-from codegen.hw_calibrate import auto_calibrate, ensure_calibrated, factor_key
+from codegen.hw_calibrate import auto_calibrate, ensure_calibrated, factor_key, predicted_key
 from cost_model import hardware
 from cost_model.hardware import profile_note  # noqa: F401  (the plan's note on its CPU figures)
 from cost_model.predict import predict
@@ -50,22 +50,43 @@ def site_shape(site: AttentionSite, length: Optional[int] = None) -> Optional[di
 @functools.lru_cache(maxsize=8192)
 def _seconds(cascade: str, shape: tuple, causal: bool, form: Optional[str], hw: hardware.Hardware,
              params: tuple) -> float:
-    return predict(cascade, dict(shape), hw, causal=causal, form=form, **dict(params)).seconds * _factor(hw, cascade, form)
+    raw = predict(cascade, dict(shape), hw, causal=causal, form=form, **dict(params)).seconds
+    return corrected(hw, cascade, form, raw)
 
 
-def _factor(hw: hardware.Hardware, cascade: str, form: Optional[str]) -> float:
-    """The CPU calibration's measured-over-predicted time of the kernel that runs ``cascade`` (1 if not measured).
+def corrected(hw: hardware.Hardware, cascade: str, form: Optional[str], raw: float) -> float:
+    """Seconds the kernel running ``cascade`` takes on this CPU where the cost model counts ``raw`` seconds.
 
-    Variants without their own timing borrow the nearest kernel's: sinks and neighbourhoods run the same
-    block-sparse kernel as the window; latent and merged heads run dense attention.
+    The calibration timed each kernel at a long and a short shape. Through those two points the time is
+    ``fixed + slope * raw``: the slope is how well the kernel turns counted work into time, the fixed part
+    what it spends per call whatever the work (block selection, the library calls around it, threading),
+    which dominates at short lengths. Where the two points give no positive fixed part (the kernel is
+    relatively slower on long inputs), the measured/predicted ratio is interpolated on the log of ``raw``
+    instead; with one timing it is the long shape's ratio. Variants without their own timing
+    borrow the nearest kernel's: sinks and neighbourhoods run the window's kernel; latent and merged heads
+    run dense attention. Unmeasured (a GPU, generic figures): ``raw``.
     """
     extra = dict(hw.extra)
     nearest = {"sinks_window": "sliding_window", "latent": "dense", "gqa_merge": "dense", "gqa": "dense"}
     for name in filter(None, (cascade, nearest.get(cascade))):
         key = factor_key(name, form)
-        if key in extra:
-            return float(extra[key])
-    return 1.0
+        if key not in extra:
+            continue
+        ratio, t_long = float(extra[key]), extra.get(predicted_key(name, form))
+        short = factor_key(name, form, short=True)
+        t_short = extra.get(predicted_key(name, form, short=True))
+        if short not in extra or not t_long or not t_short or t_long <= t_short:
+            return ratio * raw
+        m_long, m_short = ratio * t_long, float(extra[short]) * t_short
+        slope = (m_long - m_short) / (t_long - t_short)
+        fixed = m_short - slope * t_short
+        if fixed > 0 and slope > 0:
+            return fixed + slope * raw
+        # relatively slower at the long shape (its operands spill out of the caches): the ratio moves
+        # from the short shape's to the long one's with the log of the work, and stays there beyond
+        x = min(1.0, max(0.0, math.log(raw / t_short) / math.log(t_long / t_short)))
+        return raw * math.exp((1 - x) * math.log(float(extra[short])) + x * math.log(ratio))
+    return raw
 
 
 def _terms(site: AttentionSite, variant: str, params: dict, shape: dict) -> list[tuple[str, dict, dict, Optional[str]]]:
