@@ -182,7 +182,6 @@ def combine(results: list[dict], loads: list[float]) -> tuple[dict[str, object],
 
 def _measure_round(quick: bool, say: Callable[[str], None]) -> dict[str, object]:
     """One round of every micro-benchmark."""
-    reps = (lambda n: n)
     g = torch.Generator().manual_seed(0)
     out: dict[str, object] = {}
     if quick:
@@ -194,7 +193,7 @@ def _measure_round(quick: bool, say: Callable[[str], None]) -> dict[str, object]
         bt = max(1, int(3e7 // (m * n * k)))
         a, b = torch.randn(bt, m, k, generator=g), torch.randn(bt, k, n, generator=g)
         c = torch.empty(bt, m, n)
-        rates.append(bt * m * n * k / _best(lambda: torch.bmm(a, b, out=c), repeat=reps(15)))
+        rates.append(bt * m * n * k / _best(lambda: torch.bmm(a, b, out=c), repeat=15))
     out["mac_per_s"] = sorted(rates)[len(rates) // 2]
     # exp and other element ops: the slope between two cache-resident sizes, so the per-call
     # overhead drops out and what remains is the vector units' rate; operands stay in L1 as
@@ -204,8 +203,8 @@ def _measure_round(quick: bool, say: Callable[[str], None]) -> dict[str, object]
         ys, yl = torch.empty_like(small), torch.empty_like(large)
         slopes = []
         for _ in range(5):  # a difference of two short timings is noisy: the median of five
-            t_small = _best(lambda: op(small, ys), repeat=reps(10), inner=reps(200))
-            t_large = _best(lambda: op(large, yl), repeat=reps(10), inner=reps(200))
+            t_small = _best(lambda: op(small, ys), repeat=10, inner=200)
+            t_large = _best(lambda: op(large, yl), repeat=10, inner=200)
             slopes.append((large.numel() - small.numel()) / max(t_large - t_small, 1e-9))
         return statistics.median(slopes)
 
@@ -227,16 +226,16 @@ def _measure_round(quick: bool, say: Callable[[str], None]) -> dict[str, object]
     ]
     spent, ops = 0.0, 0
     for fn, n_ops, _ in mix:
-        spent += _best(fn, repeat=reps(7))
+        spent += _best(fn, repeat=7)
         ops += n_ops * n_el
     out["eager_other_per_s"] = ops / spent
-    out["eager_exp_per_s"] = n_el / _best(lambda: torch.exp(xa), repeat=reps(7))
+    out["eager_exp_per_s"] = n_el / _best(lambda: torch.exp(xa), repeat=7)
     say("library matmuls")
     # batched block matmuls as library calls on attention-sized operands (scores-like outputs)
     qb, kb = torch.randn(128, 64, 64, generator=g), torch.randn(128, 64, 320, generator=g)
     pb, vb = torch.randn(128, 64, 320, generator=g), torch.randn(128, 320, 64, generator=g)
-    t_qk = _best(lambda: torch.bmm(qb, kb), repeat=reps(7))
-    t_av = _best(lambda: torch.bmm(pb, vb), repeat=reps(7))
+    t_qk = _best(lambda: torch.bmm(qb, kb), repeat=7)
+    t_av = _best(lambda: torch.bmm(pb, vb), repeat=7)
     out["eager_mac_per_s"] = 2 * 128 * 64 * 64 * 320 / (t_qk + t_av)
     # library matmul efficiency depends on the block shape: a small table of (m, n, k) -> MAC/s,
     # batches sized like attention's (operands and outputs of a few MiB)
@@ -244,19 +243,19 @@ def _measure_round(quick: bool, say: Callable[[str], None]) -> dict[str, object]
     for m, n, k in (QUICK_SHAPES if quick else GEMM_SHAPES):
         bt = max(1, int(8e6 // (m * n + m * k + k * n)))
         a, b = torch.randn(bt, m, k, generator=g), torch.randn(bt, k, n, generator=g)
-        table.append([m, n, k, bt * m * n * k / _best(lambda: torch.bmm(a, b), repeat=reps(5))])
+        table.append([m, n, k, bt * m * n * k / _best(lambda: torch.bmm(a, b), repeat=5)])
     out["gemm_table"] = table
     # hand-over between kernels through the last-level cache: copy 8 MiB into 8 MiB
     src, dst = torch.randn(2 << 20, generator=g), torch.empty(2 << 20)
     say("bandwidths")
-    out["cache_bytes_per_s"] = 2 * src.numel() * 4 / _best(lambda: dst.copy_(src), repeat=reps(20))
+    out["cache_bytes_per_s"] = 2 * src.numel() * 4 / _best(lambda: dst.copy_(src), repeat=20)
     # main memory: read a 512 MiB tensor; write into freshly allocated 256 MiB (page faults included,
     # as every eager op writes into a new allocation). Quick mode: 128/64 MiB, still far past the LLC.
     big = torch.ones((32 if quick else 128) << 20)
     out["read_bytes_per_s"] = big.numel() * 4 / _best(lambda: big.sum(), repeat=3)
     n_w = (16 if quick else 64) << 20
     out["write_bytes_per_s"] = n_w * 4 / _best(lambda: torch.empty(n_w).fill_(1.0), repeat=3)
-    del big
+    big = torch.empty(0)  # free the probe
     # per-call overhead of a tiny op
     # per-call overhead of library calls on tiny operands (dispatch, allocation, threading):
     # the median over the kinds of call an eager attention makes
@@ -264,11 +263,11 @@ def _measure_round(quick: bool, say: Callable[[str], None]) -> dict[str, object]
     calls = [lambda: torch.add(z, 1.0), lambda: torch.matmul(zm, zm.transpose(-1, -2)),
              lambda: torch.softmax(zm, -1), lambda: zm.sum(-1), lambda: torch.exp(z)]
     say("call overhead")
-    costs = sorted(_best(fn, repeat=reps(20), inner=reps(200)) for fn in calls)
+    costs = sorted(_best(fn, repeat=20, inner=200) for fn in calls)
     out["launch_s"] = costs[len(costs) // 2]
     say("attention kernels")
     try:
-        out.update(kernel_factors(out, repeat=reps(5)))
+        out.update(kernel_factors(out, repeat=5))
     except Exception as e:  # a kernel that cannot run here leaves the cost model's figures uncorrected
         logger.warning("calibration: could not time the attention kernels (%s: %s)", type(e).__name__, e)
     return out

@@ -3,14 +3,14 @@
 φ(x) = [softmax(xW + b) ‖ softmax(−(xW + b))], one (W, b) per query head and per KV head, trained
 on the calibration records to minimise the cross-entropy between the site's true attention
 weights and the linear weights φ(q_i)·φ(k_j) / Σ_j φ(q_i)·φ(k_j) (Hedgehog's attention distillation;
-the model itself stays frozen). Fitting is bounded in steps and seconds and shows a progress bar.
+the model itself stays frozen). Fitting is bounded in steps (deterministic) and shows a progress bar.
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -37,10 +37,12 @@ def _phi(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([z.softmax(-1), (-z).softmax(-1)], -1)
 
 
-def fit_hedgehog(records: Sequence[SiteRecord], *, steps: int = 150, seconds: float = 30.0, rows: int = 128,
+def fit_hedgehog(records: Sequence[SiteRecord], *, steps: int = 150, seconds: Optional[float] = None, rows: int = 128,
                  lr: float = 1e-2, progress: bool = True, desc: str = "hedgehog") -> list[torch.Tensor]:
     """Fitted ``[wq [H,E,E], bq [H,E], wk [G,E,E], bk [G,E]]`` for the linear kernel's ``hedgehog`` map.
 
+    Bounded by ``steps``, so the same records give the same maps on a quiet or a busy machine (a plan
+    must not change with the load); ``seconds`` adds a time bound for callers who accept that it may.
     Runs with gradients whatever the caller's mode (``no_grad``, ``inference_mode`` or grad disabled
     globally, as inference scripts do); the caller's mode is back in force when it returns.
     """
@@ -49,7 +51,7 @@ def fit_hedgehog(records: Sequence[SiteRecord], *, steps: int = 150, seconds: fl
         return _fit(records, steps=steps, seconds=seconds, rows=rows, lr=lr, progress=progress, desc=desc)
 
 
-def _fit(records: Sequence[SiteRecord], *, steps: int, seconds: float, rows: int, lr: float, progress: bool,
+def _fit(records: Sequence[SiteRecord], *, steps: int, seconds: Optional[float], rows: int, lr: float, progress: bool,
          desc: str) -> list[torch.Tensor]:
     from tqdm.auto import tqdm
 
@@ -86,7 +88,7 @@ def _fit(records: Sequence[SiteRecord], *, steps: int, seconds: float, rows: int
         loss_v = float(loss.detach())
         bar.update(1)
         bar.set_postfix(loss=f"{loss_v:.3f}")
-        if time.perf_counter() - t0 > seconds:
+        if seconds is not None and time.perf_counter() - t0 > seconds:
             logger.info("%s: stopped at step %d of %d (time bound %.0fs)", desc, step + 1, steps, seconds)
             break
     bar.close()
