@@ -103,5 +103,7 @@ class GraphContext:
     def activations(self) -> set:
         """Nodes whose values depend on the caller's inputs."""
         if self._activations is None:
-            self._activations = G.depends_on(self.dg, self.user_inputs)
+            # the data's dependents, not its shape's: sizes read with sym_size are lengths, not activations
+            reads = [n for n in self.graph.nodes if G.opname(n) in G.SHAPE_READS]
+            self._activations = G.depends_on(self.dg, self.user_inputs, stop=reads)
         return self._activations
