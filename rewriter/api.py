@@ -100,6 +100,17 @@ class OptimizedModel(torch.nn.Module):
                 if "shape" in v else _Repr(v["value"]) for k, v in self.example_shapes.items()}
         return self.lengths.accepts(kw, meta)
 
+    def _length(self, kw: dict) -> Optional[int]:
+        """The call's sequence length, when this program has a length range and the call is otherwise its shape."""
+        if self.lengths is None:
+            return None
+        rng = LengthRange(self.lengths.names, 0, 2 ** 62)
+        meta = {k: torch.empty(v["shape"], dtype=getattr(torch, v["dtype"].replace("torch.", "")), device="meta")
+                if "shape" in v else _Repr(v["value"]) for k, v in self.example_shapes.items()}
+        if not rng.accepts(kw, meta):
+            return None
+        return int(kw[self.lengths.names[0]].shape[1])
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the rewritten program (re-capturing once per new input shape when the source model is known)."""
         kw = self.spec.bind(args, kwargs)
@@ -109,6 +120,11 @@ class OptimizedModel(torch.nn.Module):
         if self._rebuild is None:
             served = "" if self.lengths is None else (
                 f" (it serves sequence lengths {self.lengths.low}..{self.lengths.high} of {list(self.lengths.names)})")
+            n = self._length(kw)
+            if n is not None and n > self.lengths.high:
+                raise RuntimeError(
+                    f"sequence length {n} is beyond this program's max_len={self.lengths.high}{served}; "
+                    "optimize the model again with a larger max_len= and export that")
             raise RuntimeError(
                 f"this program was captured for inputs {self.captured_for}{served} and got {key}; "
                 "export one artifact per input shape, or optimize the model in this process."
