@@ -356,7 +356,8 @@ def _inspect(ctx, node: fx.Node, kind: str, p_len, m_len,
 def _analyse_masks(ctx, masks, p_len, m_len, sdpa_causal, score_dtype) -> MaskAnalysis:
     # A capture with symbolic lengths: masks built from the length are computed at a few lengths
     # and must classify the same at each (None: read from the graph alone).
-    bindings = length_bindings(p_len, m_len) if ctx.dynamic else None
+    # (exported programs only: a compiler's graph keeps reading them from the graph alone).
+    bindings = length_bindings(p_len, m_len) if ctx.dynamic and ctx.shape_reads_are_lengths else None
     p_len, m_len = int(p_len) if not ctx.dynamic else p_len, int(m_len) if not ctx.dynamic else m_len
     if not masks:
         return MaskAnalysis(sdpa_causal, "causal" if sdpa_causal else "none", False, sdpa_causal)
