@@ -51,6 +51,7 @@ class GraphContext:
     user_inputs: set  # placeholder nodes that carry the caller's data
     constants: dict  # placeholder/get_attr name -> tensor (parameters, buffers, lifted constants)
     dynamic: bool = False  # symbolic shapes: static masks are not evaluated
+    shape_reads_are_lengths: bool = False  # torch.export graphs: sym_size nodes cut the data dependence
     evaluated: dict = field(default_factory=dict)  # static mask node -> computed value (or None)
     derived: dict = field(default_factory=dict)  # write node -> what the finder made of it (built once)
     _activations: Optional[set] = None
@@ -103,5 +104,8 @@ class GraphContext:
     def activations(self) -> set:
         """Nodes whose values depend on the caller's inputs."""
         if self._activations is None:
-            self._activations = G.depends_on(self.dg, self.user_inputs)
+            # the data's dependents, not its shape's: in an exported program, sizes read with sym_size are
+            # lengths, and what is built from them alone (a causal mask of arange(T)) is no activation
+            reads = [n for n in self.graph.nodes if G.opname(n) in G.SHAPE_READS] if self.shape_reads_are_lengths else []
+            self._activations = G.depends_on(self.dg, self.user_inputs, stop=reads)
         return self._activations

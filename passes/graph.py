@@ -118,13 +118,22 @@ def to_digraph(graph: fx.Graph) -> nx.DiGraph:
     return g
 
 
-def depends_on(dg: nx.DiGraph, sources: Iterable[fx.Node]) -> set[fx.Node]:
-    """All nodes whose value depends on any of ``sources`` (sources included)."""
+# Ops that read a tensor's shape, not its values: what is computed from them alone (a mask built from
+# arange of the runtime length) is a function of the length, as it would be a constant in a static capture.
+SHAPE_READS = frozenset({"sym_size", "sym_numel", "sym_stride", "sym_storage_offset"})
+
+
+def depends_on(dg: nx.DiGraph, sources: Iterable[fx.Node], stop: Iterable[fx.Node] = ()) -> set[fx.Node]:
+    """All nodes whose value depends on any of ``sources`` (sources included), not looking past ``stop``."""
+    stop = set(stop)
     out: set[fx.Node] = set()
-    for s in sources:
-        if s in dg and s not in out:
-            out.add(s)
-            out |= nx.descendants(dg, s)
+    stack = [s for s in sources if s in dg]
+    while stack:
+        n = stack.pop()
+        if n in out or n in stop:
+            continue
+        out.add(n)
+        stack.extend(dg.successors(n))
     return out
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import networkx as nx
+import sympy
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -26,27 +27,58 @@ logger = logging.getLogger(__name__)
 _HUGE_NEGATIVE = -1e30
 
 
-def evaluate(ctx, node: fx.Node) -> Optional[torch.Tensor]:
-    """Compute a node that does not depend on user inputs, or None if it cannot be computed here."""
-    if ctx.dynamic:
+def evaluate(ctx, node: fx.Node, at: Optional[dict] = None) -> Optional[torch.Tensor]:
+    """Compute a node that does not depend on user inputs, or None if it cannot be computed here.
+
+    In a capture with symbolic lengths, ``at`` binds each length symbol to a value: the node is then
+    computed as it would be at those lengths (None without ``at``: a dynamic mask has no single value).
+    """
+    if ctx.dynamic and at is None:
         return None
-    if node not in ctx.evaluated:  # layers share one mask: compute it once
-        ctx.evaluated[node] = _evaluate(ctx, node)
-    return ctx.evaluated[node]
+    key = node if at is None else (node, tuple(sorted((str(k), v) for k, v in at.items())))
+    if key not in ctx.evaluated:  # layers share one mask: compute it once
+        ctx.evaluated[key] = _evaluate(ctx, node, at)
+    return ctx.evaluated[key]
 
 
-def _evaluate(ctx, node: fx.Node) -> Optional[torch.Tensor]:
+def _sym_value(v: Any, at: dict) -> Any:
+    """The value of a symbolic size with its symbols bound by ``at`` (None when one stays free)."""
+    expr = sympy.sympify(v.node.expr.xreplace({k: sympy.Integer(x) for k, x in at.items()}))
+    if expr.free_symbols:
+        return None
+    return bool(expr) if isinstance(v, torch.SymBool) else (float(expr) if isinstance(v, torch.SymFloat) else int(expr))
+
+
+def _evaluate(ctx, node: fx.Node, at: Optional[dict] = None) -> Optional[torch.Tensor]:
     v = G.val(node)
     if isinstance(v, torch.Tensor) and v.device.type == "meta":
         return None  # a meta-device model: nothing to compute with
-    anc = nx.ancestors(ctx.dg, node) | {node}
+    # What the node is computed from: constants, and (with ``at``) sizes, each a leaf bound to its value.
+    leaves: dict[fx.Node, Any] = {}
+    anc: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in anc or n in leaves:
+            continue
+        nv = G.val(n)
+        if at is not None and isinstance(nv, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            leaves[n] = _sym_value(nv, at)
+            if leaves[n] is None:
+                return None
+            continue
+        anc.add(n)
+        stack.extend(n.all_input_nodes)
     sub = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    values: list[torch.Tensor] = []
+    values: list[Any] = []
     for n in ctx.graph.nodes:
-        if n not in anc:
+        if n in leaves:
+            env[n] = sub.placeholder(n.name)
+            values.append(leaves[n])
+        elif n not in anc:
             continue
-        if n.op in ("placeholder", "get_attr"):
+        elif n.op in ("placeholder", "get_attr"):
             t = ctx.constants.get(n.name if n.op == "placeholder" else n.target)
             if t is None:
                 return None
@@ -66,6 +98,32 @@ def _evaluate(ctx, node: fx.Node) -> Optional[torch.Tensor]:
     if not isinstance(out, torch.Tensor) or out.device.type == "meta":
         return None
     return out
+
+
+def length_bindings(*sizes: Any, count: int = 3) -> Optional[list[dict]]:
+    """Bindings of the length symbols in ``sizes`` to ``count`` lengths a dynamic mask is classified at.
+
+    The example's own lengths first, then longer odd ones inside each symbol's range (a band narrower
+    than the example stays a band; a mask that changes its kind with the length shows it). None when
+    the sizes are static, or a symbol has no example value or range to draw from.
+    """
+    syms = {}
+    for x in sizes:
+        if not isinstance(x, torch.SymInt):
+            continue
+        env = x.node.shape_env
+        for s in x.node.expr.free_symbols:
+            hint = getattr(env, "backed_var_to_val", None) or env.var_to_val
+            if s not in hint:
+                return None
+            rng = env.var_to_range.get(s)
+            h = int(hint[s])
+            hi = int(rng.upper) if rng is not None and rng.upper.is_finite else 4 * h + 7
+            syms[s] = sorted({min(hi, n) for n in (h, h + 5, 2 * h + 3)})
+    if not syms:
+        return None
+    n = max(len(v) for v in syms.values())
+    return [{s: v[min(i, len(v) - 1)] for s, v in syms.items()} for i in range(min(n, count))]
 
 
 _LOGICAL = frozenset({"__and__", "bitwise_and", "logical_and", "mul", "add", "minimum", "__or__", "bitwise_or", "logical_or"})
@@ -273,7 +331,33 @@ def _static(acc: _Acc, st: StaticTerm, is_float: bool) -> bool:
     return not st.bias and st.pattern in ("causal_tl", "causal_br", "band_causal", "band")
 
 
+def _inspect(ctx, node: fx.Node, kind: str, p_len, m_len,
+             bindings: Optional[list[dict]]) -> Optional[tuple[StaticTerm, bool]]:
+    """(pattern, is_float) of a mask term that does not depend on the data, or None when it cannot be
+    computed. With ``bindings`` (symbolic lengths) it is computed at each; a term whose pattern changes
+    with the length (not a causal or band pattern of the length itself) reads as varying."""
+    if bindings is None:
+        value = evaluate(ctx, node)
+        if value is None:
+            return None
+        return inspect_static(value, kind, int(p_len), int(m_len)), value.dtype != torch.bool
+    seen = set()
+    for at in bindings:
+        value = evaluate(ctx, node, at)
+        p, m = (_sym_value(x, at) if isinstance(x, torch.SymInt) else int(x) for x in (p_len, m_len))
+        if value is None or p is None or m is None:
+            return None
+        seen.add((inspect_static(value, kind, p, m), value.dtype != torch.bool))
+    if len(seen) == 1:
+        return seen.pop()
+    return StaticTerm("varies", any(st.bias for st, _ in seen)), any(f for _, f in seen)
+
+
 def _analyse_masks(ctx, masks, p_len, m_len, sdpa_causal, score_dtype) -> MaskAnalysis:
+    # A capture with symbolic lengths: masks built from the length are computed at a few lengths
+    # and must classify the same at each (None: read from the graph alone).
+    # (exported programs only: a compiler's graph keeps reading them from the graph alone).
+    bindings = length_bindings(p_len, m_len) if ctx.dynamic and ctx.shape_reads_are_lengths else None
     p_len, m_len = int(p_len) if not ctx.dynamic else p_len, int(m_len) if not ctx.dynamic else m_len
     if not masks:
         return MaskAnalysis(sdpa_causal, "causal" if sdpa_causal else "none", False, sdpa_causal)
@@ -295,16 +379,16 @@ def _analyse_masks(ctx, masks, p_len, m_len, sdpa_causal, score_dtype) -> MaskAn
                         acc.kinds.add("bool" if is_bool else "additive")
                         acc.bias |= not is_bool and m.kind == "add"
                     continue
-                value = evaluate(ctx, t)
-                if value is None:
+                got = _inspect(ctx, t, "keep", p_len, m_len, bindings)
+                if got is None:
                     acc.causal = acc.causal or _structurally_causal(ctx, t)
                     continue
-                st = inspect_static(value, "keep", p_len, m_len)
-                if _static(acc, st, value.dtype != torch.bool) and st.pattern != "causal_tl":
+                st, is_float = got
+                if _static(acc, st, is_float) and st.pattern != "causal_tl":
                     acc.fused_band |= st.window is not None
             continue
-        value = evaluate(ctx, m.node)
-        if value is None:
+        got = _inspect(ctx, m.node, m.kind if hides else "keep", p_len, m_len, bindings)
+        if got is None:
             acc.unexplained = True
             acc.may_fully_hide |= hides
             if _structurally_causal(ctx, m.node):
@@ -312,9 +396,9 @@ def _analyse_masks(ctx, masks, p_len, m_len, sdpa_causal, score_dtype) -> MaskAn
             else:
                 acc.kinds.add("bool" if G.dtype(m.node) == torch.bool else "additive")
             continue
-        st = inspect_static(value, m.kind if hides else "keep", p_len, m_len)
+        st, is_float = got
         acc.may_fully_hide |= hides and st.fully_hidden
-        if _static(acc, st, value.dtype != torch.bool):
+        if _static(acc, st, is_float):
             acc.band_terms.append(idx)
         if st.bias or st.pattern not in ("none", "causal_tl"):
             acc.unexplained = True

@@ -21,7 +21,7 @@ from passes.context import first_line
 from passes.pricing import TARGETS, profile, profile_note
 from rewriter.capture import CallSpec, CaptureError, call_spec, capture, graph_context, split_inputs
 from rewriter.runner import flat_runner
-from rewriter.dynamic import LengthRange, length_adaptive, seq_inputs
+from rewriter.dynamic import LengthRange, length_adaptive, position_limit, seq_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,17 @@ class OptimizedModel(torch.nn.Module):
                 if "shape" in v else _Repr(v["value"]) for k, v in self.example_shapes.items()}
         return self.lengths.accepts(kw, meta)
 
+    def _length(self, kw: dict) -> Optional[int]:
+        """The call's sequence length, when this program has a length range and the call is otherwise its shape."""
+        if self.lengths is None:
+            return None
+        rng = LengthRange(self.lengths.names, 0, 2 ** 62)
+        meta = {k: torch.empty(v["shape"], dtype=getattr(torch, v["dtype"].replace("torch.", "")), device="meta")
+                if "shape" in v else _Repr(v["value"]) for k, v in self.example_shapes.items()}
+        if not rng.accepts(kw, meta):
+            return None
+        return int(kw[self.lengths.names[0]].shape[1])
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the rewritten program (re-capturing once per new input shape when the source model is known)."""
         kw = self.spec.bind(args, kwargs)
@@ -109,6 +120,11 @@ class OptimizedModel(torch.nn.Module):
         if self._rebuild is None:
             served = "" if self.lengths is None else (
                 f" (it serves sequence lengths {self.lengths.low}..{self.lengths.high} of {list(self.lengths.names)})")
+            n = self._length(kw)
+            if n is not None and n > self.lengths.high:
+                raise RuntimeError(
+                    f"sequence length {n} is beyond this program's max_len={self.lengths.high}{served}; "
+                    "optimize the model again with a larger max_len= and export that")
             raise RuntimeError(
                 f"this program was captured for inputs {self.captured_for}{served} and got {key}; "
                 "export one artifact per input shape, or optimize the model in this process."
@@ -214,6 +230,7 @@ def optimize(
     dynamic: bool = True,
     progress: Optional[Callable[[str], None]] = None,
     site_cap: Optional[float] = DEFAULT_SITE_CAP,
+    max_len: Optional[int] = None,
 ) -> OptimizedModel:
     """Capture ``model``, rewrite every attention it can inside ``budget`` and return the optimized module.
 
@@ -223,8 +240,11 @@ def optimize(
     L2 of its attention output), however little of it reaches the output on the calibration data.
     ``calibration`` is a sample or a list of samples shaped like ``example_inputs``; a share of their
     batch rows is held back to measure the plan. With ``dynamic``,
-    the result is one program for every sequence length up to the example's (when the model can be
-    captured so), dispatching each site by length where the cost model says its variant starts to pay.
+    the result is one program (and one artifact) for every sequence length from 1 to ``max_len``, when
+    the model can be captured so; ``max_len`` defaults to the model's position limit (a position table,
+    or a config field such as ``max_position_embeddings``), else 8x the example length. Exact and forced
+    variants run at every length; a planned approximate site runs dense below the length where the cost
+    model says its variant starts to pay, and exact dense beyond the length it was calibrated on.
     ``progress`` receives one line per planning step (capture, calibration, fitting, search).
 
     Raises CaptureError (one line, naming the backend route) when torch.export cannot capture the model,
@@ -233,7 +253,7 @@ def optimize(
     """
     try:
         return _optimize(model, example_inputs, budget, metric, variants, target, calibration, dynamic, progress,
-                         site_cap)
+                         site_cap, max_len)
     except (CaptureError, ValueError, TypeError):
         raise
     except Exception as e:  # never a stray traceback from inside planning: the model runs as it was
@@ -265,10 +285,14 @@ def _optimize(
     dynamic: bool,
     progress: Optional[Callable[[str], None]],
     site_cap: Optional[float],
+    max_len: Optional[int] = None,
 ) -> OptimizedModel:
     """``optimize`` itself (the public function adds the guarantee that only deliberate errors escape)."""
     budget = _check_budget(budget)
     site_cap = _check_cap(site_cap)
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
+        raise ValueError(f"max_len must be a positive int (the longest sequence one program serves) or None, "
+                         f"not {max_len!r}")
     validate_metric(metric)
     allowed = normalise_variants(variants)
     target = target or _infer_target(example_inputs)
@@ -344,6 +368,10 @@ def _optimize(
         return ep2
 
     kw0 = spec.bind(args0, kwargs0)
+    example_len = _example_length(kw0, matches)
+    if max_len is not None and example_len is not None and max_len < example_len:
+        raise ValueError(f"max_len={max_len} is shorter than the example inputs' sequence length {example_len}; "
+                         "pass max_len >= the example length (or None for the model's position limit)")
     if planned.surgeries or planned.fitted or planned.merges or any(drops_band(d.site, d.variant, d.params) for d in plan.decisions):
         # the final program differs in structure from the planning graph (factored projections, a site's
         # own band run by the window kernel instead of passed as a mask): capture it again
@@ -354,23 +382,58 @@ def _optimize(
             plan = dataclasses.replace(plan, notes=(*plan.notes, *(
                 f"site {i}: the planned rewrite could not be applied to the final capture ({why}); it runs exact "
                 "dense attention over the changed model instead" for i, why in sorted(failed.items()))))
-    if dynamic and any(d.variant not in ("original", "dense") for d in plan.decisions):
-        hw = profile(target, torch.cuda.get_device_name() if target == "cuda" and torch.cuda.is_available() else "")
-        lengths = {x for m in matches for x in (m.site.q_len, m.site.kv_len)}
-        high = max((t.shape[1] for k, t in kw0.items() if k in seq_inputs(kw0, lengths)), default=0)
-        got = length_adaptive(source, kw0, matches, plan, hw, high) if high >= 2 else None
+    if dynamic and matches:
+        got = _every_length(source, kw0, matches, plan, target, max_len, budget is None, graph_context(ep))
         if got is not None:
-            ep_dyn, rng, schedules = got
-            notes = [f"one program serves sequence lengths {rng.low}..{rng.high}"]
-            for d in plan.decisions:
-                sched = schedules.get(d.site.index)
-                if sched and len(sched) > 1:
-                    notes.append(f"site {d.site.index}: dense below length {sched[1][0]}, {d.variant} from there "
-                                 "(cost model crossover)")
+            ep_dyn, rng, notes = got
             plan = dataclasses.replace(plan, notes=(*plan.notes, *notes))
             return OptimizedModel(ep_dyn, spec, plan, rebuild, captured_for=signature, lengths=rng,
                                   example_shapes=shapes_of(kw0))
     return OptimizedModel(ep, spec, plan, rebuild, captured_for=signature)
+
+
+def _example_length(kw: dict, matches: list[Match]) -> Optional[int]:
+    """The example's sequence length (dim 1 of its sequence inputs), or None when it has none."""
+    lengths = {x for m in matches for x in (m.site.q_len, m.site.kv_len)}
+    names = seq_inputs(kw, lengths)
+    return int(kw[names[0]].shape[1]) if names else None
+
+
+def _every_length(source: torch.nn.Module, kw0: dict, matches: list[Match], plan: Plan, target: str,
+                  max_len: Optional[int], forced: bool, ctx) -> Optional[tuple[Any, LengthRange, list[str]]]:
+    """One program for lengths 1..max_len (the position limit, else 8x the example): (program, range, notes)."""
+    n = _example_length(kw0, matches)
+    if n is None:
+        return None
+    declared = max_len is not None
+    limit = None if declared else position_limit(source, ctx)
+    high = max_len if declared else (limit if limit is not None and limit >= n else 8 * n)
+    hw = profile(target, torch.cuda.get_device_name() if target == "cuda" and torch.cuda.is_available() else "")
+    calibrated = None if forced else n
+    got = length_adaptive(source, kw0, matches, plan, hw, high, calibrated)
+    if got is None and not declared and high > n:  # the default reached past what the model takes: the example's
+        got = length_adaptive(source, kw0, matches, plan, hw, n, calibrated)
+    if got is None:
+        return None
+    ep_dyn, rng, schedules = got
+    why = ("declared max_len" if declared else "the model's position limit" if limit is not None and rng.high == limit
+           else "8x the example length" if rng.high == 8 * n else "the example length")
+    notes = [f"one program serves sequence lengths {rng.low}..{rng.high} ({why})"]
+    for d in plan.decisions:
+        sched = schedules.get(d.site.index)
+        if not sched:
+            if not forced and d.variant in ("latent", "gqa_merge") and rng.high > n:
+                notes.append(f"site {d.site.index}: {d.variant} changes the weights, so it runs at every length; "
+                             f"its error was measured at length {n} only")
+            continue
+        start = next((e[0] for e in sched if e[1] == d.variant), None)
+        if start:
+            notes.append(f"site {d.site.index}: dense below length {start}, {d.variant} from there "
+                         "(cost model crossover)")
+        if sched[-1][1] == "dense" and sched[-1][0] > 0 and start is not None:
+            notes.append(f"site {d.site.index}: {d.variant} serves lengths up to {sched[-1][0] - 1} (the calibrated "
+                         f"range); exact dense beyond it")
+    return ep_dyn, rng, notes
 
 
 __all__ = ["OptimizedModel", "find_attention", "optimize", "relative_l2"]

@@ -212,7 +212,7 @@ def graph_context(ep: torch.export.ExportedProgram) -> GraphContext:
         if n.name in lookup and lookup[n.name] in state:
             constants[n.name] = state[lookup[n.name]]
     user_nodes = {n for n in placeholders if n.name in user}
-    return GraphContext(graph=ep.graph, user_inputs=user_nodes, constants=constants)
+    return GraphContext(graph=ep.graph, user_inputs=user_nodes, constants=constants, shape_reads_are_lengths=True)
 
 
 def fx_context(gm: fx.GraphModule, param_positions: set[int]) -> GraphContext:

@@ -2,10 +2,12 @@
 
 The plan is made on a static capture (static masks are evaluated and classified exactly there).
 The model is then captured again with its sequence dimension dynamic (``torch.export.Dim``) over
-a declared range; when that capture shows the same sites, each planned site becomes an
-``adaptive`` op that runs dense below the length where the cost model says its variant starts to
-pay, and the variant from there on. Models that cannot be captured with a dynamic length keep
-the per-shape re-capture.
+1..max_len; masks the model builds from its runtime length are computed at several lengths there
+and must classify the same. When that capture shows the same sites, exact and forced variants run
+at every length; a planned (budgeted) approximate site becomes an ``adaptive`` op that runs dense
+below the length where the cost model says its variant starts to pay, the variant from there up to
+the length it was calibrated on, and exact dense beyond it. Models that cannot be captured with a
+dynamic length keep the per-shape re-capture.
 """
 from __future__ import annotations
 
@@ -14,13 +16,15 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from torch import fx
 
-from passes import pricing
+from passes import graph as G
+from passes import masks, pricing
 from passes.find import Match, find_matches
 from passes.plan import Plan
 from passes.planner import drops_band
 from passes.surgery import rewrite_planned
-from rewriter.capture import CallSpec, graph_context
+from rewriter.capture import graph_context
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +64,42 @@ class LengthRange:
         return {"names": list(self.names), "low": self.low, "high": self.high}
 
 
+# Config fields that state a model's longest sequence (Hugging Face and common hand-written spellings).
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "n_ctx",
+                   "seq_length", "block_size", "context")
+
+
+def position_limit(model: torch.nn.Module, ctx) -> Optional[int]:
+    """The longest sequence the model can take, when it says: a position table, or a config field.
+
+    A position table is found from the static capture's dataflow: an embedding of a weight whose
+    indices do not depend on the data and count up by one along the sequence (arange of the length,
+    or a slice of a position-ids buffer); it holds ``rows - first index`` positions. Config fields are
+    read from ``model.config`` (or ``model.cfg``). The smallest of them, or None.
+    """
+    limits = []
+    for n in ctx.graph.nodes:
+        if G.opname(n) != "embedding" or len(n.args) < 2:
+            continue
+        weight, idx = n.args[0], n.args[1]
+        if not isinstance(weight, fx.Node) or not isinstance(idx, fx.Node) or idx in ctx.activations:
+            continue
+        table = ctx.constants.get(weight.name)
+        value = masks.evaluate(ctx, idx)
+        if table is None or value is None or value.dim() < 1 or value.shape[-1] < 2 or value.is_floating_point():
+            continue
+        row = value.reshape(-1, value.shape[-1])[0]
+        if bool((row[1:] - row[:-1] == 1).all()) and int(row[0]) >= 0:
+            limits.append(int(table.shape[0]) - int(row[0]))
+    for holder in (getattr(model, "config", None), getattr(model, "cfg", None)):
+        for f in POSITION_FIELDS if holder is not None else ():
+            v = getattr(holder, f, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                limits.append(v)
+                break
+    return min(limits) if limits else None
+
+
 def seq_inputs(kw: dict, lengths: Optional[set[int]] = None) -> tuple[str, ...]:
     """Inputs whose dim 1 is the sequence: every tensor of rank >= 2 sharing the first such tensor's dim 1.
 
@@ -75,7 +115,7 @@ def seq_inputs(kw: dict, lengths: Optional[set[int]] = None) -> tuple[str, ...]:
     return tuple(k for k, t in tensors if t.shape[1] == n)
 
 
-def capture_dynamic(model: torch.nn.Module, kw: dict, high: int, low: int = 2,
+def capture_dynamic(model: torch.nn.Module, kw: dict, high: int, low: int = 1,
                     lengths: Optional[set[int]] = None):
     """Export ``model`` on keyword inputs ``kw`` with a dynamic sequence length in [low, high], or None."""
     names = seq_inputs(kw, lengths)
@@ -97,7 +137,8 @@ def _dynamic_shapes(kw: dict, names: tuple[str, ...], low: int, high: int) -> di
 
 
 def _same_sites(a: list[Match], b: list[Match]) -> bool:
-    keys = ("causal", "is_cross", "num_heads", "num_kv_heads", "head_dim", "v_head_dim", "rewritable")
+    keys = ("causal", "mask_kind", "is_cross", "num_heads", "num_kv_heads", "head_dim", "v_head_dim", "rewritable",
+            "window", "softcap", "has_bias", "fill")
     return len(a) == len(b) and all(
         all(getattr(x.site, f) == getattr(y.site, f) for f in keys) for x, y in zip(a, b))
 
@@ -117,10 +158,24 @@ def crossover(site, variant: str, params: dict, hw, high: int) -> Optional[int]:
     return None
 
 
-def length_adaptive(model: torch.nn.Module, kw: dict, static_matches: list[Match], plan: Plan, hw,
-                    high: int) -> Optional[tuple[Any, LengthRange, dict]]:
-    """A dynamic-length program rewritten by ``plan`` with per-length dispatch, or None when not possible.
+def schedule(site, variant: str, params: dict, hw, calibrated: int, high: int) -> list:
+    """Dense below the crossover, ``variant`` from there to ``calibrated``, exact dense beyond (up to ``high``)."""
+    start = crossover(site, variant, params, hw, calibrated)
+    start = calibrated if start is None else start
+    out = [[0, "dense", {}]] if start > 0 else []
+    out.append([start, variant, dict(params)])
+    if calibrated < high:
+        out.append([calibrated + 1, "dense", {}])
+    return out
 
+
+def length_adaptive(model: torch.nn.Module, kw: dict, static_matches: list[Match], plan: Plan, hw,
+                    high: int, calibrated: Optional[int] = None) -> Optional[tuple[Any, LengthRange, dict]]:
+    """A dynamic-length program (lengths 1..``high``) rewritten by ``plan``, or None when not possible.
+
+    ``calibrated`` is the longest length a planned (budgeted) approximate variant was measured at: such
+    a site is scheduled dense below its cost-model crossover, the variant up to ``calibrated`` and exact
+    dense beyond it. None means the variants were forced (no accuracy gate): they run at every length.
     Returns (exported program, its length range, {site index: schedule}).
     """
     got = capture_dynamic(model, kw, high, lengths={x for m in static_matches for x in (m.site.q_len, m.site.kv_len)})
@@ -138,13 +193,11 @@ def length_adaptive(model: torch.nn.Module, kw: dict, static_matches: list[Match
         if d.variant == "original":
             continue
         chosen[m.site.index] = (d.variant, dict(d.params))
-        # exact at every length (a native window) or reading factored K/V (latent): no dense branch
-        if d.variant in ("dense", "latent", "gqa_merge") or drops_band(d.site, d.variant, d.params):
+        # exact at every length (a native window), reading factored K/V (latent), or forced: no dense branch
+        if (calibrated is None or d.variant in ("dense", "latent", "gqa_merge")
+                or drops_band(d.site, d.variant, d.params)):
             continue
-        start = crossover(d.site, d.variant, d.params, hw, high)
-        schedule = [[0, "dense", {}]] if start is None or start > 0 else []
-        schedule.append([start if start is not None else high, d.variant, dict(d.params)])
-        schedules[m.site.index] = schedule
+        schedules[m.site.index] = schedule(d.site, d.variant, d.params, hw, calibrated, high)
     failures = rewrite_planned(ep, matches, chosen, adaptive=schedules)
     if failures:
         logger.info("the dynamic-length capture could not be rewritten (%s); re-capturing per shape", failures)
