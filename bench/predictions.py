@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", nargs="+", default=[v for v, _ in VARIANTS])
     ap.add_argument("--lengths", type=int, nargs="+", default=None, help="only these lengths")
+    ap.add_argument("--shape", nargs="+", default=None, metavar="N,H,D",
+                    help="these shapes instead of the grid (e.g. 384,6,96 3000,16,32)")
     ap.add_argument("--fresh", action="store_true", help="calibrate into an empty profile cache first")
     args = ap.parse_args()
     if args.fresh:
@@ -87,7 +89,8 @@ def main() -> None:
     print(f"{'spelling':>8} {'variant':<30} {'N':>5} {'H':>3} {'D':>4} {'orig ms':>9} {'opt ms':>9} "
           f"{'predicted':>9} {'measured':>9} {'pred/meas':>9}  within 2x")
     rows = []
-    for n, h, d in shapes(args.full):
+    grid = [tuple(int(x) for x in t.split(",")) for t in args.shape] if args.shape else shapes(args.full)
+    for n, h, d in grid:
         if args.lengths and n not in args.lengths:
             continue
         g = torch.Generator().manual_seed(n * h + d)

@@ -113,8 +113,8 @@ def test_lowered_artifact_loads_and_matches(tmp_path):
     case = next(c for c in CASES if c.name == "sdpa_bool_padding")
     model, inputs = case.build()
     opt = rewriter.optimize(model.eval(), inputs, variants=["dense"], budget=None)
-    path = tmp_path / "m.pt2"
-    opt.save(path)
+    path = tmp_path / "artifact"
+    rewriter.export(opt, path)
     loaded = rewriter.load(path)
     fresh = _fresh(inputs, 5)
     with torch.no_grad():
