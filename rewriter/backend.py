@@ -65,7 +65,10 @@ def rewriter_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **
     """
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
+    import torch._inductor.config
+
     variants = backend_variants(options)
+    pattern_default = torch._inductor.config.pattern_matcher
     try:
         open_fast_paths(gm)
     except Exception as e:  # the fused op stays: correct, just not rewritten
@@ -92,14 +95,20 @@ def rewriter_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **
             agm = unchanged
             del LAST_SITES[seen:]
         if n == 0:
-            return compile_fx_inner(agm, inputs, *args, **kwargs)
+            return _compile_inner(agm, inputs, *args, **kwargs)
         try:
-            return compile_fx_inner(agm, inputs, *args, **kwargs)
+            return _compile_inner(agm, inputs, *args, **kwargs)
         except Exception as e:  # a rewritten graph Inductor cannot lower: the original one is compiled
             logger.warning("rewriter backend: Inductor could not compile the rewritten graph (%s: %s); the graph "
                            "runs unchanged", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             del LAST_SITES[seen:]
-            return compile_fx_inner(unchanged, inputs, *args, **kwargs)
+            return _compile_inner(unchanged, inputs, *args, **kwargs)
+
+    def _compile_inner(agm: torch.fx.GraphModule, inputs: Sequence[Any], *args: Any, **kwargs: Any):
+        # the pattern passes are off only for the joint graph, before our step, where they would re-spell
+        # attention; after it (the post-grad fusions) Inductor runs with its own configuration
+        with torch._inductor.config.patch(pattern_matcher=pattern_default):
+            return compile_fx_inner(agm, inputs, *args, **kwargs)
 
     # AOTAutograd's cache keys on the graph before our inner step runs: a hit would skip the rewrite,
     # and our entry would be served to plain Inductor compiles of the same graph.
