@@ -67,11 +67,6 @@ def others_cores(interval: float = 0.5) -> float:
     return c.cores()
 
 
-def busy_share(interval: float = 0.5) -> float:
-    """Share of all CPUs' time other processes used over ``interval`` seconds (kept for callers that print it)."""
-    return others_cores(interval) / (os.cpu_count() or 1)
-
-
 #: other processes may use this many cores' worth of time while a calibration runs; more, and the
 #: figures are not this machine's (one spinning process halves a 2-thread matmul rate)
 CONTENDED_CORES = 0.3
@@ -120,8 +115,8 @@ def measure(threads: int | None = None, quick: bool = False, progress: Callable[
             rounds: int = 3, attempts: int = 2) -> dict[str, object]:
     """Measure this CPU ``rounds`` times and return the figures' medians, or raise CalibrationRefused.
 
-    A measurement is refused when other processes used the cores while it ran, when a figure's rounds
-    differ by more than SPREAD_LIMIT, or when a kernel factor lands outside FACTOR_BOUNDS. Each refusal
+    A measurement is refused when other processes used the cores while it ran, when no two of a figure's
+    rounds agree within SPREAD_LIMIT, or when a kernel factor lands outside FACTOR_BOUNDS. Each refusal
     waits for a quiet CPU and tries again, ``attempts`` times in all. ``quick`` (seconds a round) takes a
     smaller GEMM table and memory probe and waits less; the profile records ``quick: 1``.
     """
@@ -139,7 +134,7 @@ def measure(threads: int | None = None, quick: bool = False, progress: Callable[
             loads.append(window.cores())
         out, problems = combine(results, loads)
         if not problems:
-            out.update(threads=float(torch.get_num_threads()), busy_share_before=before / (os.cpu_count() or 1),
+            out.update(threads=float(torch.get_num_threads()), others_cores_before=before,
                        others_cores=max(loads), rounds=float(rounds))
             if quick:
                 out["quick"] = 1.0
@@ -184,8 +179,6 @@ def _measure_round(quick: bool, say: Callable[[str], None]) -> dict[str, object]
     """One round of every micro-benchmark."""
     g = torch.Generator().manual_seed(0)
     out: dict[str, object] = {}
-    if quick:
-        out["quick"] = 1.0
     say("matmul rate")
     # matmul units: batched GEMMs at attention tile shapes, operands cache-resident
     rates = []

@@ -21,7 +21,7 @@ from passes.context import first_line
 from passes.pricing import TARGETS, profile, profile_note
 from rewriter.capture import CallSpec, CaptureError, call_spec, capture, graph_context, split_inputs
 from rewriter.runner import flat_runner
-from rewriter.dynamic import LengthRange, length_adaptive, position_limit, seq_inputs
+from rewriter.dynamic import LengthRange, every_length, example_length
 
 logger = logging.getLogger(__name__)
 
@@ -92,22 +92,22 @@ class OptimizedModel(torch.nn.Module):
         self.captured_for: Optional[str] = captured_for
         self.lengths = lengths  # the sequence lengths one dynamic program serves, when it was captured so
         self.example_shapes = example_shapes or {}
+        self._example_meta: Optional[dict] = None
+
+    def _example(self) -> dict:
+        """The captured example as meta tensors and values (built once: ``_serves`` runs on every call)."""
+        if self._example_meta is None:
+            self._example_meta = {
+                k: torch.empty(v["shape"], dtype=getattr(torch, v["dtype"].replace("torch.", "")), device="meta")
+                if "shape" in v else _Repr(v["value"]) for k, v in self.example_shapes.items()}
+        return self._example_meta
 
     def _serves(self, kw: dict) -> bool:
-        if self.lengths is None:
-            return False
-        meta = {k: torch.empty(v["shape"], dtype=getattr(torch, v["dtype"].replace("torch.", "")), device="meta")
-                if "shape" in v else _Repr(v["value"]) for k, v in self.example_shapes.items()}
-        return self.lengths.accepts(kw, meta)
+        return self.lengths is not None and self.lengths.accepts(kw, self._example())
 
     def _length(self, kw: dict) -> Optional[int]:
         """The call's sequence length, when this program has a length range and the call is otherwise its shape."""
-        if self.lengths is None:
-            return None
-        rng = LengthRange(self.lengths.names, 0, 2 ** 62)
-        meta = {k: torch.empty(v["shape"], dtype=getattr(torch, v["dtype"].replace("torch.", "")), device="meta")
-                if "shape" in v else _Repr(v["value"]) for k, v in self.example_shapes.items()}
-        if not rng.accepts(kw, meta):
+        if self.lengths is None or not LengthRange(self.lengths.names, 0, 2 ** 62).accepts(kw, self._example()):
             return None
         return int(kw[self.lengths.names[0]].shape[1])
 
@@ -368,7 +368,7 @@ def _optimize(
         return ep2
 
     kw0 = spec.bind(args0, kwargs0)
-    example_len = _example_length(kw0, matches)
+    example_len = example_length(kw0, matches)
     if max_len is not None and example_len is not None and max_len < example_len:
         raise ValueError(f"max_len={max_len} is shorter than the example inputs' sequence length {example_len}; "
                          "pass max_len >= the example length (or None for the model's position limit)")
@@ -383,57 +383,14 @@ def _optimize(
                 f"site {i}: the planned rewrite could not be applied to the final capture ({why}); it runs exact "
                 "dense attention over the changed model instead" for i, why in sorted(failed.items()))))
     if dynamic and matches:
-        got = _every_length(source, kw0, matches, plan, target, max_len, budget is None, graph_context(ep))
+        hw = profile(target, torch.cuda.get_device_name() if target == "cuda" and torch.cuda.is_available() else "")
+        got = every_length(source, kw0, matches, plan, hw, max_len, budget is None, graph_context(ep))
         if got is not None:
             ep_dyn, rng, notes = got
             plan = dataclasses.replace(plan, notes=(*plan.notes, *notes))
             return OptimizedModel(ep_dyn, spec, plan, rebuild, captured_for=signature, lengths=rng,
                                   example_shapes=shapes_of(kw0))
     return OptimizedModel(ep, spec, plan, rebuild, captured_for=signature)
-
-
-def _example_length(kw: dict, matches: list[Match]) -> Optional[int]:
-    """The example's sequence length (dim 1 of its sequence inputs), or None when it has none."""
-    lengths = {x for m in matches for x in (m.site.q_len, m.site.kv_len)}
-    names = seq_inputs(kw, lengths)
-    return int(kw[names[0]].shape[1]) if names else None
-
-
-def _every_length(source: torch.nn.Module, kw0: dict, matches: list[Match], plan: Plan, target: str,
-                  max_len: Optional[int], forced: bool, ctx) -> Optional[tuple[Any, LengthRange, list[str]]]:
-    """One program for lengths 1..max_len (the position limit, else 8x the example): (program, range, notes)."""
-    n = _example_length(kw0, matches)
-    if n is None:
-        return None
-    declared = max_len is not None
-    limit = None if declared else position_limit(source, ctx)
-    high = max_len if declared else (limit if limit is not None and limit >= n else 8 * n)
-    hw = profile(target, torch.cuda.get_device_name() if target == "cuda" and torch.cuda.is_available() else "")
-    calibrated = None if forced else n
-    got = length_adaptive(source, kw0, matches, plan, hw, high, calibrated)
-    if got is None and not declared and high > n:  # the default reached past what the model takes: the example's
-        got = length_adaptive(source, kw0, matches, plan, hw, n, calibrated)
-    if got is None:
-        return None
-    ep_dyn, rng, schedules = got
-    why = ("declared max_len" if declared else "the model's position limit" if limit is not None and rng.high == limit
-           else "8x the example length" if rng.high == 8 * n else "the example length")
-    notes = [f"one program serves sequence lengths {rng.low}..{rng.high} ({why})"]
-    for d in plan.decisions:
-        sched = schedules.get(d.site.index)
-        if not sched:
-            if not forced and d.variant in ("latent", "gqa_merge") and rng.high > n:
-                notes.append(f"site {d.site.index}: {d.variant} changes the weights, so it runs at every length; "
-                             f"its error was measured at length {n} only")
-            continue
-        start = next((e[0] for e in sched if e[1] == d.variant), None)
-        if start:
-            notes.append(f"site {d.site.index}: dense below length {start}, {d.variant} from there "
-                         "(cost model crossover)")
-        if sched[-1][1] == "dense" and sched[-1][0] > 0 and start is not None:
-            notes.append(f"site {d.site.index}: {d.variant} serves lengths up to {sched[-1][0] - 1} (the calibrated "
-                         f"range); exact dense beyond it")
-    return ep_dyn, rng, notes
 
 
 __all__ = ["OptimizedModel", "find_attention", "optimize", "relative_l2"]

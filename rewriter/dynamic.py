@@ -212,3 +212,46 @@ def length_adaptive(model: torch.nn.Module, kw: dict, static_matches: list[Match
         logger.info("the rewritten program does not re-export with a dynamic length (%s); re-capturing per shape", e)
         return None
     return ep, rng, schedules
+
+
+def example_length(kw: dict, matches: list[Match]) -> Optional[int]:
+    """The example's sequence length (dim 1 of its sequence inputs), or None when it has none."""
+    lengths = {x for m in matches for x in (m.site.q_len, m.site.kv_len)}
+    names = seq_inputs(kw, lengths)
+    return int(kw[names[0]].shape[1]) if names else None
+
+
+def every_length(source: torch.nn.Module, kw0: dict, matches: list[Match], plan: Plan, hw,
+                 max_len: Optional[int], forced: bool, ctx) -> Optional[tuple[Any, LengthRange, list[str]]]:
+    """One program for lengths 1..max_len (the position limit, else 8x the example): (program, range, notes)."""
+    n = example_length(kw0, matches)
+    if n is None:
+        return None
+    declared = max_len is not None
+    limit = None if declared else position_limit(source, ctx)
+    high = max_len if declared else (limit if limit is not None and limit >= n else 8 * n)
+    calibrated = None if forced else n
+    got = length_adaptive(source, kw0, matches, plan, hw, high, calibrated)
+    if got is None and not declared and high > n:  # the default reached past what the model takes: the example's
+        got = length_adaptive(source, kw0, matches, plan, hw, n, calibrated)
+    if got is None:
+        return None
+    ep_dyn, rng, schedules = got
+    why = ("declared max_len" if declared else "the model's position limit" if limit is not None and rng.high == limit
+           else "8x the example length" if rng.high == 8 * n else "the example length")
+    notes = [f"one program serves sequence lengths {rng.low}..{rng.high} ({why})"]
+    for d in plan.decisions:
+        sched = schedules.get(d.site.index)
+        if not sched:
+            if not forced and d.variant in ("latent", "gqa_merge") and rng.high > n:
+                notes.append(f"site {d.site.index}: {d.variant} changes the weights, so it runs at every length; "
+                             f"its error was measured at length {n} only")
+            continue
+        start = next((e[0] for e in sched if e[1] == d.variant), None)
+        if start:
+            notes.append(f"site {d.site.index}: dense below length {start}, {d.variant} from there "
+                         "(cost model crossover)")
+        if sched[-1][1] == "dense" and sched[-1][0] > 0 and start is not None:
+            notes.append(f"site {d.site.index}: {d.variant} serves lengths up to {sched[-1][0] - 1} (the calibrated "
+                         f"range); exact dense beyond it")
+    return ep_dyn, rng, notes
