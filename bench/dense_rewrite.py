@@ -10,13 +10,17 @@ matmul/softmax/matmul. Per cell, one forward of each of:
   inductor    torch.compile(model) (Inductor)
   backend     torch.compile(model, backend="rewriter")
 timed as interleaved pairs (eager with optimize, Inductor with the backend; one of each per round, each
-pair in a fresh process), as the median of 21 rounds below 1024 tokens and 9 from there.
-The columns to read are the ratios: optimize/eager and backend/Inductor (>= 1.00 means ours is at
-least as fast). ``--quick`` runs the SDPA encoder at 128 tokens and the SDPA GPT at 1024 only.
+pair in a fresh process, the order cycling every round), as the median of 24 rounds below 1024 tokens
+and 12 from there. Each pair also times its baseline against itself (A/A): that ratio shows how far
+this machine's noise alone moves a ratio from 1.00.
+The columns to read are the ratios: optimize/eager and backend/Inductor, each the median of the
+per-round paired ratios (>= 1.00 means ours is at least as fast). ``--quick`` runs the SDPA encoder at
+128 tokens and the SDPA GPT at 1024 only.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -76,40 +80,54 @@ class Trunk(nn.Module):
 
 
 MODELS = {"encoder": dict(layers=6, d=384, heads=6, causal=False), "gpt": dict(layers=6, d=512, heads=8, causal=True)}
+ROUNDS = (24, 12)  # below 1024 tokens, from there: multiples of the 6 orders of three
 CELLS = [("encoder", 128), ("encoder", 384), ("gpt", 1024), ("gpt", 2048)]
 
 
 def interleaved(fns: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per callable over ``rounds`` interleaved rounds, after two warm-up rounds."""
+    """Median seconds per callable, and median per-round ratios, over ``rounds`` interleaved rounds.
+
+    ``fns`` holds the baseline, ours and a control (the baseline again). Every round runs each once,
+    in an order that cycles through all permutations, so a drift in the machine's speed or the cost of
+    coming first falls on all alike. ``ratio`` is the median of the per-round ratios of the baseline's
+    time to ours; ``control`` is the same for the baseline against itself (an A/A test): how far from
+    1.00 a ratio strays on this machine when both sides run the same code.
+    """
+    names = list(fns)
+    orders = list(itertools.permutations(names))
     times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.no_grad():
         for _ in range(2):
             for fn in fns.values():
                 fn()
-        for _ in range(rounds):
-            for k, fn in fns.items():
+        for r in range(rounds):
+            for k in orders[r % len(orders)]:
                 t0 = time.perf_counter()
-                fn()
+                fns[k]()
                 times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    base, ours, control = names
+    out = {k: statistics.median(v) for k, v in times.items() if k != control}
+    out["ratio"] = statistics.median(a / b for a, b in zip(times[base], times[ours]))
+    out["control"] = statistics.median(a / b for a, b in zip(times[base], times[control]))
+    return out
 
 
 def run_pair(name: str, spelling: str, b: int, n: int, pair: str, threads: int) -> dict[str, float]:
-    """Median seconds of one interleaved pair: ``eager`` against ``optimize``, or ``inductor`` against ``backend``."""
+    """Medians of one interleaved pair (``eager`` against ``optimize``, or ``inductor`` against ``backend``)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = Trunk(**MODELS[name], spelling=spelling).eval()
     x = torch.randn(b, n, MODELS[name]["d"], generator=torch.Generator().manual_seed(n))
     if pair == "eager":
         opt = rewriter.optimize(model, (x,), variants=["dense"], budget=None)
-        fns = {"eager": lambda: model(x), "optimize": lambda: opt(x)}
+        fns = {"eager": lambda: model(x), "optimize": lambda: opt(x), "eager again": lambda: model(x)}
     else:
         ind = torch.compile(model)
         twin = Trunk(**MODELS[name], spelling=spelling).eval()
         twin.load_state_dict(model.state_dict())
         rw = torch.compile(twin, backend="rewriter")
-        fns = {"inductor": lambda: ind(x), "backend": lambda: rw(x)}
-    return interleaved(fns, rounds=21 if n < 1024 else 9)
+        fns = {"inductor": lambda: ind(x), "backend": lambda: rw(x), "inductor again": lambda: ind(x)}
+    return interleaved(fns, rounds=ROUNDS[n >= 1024])
 
 
 def main() -> None:
@@ -133,10 +151,11 @@ def main() -> None:
     spellings = ["sdpa"] if args.quick else args.spellings.split(",")
     batches = [1] if args.quick else [int(b) for b in args.batches.split(",")]
     print(f"threads {args.threads}, float32, random weights; load {os.getloadavg()[0]:.2f}; medians of "
-          "interleaved rounds (21 below 1024 tokens, 9 from there); each pair in a fresh process")
+          f"{ROUNDS[0]} interleaved rounds below 1024 tokens, {ROUNDS[1]} from there (orders cycling); ratios are "
+          "medians of per-round paired ratios; A/A = the baseline against itself; each pair in a fresh process")
     print(f"{'model':>8} {'spelling':>8} {'B':>2} {'N':>5} {'eager ms':>9} {'optimize':>9} {'inductor':>9} "
-          f"{'backend':>9}  {'opt/eager':>9} {'backend/ind':>11}")
-    worst = [math.inf, math.inf]
+          f"{'backend':>9}  {'opt/eager':>9} {'A/A':>5} {'backend/ind':>11} {'A/A':>5}")
+    worst, noise = [math.inf, math.inf], 0.0
     for spelling in spellings:
         for name, n in cells:
             for b in batches:
@@ -145,12 +164,17 @@ def main() -> None:
                     cmd = [sys.executable, __file__, "--threads", str(args.threads),
                            "--pair", f"{name},{spelling},{b},{n},{pair}"]
                     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                    t.update(json.loads(out.strip().splitlines()[-1]))
-                r1, r2 = t["eager"] / t["optimize"], t["inductor"] / t["backend"]
+                    got = json.loads(out.strip().splitlines()[-1])
+                    t[f"ratio_{pair}"], t[f"aa_{pair}"] = got.pop("ratio"), got.pop("control")
+                    t.update(got)
+                r1, r2 = t["ratio_eager"], t["ratio_inductor"]
                 worst = [min(worst[0], r1), min(worst[1], r2)]
+                noise = max(noise, abs(1 - t["aa_eager"]), abs(1 - t["aa_inductor"]))
                 print(f"{name:>8} {spelling:>8} {b:>2} {n:>5} {1e3 * t['eager']:>9.2f} {1e3 * t['optimize']:>9.2f} "
-                      f"{1e3 * t['inductor']:>9.2f} {1e3 * t['backend']:>9.2f}  {r1:>8.2f}x {r2:>10.2f}x", flush=True)
-    print(f"worst optimize/eager {worst[0]:.2f}x, worst backend/Inductor {worst[1]:.2f}x")
+                      f"{1e3 * t['inductor']:>9.2f} {1e3 * t['backend']:>9.2f}  {r1:>8.2f}x {t['aa_eager']:>5.2f} "
+                      f"{r2:>10.2f}x {t['aa_inductor']:>5.2f}", flush=True)
+    print(f"worst optimize/eager {worst[0]:.2f}x, worst backend/Inductor {worst[1]:.2f}x; "
+          f"the A/A controls strayed up to {noise:.2f} from 1.00")
 
 
 if __name__ == "__main__":
