@@ -48,7 +48,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the quick calibration the API runs on first use")
     ap.add_argument("--spinners", type=int, default=1)
     args = ap.parse_args()
-    print(f"load before: {os.getloadavg()[0]:.2f}; cores {os.cpu_count()}; {'quick' if args.quick else 'full'} calibration")
+    print(f"load before: {os.getloadavg()[0]:.2f}; cores {os.cpu_count()}; "
+          f"{'quick' if args.quick else 'full'} calibration")
     quiet, note, t_quiet = _calibrate(tempfile.mkdtemp(prefix="cal-quiet-"), args.quick)
     print(f"quiet calibration: {'cached' if quiet else 'refused: ' + note} ({t_quiet:.0f} s)")
     if quiet is None:

@@ -48,12 +48,13 @@ def implementation(name: str, params: dict, q, k, v, causal: bool) -> Callable[[
     scale = q.shape[-1] ** -0.5
     if name == "dense":
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-    mod = importlib.import_module(f"passes.variants.{name}")
     if name == "latent":
         # the factors are made once at rewrite time; the run-time work is attention on them
+        mod = importlib.import_module(f"passes.variants.{name}")
         fac = mod.factors(k, v, params["rank"])
         return lambda: mod.attend(q, *fac, scale=scale, causal=causal)
-    return lambda: mod.reference(q, k, v, scale=scale, causal=causal, **params)
+    import codegen
+    return lambda: codegen.run(name, q, k, v, None, scale, causal, **params)
 
 
 def measure_round_robin(fns: dict[str, Callable[[], object]], budget_s: float = 3.0, min_rounds: int = 3,

@@ -29,7 +29,8 @@ def prose_batch(rows: int = 16, length: int = 256) -> dict:
     ids = tok(lm.corpus("heldout").decode(), add_special_tokens=False, return_tensors="pt",
               verbose=False)["input_ids"][0]
     body = length - 2
-    chunks = [torch.cat([torch.tensor([tok.cls_token_id]), ids[i * body:(i + 1) * body], torch.tensor([tok.sep_token_id])])
+    chunks = [torch.cat([torch.tensor([tok.cls_token_id]), ids[i * body:(i + 1) * body],
+                         torch.tensor([tok.sep_token_id])])
               for i in range(rows)]
     batch = torch.stack(chunks)
     return {"input_ids": batch, "attention_mask": torch.ones_like(batch)}

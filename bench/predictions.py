@@ -119,7 +119,8 @@ def main() -> None:
     within2 = sum(0.5 <= r <= 2.0 for r in rows)
     beyond4 = sum(not 0.25 <= r <= 4.0 for r in rows)
     worst = max((max(r, 1 / r) for r in rows), default=1.0)
-    print(f"within 2x: {within2} of {len(rows)} cells ({100 * within2 / max(1, len(rows)):.0f}%); beyond 4x: {beyond4}; "
+    print(f"within 2x: {within2} of {len(rows)} cells ({100 * within2 / max(1, len(rows)):.0f}%); "
+          f"beyond 4x: {beyond4}; "
           f"worst {worst:.2f}x off")
 
 

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from codegen.dense import dense
+from codegen.variants.dense import dense
 
 # Parameters that name a correction applied on top of a kernel's output by the op (PyTorch ops), not
 # by the kernel: a kernel's spec, source and hash never include them.

@@ -29,8 +29,10 @@ def _user_bias(mask: torch.Tensor, rows: torch.Tensor, kpos: torch.Tensor, p: in
         return m4[:, :, r[:, :, None], kk[:, None, :]]
     # per-head key positions [B',H',c,L]: gather per (b, h) with broadcasting index tensors
     bsz, hh = kk.shape[:2]
-    bi = torch.arange(bsz)[:, None, None, None, None] if m4.shape[0] != 1 else torch.zeros(1, 1, 1, 1, 1, dtype=torch.long)
-    hi = torch.arange(hh)[None, :, None, None, None] if m4.shape[1] != 1 else torch.zeros(1, 1, 1, 1, 1, dtype=torch.long)
+    bi = (torch.arange(bsz)[:, None, None, None, None] if m4.shape[0] != 1
+          else torch.zeros(1, 1, 1, 1, 1, dtype=torch.long))
+    hi = (torch.arange(hh)[None, :, None, None, None] if m4.shape[1] != 1
+          else torch.zeros(1, 1, 1, 1, 1, dtype=torch.long))
     return m4[bi, hi, r[None, None, :, :, None], kk[:, :, :, None, :]]
 
 

@@ -77,7 +77,9 @@ static inline void qk_tile(const float* __restrict q, const float* __restrict kt
     v16 kv[NV];
     for (int c = 0; c < NV; ++c) kv[c] = ld(kr + 16 * c);
     const float q0 = q[e], q1 = q[E + e], q2 = q[2 * E + e], q3 = q[3 * E + e];
-    for (int c = 0; c < NV; ++c) { a[0][c] += q0 * kv[c]; a[1][c] += q1 * kv[c]; a[2][c] += q2 * kv[c]; a[3][c] += q3 * kv[c]; }
+    for (int c = 0; c < NV; ++c) {
+      a[0][c] += q0 * kv[c]; a[1][c] += q1 * kv[c]; a[2][c] += q2 * kv[c]; a[3][c] += q3 * kv[c];
+    }
   }
   for (int r = 0; r < 4; ++r) for (int c = 0; c < NV; ++c) st(s + r * BK + 16 * c, a[r][c] * scale);
 }
@@ -100,8 +102,10 @@ inline void qk_tile<64>(const float* __restrict q, const float* __restrict kt, i
   }
   st(s, a00 * scale); st(s + 16, a01 * scale); st(s + 32, a02 * scale); st(s + 48, a03 * scale);
   st(s + BK, a10 * scale); st(s + BK + 16, a11 * scale); st(s + BK + 32, a12 * scale); st(s + BK + 48, a13 * scale);
-  st(s + 2 * BK, a20 * scale); st(s + 2 * BK + 16, a21 * scale); st(s + 2 * BK + 32, a22 * scale); st(s + 2 * BK + 48, a23 * scale);
-  st(s + 3 * BK, a30 * scale); st(s + 3 * BK + 16, a31 * scale); st(s + 3 * BK + 32, a32 * scale); st(s + 3 * BK + 48, a33 * scale);
+  st(s + 2 * BK, a20 * scale); st(s + 2 * BK + 16, a21 * scale);
+  st(s + 2 * BK + 32, a22 * scale); st(s + 2 * BK + 48, a23 * scale);
+  st(s + 3 * BK, a30 * scale); st(s + 3 * BK + 16, a31 * scale);
+  st(s + 3 * BK + 32, a32 * scale); st(s + 3 * BK + 48, a33 * scale);
 }
 
 // acc[4][NC*16] += p[4][BK] . v[BK][NC*16] (row stride Fp)
@@ -114,7 +118,9 @@ static inline void pv_tile(const float* __restrict p, const float* __restrict v,
     v16 w[NC];
     for (int c = 0; c < NC; ++c) w[c] = ld(vr + c * 16);
     const float p0 = p[j], p1 = p[BK + j], p2 = p[2 * BK + j], p3 = p[3 * BK + j];
-    for (int c = 0; c < NC; ++c) { a[0][c] += p0 * w[c]; a[1][c] += p1 * w[c]; a[2][c] += p2 * w[c]; a[3][c] += p3 * w[c]; }
+    for (int c = 0; c < NC; ++c) {
+      a[0][c] += p0 * w[c]; a[1][c] += p1 * w[c]; a[2][c] += p2 * w[c]; a[3][c] += p3 * w[c];
+    }
   }
   for (int r = 0; r < 4; ++r) for (int c = 0; c < NC; ++c) st(acc + r * Fp + c * 16, a[r][c]);
 }
@@ -161,7 +167,8 @@ torch::Tensor attn_fwd_bk(torch::Tensor q, torch::Tensor kt, torch::Tensor vp, t
         const bool isfull = FULL[moff * S + si];
         const int64_t k0 = kb * BK;
         // S = scale * Q K^T for this key block, 4 query rows at a time (qt is zero-padded to BQ rows)
-        for (int64_t i = 0; i < rows; i += 4) qk_tile<BK>(qt.data() + i * E, kbase + k0, E, Mp, scale, s.data() + i * BK);
+        for (int64_t i = 0; i < rows; i += 4)
+          qk_tile<BK>(qt.data() + i * E, kbase + k0, E, Mp, scale, s.data() + i * BK);
         for (int64_t i = 0; i < rows; ++i) {
           float* si_ = s.data() + i * BK;
           const int64_t qi = q0 + i;
@@ -227,9 +234,12 @@ torch::Tensor attn_fwd(torch::Tensor q, torch::Tensor kt, torch::Tensor vp, torc
                        torch::Tensor mask, std::vector<int64_t> mstride, int64_t m_len, int64_t block_q,
                        int64_t block_k, double scale_d, double softcap_d) {
   switch (block_k) {
-    case 16: return attn_fwd_bk<16>(q, kt, vp, idx, num, full, lo, hi, mask, mstride, m_len, block_q, scale_d, softcap_d);
-    case 32: return attn_fwd_bk<32>(q, kt, vp, idx, num, full, lo, hi, mask, mstride, m_len, block_q, scale_d, softcap_d);
-    case 64: return attn_fwd_bk<64>(q, kt, vp, idx, num, full, lo, hi, mask, mstride, m_len, block_q, scale_d, softcap_d);
+    case 16: return attn_fwd_bk<16>(q, kt, vp, idx, num, full, lo, hi, mask, mstride, m_len, block_q,
+                                    scale_d, softcap_d);
+    case 32: return attn_fwd_bk<32>(q, kt, vp, idx, num, full, lo, hi, mask, mstride, m_len, block_q,
+                                    scale_d, softcap_d);
+    case 64: return attn_fwd_bk<64>(q, kt, vp, idx, num, full, lo, hi, mask, mstride, m_len, block_q,
+                                    scale_d, softcap_d);
     default: TORCH_CHECK(false, "attn_fwd: key blocks of 16, 32 or 64, not ", block_k);
   }
 }
@@ -278,7 +288,7 @@ def try_run(q, k, v, mask, scale, softcap, bm: BlockMap, lo, hi) -> Optional[tor
     if mod is None:
         return None
     bsz, h, p, e = q.shape
-    g, m, f = k.shape[1], k.shape[2], v.shape[-1]
+    m, f = k.shape[2], v.shape[-1]
     bk = bm.block_k
     nk = -(-m // bk)
     fp = -(-f // 16) * 16

@@ -266,14 +266,20 @@ def _measure_round(quick: bool, say: Callable[[str], None]) -> dict[str, object]
     return out
 
 
-#: (cost-model cascade, its form, the kernel that runs it on this CPU, parameters at length n) timed by kernel_factors
-FACTOR_KERNELS = (
-    ("dense", "online", "dense", lambda n: {}),
-    ("dense", "3pass", None, lambda n: {}),
-    ("sliding_window", None, "sliding_window", lambda n: {"window": n // 8}),
-    ("block_sparse", None, "block_sparse", lambda n: {"keep": 0.25}),
-    ("linear", None, "linear", lambda n: {"chunk": 64}),
-)
+def factor_kernels() -> tuple[tuple[str, str | None, str | None, Callable[[int], dict]], ...]:
+    """(cost-model cascade, its form, the kernel that runs it on this CPU, parameters at length n) to time.
+
+    The baseline's fused kernel, eager three-pass attention (no kernel of ours: the original as a model
+    writes it), and every variant whose record says how to time it (``KernelVariant.timing``).
+    """
+    from codegen.registry import exact_variant, kernel_variants
+    base = exact_variant()
+    rows = [(base.name, "online", base.name, base.timing or (lambda n: {})), (base.name, "3pass", None, lambda n: {})]
+    rows += [(r.name, None, r.name, r.timing) for r in kernel_variants().values()
+             if r.timing is not None and r is not base]
+    return tuple(rows)
+
+
 #: the lengths each kernel is timed at: one long, where the work dominates, and one short, where the
 #: per-call costs (block selection, the library calls around the kernel, threading) are a large share
 FACTOR_LENGTHS = (2048, 256)
@@ -312,7 +318,7 @@ def kernel_factors(measured: dict, repeat: int = 5) -> dict[str, float]:
         def eager(q=q, k=k, v=v, hide=hide) -> torch.Tensor:
             return (q @ k.transpose(-1, -2) * 0.125).masked_fill_(hide, float("-inf")).softmax(-1) @ v
 
-        for cascade, form, variant, make in FACTOR_KERNELS:
+        for cascade, form, variant, make in factor_kernels():
             params = make(n)
             fn = eager if variant is None else (
                 lambda var=variant, p=params, q=q, k=k, v=v: ops.run(var, q, k, v, None, None, True, **p))

@@ -49,11 +49,13 @@ PROBES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 def _probe(q, k, v, mask, scale, causal, *, extra=(), softcap=0.0, fill=None, probe: str = "", rank: int = 0):
     from codegen.ops import run
+    from codegen.variants import latent
 
     uk, uv = PROBES[probe]
     ck = torch.einsum("bgmd,grd->bgmr", k, uk.to(k.dtype))
     cv = torch.einsum("bgmd,grd->bgmr", v, uv.to(v.dtype))
-    return run("latent", q, ck, cv, mask, scale, causal, extra=[uk.to(q.dtype), uv.to(q.dtype)], softcap=softcap,
+    return run(latent.KERNEL.name, q, ck, cv, mask, scale, causal, extra=[uk.to(q.dtype), uv.to(q.dtype)],
+               softcap=softcap,
                fill=fill, rank=rank)
 
 
@@ -111,11 +113,12 @@ class MergedHeadsLinear(torch.nn.Module):
 
 def _gqa_probe(q, k, v, mask, scale, causal, *, extra=(), softcap=0.0, fill=None, groups: int = 0, **_):
     from codegen.ops import run
+    from codegen.variants import gqa_merge
 
     b, g, m, e = k.shape
     ck = k.reshape(b, groups, g // groups, m, e).mean(2)
     cv = v.reshape(b, groups, g // groups, m, v.shape[-1]).mean(2)
-    return run("gqa_merge", q, ck, cv, mask, scale, causal, softcap=softcap, fill=fill)
+    return run(gqa_merge.KERNEL.name, q, ck, cv, mask, scale, causal, softcap=softcap, fill=fill)
 
 
 def register_gqa_probe_kernel() -> None:

@@ -43,6 +43,13 @@ def register_kernel(name: str) -> Callable[[Kernel], Kernel]:
     return deco
 
 
+def _exact(variant: str) -> bool:
+    """Whether ``variant``'s kernel is the original math (no correction applies on top of it)."""
+    from codegen.registry import kernel_variant
+    rec = kernel_variant(variant)
+    return rec is not None and rec.exact_always
+
+
 _RECORD = threading.local()
 
 
@@ -50,8 +57,8 @@ _RECORD = threading.local()
 def recording() -> Iterator[list[dict]]:
     """Record every kernel call made in this thread (its inputs, output and variant), in call order.
 
-    Calibration runs a graph whose sites are all rewritten to exact ``dense`` inside this context:
-    the i-th record is the i-th op call, which is the i-th op node in graph order.
+    For looking at what ran (tests, debugging); calibration keys its records by op node instead
+    (``passes.calibrate.record_sites``).
     """
     calls: list[dict] = []
     prev = getattr(_RECORD, "calls", None)
@@ -89,7 +96,7 @@ def run(
     delta = int(params.pop("delta", 0) or 0)
     out = kernel(q, k, v, mask, float(scale), bool(causal), extra=list(extra), softcap=float(softcap),
                  fill=fill, **params).contiguous()
-    if delta > 1 and variant != "dense":
+    if delta > 1 and not _exact(variant):
         from codegen.corrections import delta_correct
 
         out = delta_correct(out, q, k, v, mask, float(scale), bool(causal), delta, softcap=float(softcap))
@@ -123,19 +130,15 @@ def attention(
 
 @attention.register_fake
 def _attention_fake(q, k, v, mask, scale, causal, variant, params, extra, softcap=0.0, fill=None):
-    f = v.shape[-1]
-    if variant == "latent" and len(extra) == 2:  # values are low rank; the output is up-projected to F
-        f = extra[1].shape[-1]
+    from codegen.registry import kernel_variant
+    rec = kernel_variant(variant)
+    f = rec.output_dim(v, extra) if rec is not None and rec.output_dim is not None else v.shape[-1]
     return q.new_empty((*q.shape[:-1], f))
 
 
-# Import kernels after the op exists so each module can register itself.
-from codegen import dense as _dense  # noqa: E402,F401
-from codegen import sliding_window as _sliding_window  # noqa: E402,F401
-from codegen import sinks_window as _sinks_window  # noqa: E402,F401
-from codegen import block_sparse as _block_sparse  # noqa: E402,F401
-from codegen import neighborhood_2d as _neighborhood_2d  # noqa: E402,F401
-from codegen import linear as _linear  # noqa: E402,F401
-from codegen import latent as _latent  # noqa: E402,F401
+# Discover the variants' kernels after the op exists, so each module can register itself.
+from codegen.registry import kernel_variants  # noqa: E402
+
+kernel_variants()
 from codegen import adaptive as _adaptive  # noqa: E402,F401
 from codegen import lowrank as _lowrank  # noqa: E402,F401

@@ -119,6 +119,51 @@ def from_dense_blocks(anyb: torch.Tensor, fullb: torch.Tensor, block_q: int, blo
     return BlockMap(block_q, block_k, num, idx, full)
 
 
+@dataclass(frozen=True)
+class Bound:
+    """A key position as a function of query i's absolute position: ``(i // stride) * stride + offset``
+    (anchor ``query``), ``offset`` (anchor ``first``: from key 0) or ``M - 1 + offset`` (anchor ``last``)."""
+
+    anchor: str = "query"
+    offset: int = 0
+    stride: int = 1
+
+    def at(self, qpos: torch.Tensor, m: int) -> torch.Tensor:
+        """The bound for each query position."""
+        if self.anchor == "query":
+            base = qpos if self.stride == 1 else torch.div(qpos, self.stride, rounding_mode="floor") * self.stride
+            return base + self.offset
+        if self.anchor == "first":
+            return torch.full_like(qpos, self.offset)
+        if self.anchor == "last":
+            return torch.full_like(qpos, m - 1 + self.offset)
+        raise ValueError(f"unknown bound anchor {self.anchor!r}")
+
+
+@dataclass(frozen=True)
+class Span:
+    """Keys ``[lo, hi]`` (inclusive) that a query sees; bounds never decrease as the query moves on."""
+
+    lo: Bound
+    hi: Bound
+    name: str = "keys"
+
+
+EVERY_KEY = Span(Bound("first", 0), Bound("last", 0), "all keys")
+
+
+def spans_pattern(spans: Callable[..., list[Span]]) -> IntervalFn:
+    """The interval function ``fn(qpos, m, p, **params) -> (lo, hi)`` [P,T] of a variant's spans."""
+
+    def fn(qpos: torch.Tensor, m: int, p: int, **params) -> tuple[torch.Tensor, torch.Tensor]:
+        got = list(spans(**params))
+        lo = torch.stack([s.lo.at(qpos, m) for s in got], dim=1)
+        hi = torch.stack([s.hi.at(qpos, m) for s in got], dim=1)
+        return lo, hi
+
+    return fn
+
+
 PATTERNS: dict[str, IntervalFn] = {}
 
 

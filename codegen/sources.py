@@ -10,15 +10,14 @@ import hashlib
 import json
 from typing import Any, Mapping
 
+from codegen.registry import kernel_variant
 from codegen.spec import KernelSpec
 
-# Variants whose CPU lowering is the generated/compiled block-sparse kernel; the others lower to
-# PyTorch ops (SDPA, matmuls) and carry no CPU source of their own.
-COMPILED = ("sliding_window", "sinks_window", "block_sparse", "neighborhood_2d")
-
-
 def _cpu_sources(variant: str, params: Mapping[str, Any], **fields: Any) -> dict[str, tuple[str, str]]:
-    if variant not in COMPILED:
+    # only variants whose CPU lowering is the compiled block-sparse kernel carry a CPU source; the
+    # others lower to PyTorch ops (SDPA, matmuls)
+    rec = kernel_variant(variant)
+    if rec is None or not rec.compiled_cpu:
         return {}
     from codegen import cpu_kernel
     block = int(params.get("block", cpu_kernel.BK))  # the map's key block picks the kernel's instantiation
@@ -29,11 +28,10 @@ def _cpu_sources(variant: str, params: Mapping[str, Any], **fields: Any) -> dict
 
 
 def _triton_sources(variant: str, params: Mapping[str, Any], **fields: Any) -> dict[str, tuple[str, str]]:
-    from codegen.triton.gen import FAMILIES, generate, sha256
-    if variant not in FAMILIES:
-        return {}
-    if variant == "linear" and (params.get("feature_map", "elu1") != "elu1" or int(params.get("window", 0) or 0) > 0):
-        return {}  # the generated linear kernel fuses elu+1 without a window; other maps run the PyTorch path
+    from codegen.triton.gen import generate, sha256
+    rec = kernel_variant(variant)
+    if rec is None or rec.triton is None or not rec.triton.available(params):
+        return {}  # no generated kernel for these parameters: they run the PyTorch path
     from codegen.triton.launch import spec_from_fields
     spec = spec_from_fields(variant, dict(params), **fields)
     text = generate(spec)

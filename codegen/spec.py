@@ -15,18 +15,6 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-# Which op modifiers each variant's kernel honours; the planner must not send others.
-SUPPORTS: dict[str, frozenset[str]] = {
-    "dense": frozenset({"softcap", "fill", "mask", "gqa"}),
-    "gqa_merge": frozenset({"softcap", "fill", "mask", "gqa"}),
-    "sliding_window": frozenset({"softcap", "mask", "gqa"}),
-    "sinks_window": frozenset({"softcap", "mask", "gqa"}),
-    "block_sparse": frozenset({"softcap", "mask", "gqa"}),
-    "neighborhood_2d": frozenset({"softcap", "mask", "gqa"}),
-    "linear": frozenset({"padding_mask", "gqa"}),  # key-padding masks only; no softcap
-    "latent": frozenset({"softcap", "fill", "mask", "gqa"}),
-}
-
 MASK_KINDS = ("none", "padding", "bool", "additive")
 
 

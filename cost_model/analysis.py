@@ -47,7 +47,7 @@ def visible_pairs(pred: Predicate, n_q: sympy.Expr, n_k: sympy.Expr) -> sympy.Ex
     if kind == "causal":
         exact = _sum_min(lo, hi, ONE, n_k)
         sloped = 1
-    elif kind in ("window", "sinks_window"):
+    elif kind in ("window", "window_sinks"):
         w = pred.param("W")
         if pred.causal:
             exact = _sum_min(lo, hi, ONE, w)
@@ -58,7 +58,7 @@ def visible_pairs(pred: Predicate, n_q: sympy.Expr, n_k: sympy.Expr) -> sympy.Ex
             lower = (hi - lo) * (lo + hi - 1) / 2 + (1 - w) * (hi - lo) - _sum_min(lo, hi, 1 - w, ZERO)
             exact = upper - lower
             sloped = 2
-        if kind == "sinks_window":
+        if kind == "window_sinks":
             exact = exact + _sum_clip(lo, hi, 1 - w, ZERO, pred.param("S"))
     else:
         raise ValueError(f"unknown predicate kind {kind!r}")

@@ -12,7 +12,7 @@ import sympy
 
 from . import hardware
 from .analysis import footprint, op_counts, passes
-from .cascades import CASCADES, FORMS, PARAMS
+from .cascades import CASCADES, FORMS, PARAMS, known
 from .predict import SHAPE_KEYS, cascade_for, crossovers, predict
 
 logger = logging.getLogger(__name__)
@@ -97,8 +97,8 @@ def _human_bytes(x: float) -> str:
 
 def explain(args: argparse.Namespace) -> int:
     """The explain subcommand."""
-    if args.variant not in CASCADES:
-        raise UsageError(f"unknown variant {args.variant!r}; known: {', '.join(sorted(CASCADES))}")
+    if args.variant not in known():
+        raise UsageError(f"unknown variant {args.variant!r}; known: {', '.join(known())}")
     shape = parse_shape(args.shape)
     params = parse_params(args.variant, args.param or [])
     check_required(args.variant, params)
@@ -143,8 +143,8 @@ def crossover(args: argparse.Namespace) -> int:
     """The crossover subcommand: lengths N where the cheapest variant changes."""
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in names:
-        if v not in CASCADES:
-            raise UsageError(f"unknown variant {v!r}; known: {', '.join(sorted(CASCADES))}")
+        if v not in known():
+            raise UsageError(f"unknown variant {v!r}; known: {', '.join(known())}")
     shape = parse_shape(args.shape + ",P=1,M=1")
     shape.pop("P")
     shape.pop("M")

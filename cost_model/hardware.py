@@ -83,15 +83,18 @@ class Hardware:
 # Datasheet figures, dense fp16/bf16.  exp: 16 SFU ops/clk/SM; other: fp32 FMA pipes.
 H100 = Hardware("h100", mac_per_s=989.4e12 / 2, exp_per_s=16 * 132 * 1.83e9, other_per_s=67e12 / 2,
                 read_bytes_per_s=3.35e12, write_bytes_per_s=3.35e12, launch_s=4e-6, onchip_bytes=228e3,
-                cache_bytes=50e6, cache_bytes_per_s=10e12, dtype_bytes=2, overlap_units=True, schedule="fused", tile_q="128",
+                cache_bytes=50e6, cache_bytes_per_s=10e12, dtype_bytes=2, overlap_units=True, schedule="fused",
+                tile_q="128",
                 tile_k="64")
 H200 = Hardware("h200", mac_per_s=989.4e12 / 2, exp_per_s=16 * 132 * 1.83e9, other_per_s=67e12 / 2,
                 read_bytes_per_s=4.8e12, write_bytes_per_s=4.8e12, launch_s=4e-6, onchip_bytes=228e3,
-                cache_bytes=50e6, cache_bytes_per_s=10e12, dtype_bytes=2, overlap_units=True, schedule="fused", tile_q="128",
+                cache_bytes=50e6, cache_bytes_per_s=10e12, dtype_bytes=2, overlap_units=True, schedule="fused",
+                tile_q="128",
                 tile_k="64")
 A100 = Hardware("a100", mac_per_s=312e12 / 2, exp_per_s=16 * 108 * 1.41e9, other_per_s=19.5e12 / 2,
                 read_bytes_per_s=2.039e12, write_bytes_per_s=2.039e12, launch_s=5e-6, onchip_bytes=164e3,
-                cache_bytes=40e6, cache_bytes_per_s=5e12, dtype_bytes=2, overlap_units=True, schedule="fused", tile_q="128",
+                cache_bytes=40e6, cache_bytes_per_s=5e12, dtype_bytes=2, overlap_units=True, schedule="fused",
+                tile_q="128",
                 tile_k="64")
 
 #: torch's CPU flash-attention kernel splits queries by 256/64/32 rows and keys by 512.
@@ -179,7 +182,8 @@ def cpu_from_measurements(measured: Mapping[str, float], source: str = "measured
     # a CPU core's tiles are backed by its L2 and its share of the last-level cache, which is
     # what stands between it and DRAM (the role shared memory plays on a GPU)
     return Hardware("cpu", **{k: float(measured[k]) for k in MEASURED_FIELDS},
-                    onchip_bytes=max(l2, llc / cores), cache_bytes=llc, dtype_bytes=4, overlap_units=False, schedule="eager",
+                    onchip_bytes=max(l2, llc / cores), cache_bytes=llc, dtype_bytes=4, overlap_units=False,
+                    schedule="eager",
                     tile_q=CPU_TILE_Q, tile_k=CPU_TILE_K, source=source, extra=extra, gemm_table=table,
                     **{k: float(measured[k]) for k in optional if k in measured})
 
@@ -229,7 +233,8 @@ def _fallback(path: Path, why: str) -> Hardware:
     logger.warning("CPU calibration refused (%s); nothing cached, using generic figures", why)
     return dataclasses.replace(cpu_from_measurements(GENERIC_CPU, source="generic (calibration refused)"),
                                note=f"the CPU calibration was refused ({why}), so nothing was cached; predictions use "
-                                    "generic CPU figures: run `python -m codegen.hw_calibrate --force` on a quiet machine")
+                                    "generic CPU figures: run `python -m codegen.hw_calibrate --force` "
+                                    "on a quiet machine")
 
 
 def profile_note(hw: Hardware) -> str:

@@ -1,4 +1,5 @@
-"""Train the project's byte-level GPT (rewriter/lm.py) on docstrings: the standard library's and the installed packages'.
+"""Train the project's byte-level GPT (rewriter/lm.py) on docstrings: the standard library's and the
+installed packages'.
 
     python examples/train_tiny_lm.py --minutes 110 --threads 1 --out rewriter/assets/tiny_lm.pt \
         | tee rewriter/assets/tiny_lm.log

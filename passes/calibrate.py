@@ -1,7 +1,7 @@
 """Calibration: record each site's q, k, v, mask and exact output once, then score candidates from the records.
 
-The captured graph is run with every site rewritten to exact ``dense`` while ``codegen.ops.recording``
-is active, so the i-th recorded kernel call is the i-th attention op in graph order. A candidate's
+The captured graph, with every site rewritten to exact ``dense``, is run in an ``fx.Interpreter`` that
+keeps each attention op's operands and output under its node. A candidate's
 error at a site is measured on those records alone (its kernel on the recorded q, k, v against the
 recorded output): no whole-model run per candidate. Memory stays bounded: only as many samples are
 kept per site as fit in ``max_bytes``, and scores are computed one record at a time.
@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+import torch.fx as fx
+import torch.fx._pytree as fx_pytree
 
 import codegen
-from codegen.ops import recording
 from passes.masks import MASKED_BELOW
+from passes.program_inputs import flat_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -54,30 +56,67 @@ def _valid_rows(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor]) 
     return keep.expand(q.shape[0], keep.shape[-1])
 
 
+class _Recorder(fx.Interpreter):
+    """Runs a graph node by node and keeps each wanted attention op's operands and output, by node name."""
+
+    def __init__(self, gm: fx.GraphModule, wanted: dict[str, int]):
+        super().__init__(gm)
+        self.wanted = wanted
+        self.calls: dict[int, dict] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        site = self.wanted.get(n.name)
+        if site is not None:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)  # the operands are still in the environment here
+            names = [a.name for a in n.target._schema.arguments]
+            got = {**{a.name: a.default_value for a in n.target._schema.arguments if a.has_default_value()},
+                   **dict(zip(names, args)), **kwargs}
+            q = got["q"]
+            self.calls[site] = {**got, "out": out,
+                                "scale": float(got["scale"] if got["scale"] is not None else q.shape[-1] ** -0.5)}
+        return out
+
+
+def _runner(ep: torch.export.ExportedProgram) -> tuple[fx.GraphModule, Callable[[dict], list]]:
+    """The graph to interpret and how to turn a sample into its arguments (the lifted graph where it binds)."""
+    bind = flat_inputs(ep)
+    if bind is not None:
+        return ep.graph_module, bind
+    module, in_spec = ep.module(), ep.call_spec.in_spec  # buffers it mutates live on this copy
+    return module, lambda kw: fx_pytree.tree_flatten_spec(((), kw), in_spec)
+
+
 def record_sites(
-    run_model: Callable[[dict], Any],
+    ep: torch.export.ExportedProgram,
     samples: Sequence[dict],
-    n_sites: int,
+    nodes: Sequence[fx.Node],
     max_bytes: int = 1 << 30,
 ) -> list[list[SiteRecord]]:
-    """Run ``run_model`` (a dense-rewritten program) on each sample; returns records per site.
+    """Run ``ep`` (a dense-rewritten program) on each sample; returns the records of each op node in ``nodes``.
 
-    Samples beyond the memory budget are run but not kept (each site keeps the same samples).
+    The graph runs in an ``fx.Interpreter`` that keeps each op node's operands and output under that node,
+    so records never depend on the order ops run in. Samples beyond the memory budget are run but not kept
+    (each site keeps the same samples).
     """
-    per_site: list[list[SiteRecord]] = [[] for _ in range(n_sites)]
+    gm, bind = _runner(ep)
+    wanted = {n.name: i for i, n in enumerate(nodes)}
+    per_site: list[list[SiteRecord]] = [[] for _ in nodes]
     held = 0
     for i, kw in enumerate(samples):
-        with torch.no_grad(), recording() as calls:
-            run_model(kw)
-        if len(calls) != n_sites:
-            raise RuntimeError(f"calibration recorded {len(calls)} attention calls for {n_sites} sites; the "
-                               "program calls some site more or less than once per forward")
+        rec = _Recorder(gm, wanted)
+        with torch.no_grad():
+            rec.run(*bind(kw))
+        missing = sorted(set(range(len(nodes))) - set(rec.calls))
+        if missing:
+            raise RuntimeError(f"calibration recorded no call of attention op(s) {[nodes[s].name for s in missing]}")
         recs = []
-        for c in calls:
+        for s in range(len(nodes)):
+            c = rec.calls[s]
             recs.append(SiteRecord(
                 q=c["q"].detach(), k=c["k"].detach(), v=c["v"].detach(),
                 mask=None if c["mask"] is None else c["mask"].detach(), out=c["out"].detach(),
-                scale=c["scale"], causal=c["causal"], softcap=c["softcap"], fill=c["fill"],
+                scale=c["scale"], causal=bool(c["causal"]), softcap=float(c["softcap"]), fill=c["fill"],
                 rows=_valid_rows(c["q"], c["k"], c["mask"]),
             ))
         size = sum(r.nbytes for r in recs)

@@ -106,6 +106,7 @@ class GraphContext:
         if self._activations is None:
             # the data's dependents, not its shape's: in an exported program, sizes read with sym_size are
             # lengths, and what is built from them alone (a causal mask of arange(T)) is no activation
-            reads = [n for n in self.graph.nodes if G.opname(n) in G.SHAPE_READS] if self.shape_reads_are_lengths else []
+            reads = ([n for n in self.graph.nodes if G.opname(n) in G.SHAPE_READS] if self.shape_reads_are_lengths
+                     else [])
             self._activations = G.depends_on(self.dg, self.user_inputs, stop=reads)
         return self._activations

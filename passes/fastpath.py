@@ -34,7 +34,8 @@ def _attention(x, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_
     b, n, _ = x.shape
     q, k, v = F.linear(x, qkv_weight, qkv_bias).chunk(3, dim=-1)
     heads = lambda t: t.view(b, n, num_heads, embed_dim // num_heads).transpose(1, 2)  # noqa: E731
-    y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=_additive(mask, mask_type, b, n, x.dtype))
+    y = F.scaled_dot_product_attention(heads(q), heads(k), heads(v),
+                                       attn_mask=_additive(mask, mask_type, b, n, x.dtype))
     return F.linear(y.transpose(1, 2).reshape(b, n, embed_dim), proj_weight, proj_bias)
 
 

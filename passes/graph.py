@@ -34,7 +34,14 @@ SDPA_OPS = frozenset(
 # In-place forms included: in eval mode they return their input unchanged, as the functional ones do.
 DROPOUT_OPS = frozenset({"dropout", "native_dropout", "feature_dropout", "alpha_dropout", "dropout_",
                          "feature_dropout_", "alpha_dropout_"})
-PROJECTION_OPS = frozenset({"linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "einsum", "conv1d", "conv2d"})
+def op_names(*ops: Any) -> frozenset[str]:
+    """The names ``opname`` gives the nodes of these ATen ops (``aten.linear`` -> ``linear``)."""
+    return frozenset(op._qualified_op_name.split("::")[-1] for op in ops)
+
+
+_aten = torch.ops.aten
+LINEAR_OPS = op_names(_aten.linear)
+PROJECTION_OPS = LINEAR_OPS | frozenset({"addmm", "mm", "matmul", "bmm", "baddbmm", "einsum", "conv1d", "conv2d"})
 
 
 def opname(node: fx.Node) -> str:

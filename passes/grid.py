@@ -42,7 +42,7 @@ _SAME = G.CAST_OPS | frozenset({  # element-wise: each output element comes from
     "add", "sub", "mul", "div", "neg", "gelu", "relu", "silu", "sigmoid", "tanh", "dropout", "clamp", "pow",
     "exp", "sqrt", "rsqrt", "where", "masked_fill", "erf", "abs", "hardtanh", "leaky_relu", "alias",
 })
-_MIX_LAST = frozenset({"linear", "layer_norm", "rms_norm", "native_layer_norm", "addmm", "mm", "matmul"})
+_MIX_LAST = G.LINEAR_OPS | frozenset({"layer_norm", "rms_norm", "native_layer_norm", "addmm", "mm", "matmul"})
 _MIXED = -2  # an element whose value comes from more than one patch position
 
 

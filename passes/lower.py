@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from passes import graph as G
 from passes.emit import Emitter
+from passes.variants import exact_name
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -37,7 +38,7 @@ def why_not(node: fx.Node) -> str:
     q, k, v, mask, scale, causal, variant, params, extra, *rest = node.args
     softcap = rest[0] if rest else 0.0
     fill = rest[1] if len(rest) > 1 else None
-    if variant != "dense":
+    if variant != exact_name():
         return f"variant {variant}"
     if json.loads(params or "{}"):
         return "parameters (a correction)"

@@ -126,7 +126,8 @@ def length_bindings(*sizes: Any, count: int = 3) -> Optional[list[dict]]:
     return [{s: v[min(i, len(v) - 1)] for s, v in syms.items()} for i in range(min(n, count))]
 
 
-_LOGICAL = frozenset({"__and__", "bitwise_and", "logical_and", "mul", "add", "minimum", "__or__", "bitwise_or", "logical_or"})
+_LOGICAL = frozenset({"__and__", "bitwise_and", "logical_and", "mul", "add", "minimum", "__or__", "bitwise_or",
+                      "logical_or"})
 # Ops a term is looked through: they keep (or only broadcast) its shape, so a padding term found
 # below them still shows its query dim of size 1. Reshapes stop the descent for that reason.
 _TRANSPARENT = G.CAST_OPS | frozenset(

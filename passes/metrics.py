@@ -161,7 +161,8 @@ def _valid(t: torch.Tensor, pad: Optional[torch.Tensor]) -> Optional[torch.Tenso
 
 def _next_token_nll(logits: torch.Tensor, ids: torch.Tensor, pad: Optional[torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed negative log-likelihood of each next token, and how many tokens were scored."""
-    nll = F.cross_entropy(logits[:, :-1].double().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1).to(logits.device),
+    nll = F.cross_entropy(logits[:, :-1].double().reshape(-1, logits.shape[-1]),
+                          ids[:, 1:].reshape(-1).to(logits.device),
                           reduction="none").view(ids.shape[0], -1)
     if pad is not None and tuple(pad.shape) == tuple(ids.shape):
         keep = (pad[:, 1:] & pad[:, :-1]).to(nll.device)

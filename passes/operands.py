@@ -165,7 +165,8 @@ def repeat_kv_source(node: fx.Node) -> Optional[fx.Node]:
                 inner = src
                 if G.opname(inner) in ("unsqueeze",) and G.arg(inner, 1, "dim") in (2, -3):
                     return inner.args[0]
-                if G.opname(inner) in ("slice", "view", "reshape") and G.shape(inner.args[0]) is not None and len(G.shape(inner.args[0])) == 4:
+                if (G.opname(inner) in ("slice", "view", "reshape") and G.shape(inner.args[0]) is not None
+                        and len(G.shape(inner.args[0])) == 4):
                     return inner.args[0]
     return None
 

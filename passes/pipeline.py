@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -26,7 +24,8 @@ from passes.planner import Outcome, SitePlan, choose, search, site_candidates
 from passes import graph as G
 from passes.grid import token_grid
 from passes.rewrite import rewrite_graph
-from passes.surgery import Projection, factors, find_projection, project
+from passes.surgery import Projection, find_projection
+from passes.variants import VARIANTS, exact_name
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +131,7 @@ def plan_program(
     """
     say = progress or (lambda msg: logger.info("%s", msg))
     hw = pricing.profile(target, torch.cuda.get_device_name() if target == "cuda" and torch.cuda.is_available() else "")
-    pending = [(m, *choose(m, {"dense": None})) for m in matches]
+    pending = [(m, *choose(m, {exact_name(): None})) for m in matches]
     failures = rewrite_graph(ep.graph_module, [(m, v, p) for m, v, p, _ in pending if v is not None])
     live = [m for m, v, _, _ in pending if v is not None and m.site.index not in failures]
     nodes = op_nodes(ep.graph_module.graph)
@@ -143,7 +142,7 @@ def plan_program(
         references = [reference(**kw) for kw in samples]
     choice = metrics.resolve(metric, samples[0], references[0], causal=any(m.site.causal for m in live))
     say(f"budget measured as {choice.describe()}")
-    records = record_sites(lambda kw: ep.module()(**kw), samples, len(live))
+    records = record_sites(ep, samples, nodes)
     batches = [_batch_of(kw) for kw in samples]
     rows = split_rows(batches)
     calib_records: list[list[SiteRecord]] = []
@@ -153,33 +152,37 @@ def plan_program(
     measure = Measure(references, samples, rows, choice)
 
     projections: list[Optional[tuple[Projection, Projection]]] = []
-    dg = G.to_digraph(ep.graph_module.graph) if "neighborhood_2d" in allowed else None
+    need_kv = [n for n in allowed if "factored_kv" in VARIANTS[n].needs]
+    need_grid = [n for n in allowed if "grid" in VARIANTS[n].needs]
+    dg = G.to_digraph(ep.graph_module.graph) if need_grid else None
     plans: list[SitePlan] = []
     for i, m in enumerate(live):
         blocked = {}
-        if ("latent" in allowed or "gqa_merge" in allowed) and len(m.batch) != 2:
+        if need_kv and len(m.batch) != 2:
             projections.append(None)
             why = "the attention runs in a flattened [B*H] layout; the surgery needs separate batch and head dims"
-            blocked.update({"latent": why, "gqa_merge": why})
-        elif "latent" in allowed or "gqa_merge" in allowed:
+            blocked.update(dict.fromkeys(need_kv, why))
+        elif need_kv:
             pk, why_k = find_projection(ep, nodes[i].args[1])
             pv, why_v = find_projection(ep, nodes[i].args[2])
             projections.append((pk, pv) if pk and pv else None)
             if not (pk and pv):
                 why = f"its {'keys' if pk is None else 'values'}: {why_k or why_v}"
-                blocked.update({"latent": why, "gqa_merge": why})
+                blocked.update(dict.fromkeys(need_kv, why))
         else:
             projections.append(None)
         facts = {}
-        if "neighborhood_2d" in allowed:
+        if need_grid:
             grid = token_grid(dg, nodes[i].args[0], m.site.q_len) if m.site.q_len > 0 else None
             facts["grid"] = grid
             if grid is None:
-                blocked["neighborhood_2d"] = "its tokens do not come from one patch embedding (no image grid found)"
+                blocked.update(dict.fromkeys(
+                    need_grid, "its tokens do not come from one patch embedding (no image grid found)"))
         sp = site_candidates(m.site, allowed, hw, forced=budget is None, blocked=blocked, facts=facts)
-        _prepare_latent(sp, calib_records[i], i)
-        _prepare_merge(sp)
-        _prepare_hedgehog(sp, calib_records[i], i, say)
+        for name, rec in VARIANTS.items():  # fitting on the records: factors, merged heads, feature maps
+            cands = [c for c in sp.options if c.variant == name]
+            if cands and rec.prepare is not None:
+                rec.prepare(sp, cands, calib_records[i], i, say)
         plans.append(sp)
 
     def evaluate(assignment: dict[int, tuple[str, dict]], by: Measure = measure) -> tuple[float, Optional[float]]:
@@ -202,10 +205,11 @@ def plan_program(
     surgeries, fitted, merges = [], [], []
     for i, sp in enumerate(outcome.sites):
         assign(nodes[i], *(sp.chosen.probe or (sp.chosen.variant, sp.chosen.params)))
-        if sp.chosen.variant == "latent":
+        kind = VARIANTS[sp.chosen.variant].weight_surgery
+        if kind == "low_rank":
             pk, pv = projections[i]
             surgeries.append(Surgery(live[i].site.index, pk, sp.chosen.extra[0], pv, sp.chosen.extra[1]))
-        elif sp.chosen.variant == "gqa_merge":
+        elif kind == "merge_heads":
             pk, pv = projections[i]
             merges.append((live[i].site.index, pk, pv, int(sp.chosen.params["groups"])))
         elif sp.chosen.extra:
@@ -224,10 +228,8 @@ def plan_unmeasured(ep: torch.export.ExportedProgram, matches: list[Match], allo
     Exact rewrites only, unless the caller pinned variants; every site is priced for the target, and
     a pinned approximate variant says that its error was not measured.
     """
-    from passes.variants import VARIANTS
-
     hw = pricing.profile(target)
-    rest = {k: v for k, v in allowed.items() if k == "dense"} or allowed
+    rest = {k: v for k, v in allowed.items() if k == exact_name()} or allowed
     chosen = {}
     for m in matches:
         variant, params, _ = choose(m, rest)
@@ -241,7 +243,7 @@ def plan_unmeasured(ep: torch.export.ExportedProgram, matches: list[Match], allo
             decisions.append(Decision(m.site, "original", {}, None, None, failures.get(idx, m.site.reason)))
             continue
         variant, params = chosen[idx]
-        exact = bool(getattr(VARIANTS[variant], "exact", lambda s, p: False)(m.site, params))
+        exact = bool(VARIANTS[variant].exact(m.site, params))
         reason = f"{'exact;' if exact else 'approximate; error'} not measured ({why})"
         decisions.append(Decision(m.site, variant, params, pricing.predicted_speedup(m.site, variant, params, hw),
                                   0.0 if exact else None, reason))
@@ -280,88 +282,6 @@ def _forget_probes(plans: list[SitePlan]) -> None:
                 lowrank.PROBES.pop(c.probe[1].get("probe", ""), None)
 
 
-def _merge_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
-    b, g, m, d = x.shape
-    return x.reshape(b, groups, g // groups, m, d).mean(2)
-
-
-def _prepare_merge(sp: SitePlan) -> None:
-    """Merged KV heads: scored on merged recorded K/V (the average of member heads, as the surgery makes)."""
-    from codegen import lowrank
-
-    cands = [c for c in sp.options if c.variant == "gqa_merge"]
-    if cands:
-        lowrank.register_gqa_probe_kernel()
-    for c in cands:
-        n = int(c.params["groups"])
-        c.inputs = lambda rec, n=n: (rec.q, _merge_heads(rec.k, n), _merge_heads(rec.v, n))
-        c.probe = ("gqa_probe", {"groups": n})
-        c.score_as = ("gqa_merge", {})
-
-
-def _prepare_hedgehog(sp: SitePlan, records: list[SiteRecord], index: int, say) -> None:
-    """Learned feature maps: fitted once per site (on first use), shared by every window size."""
-    from codegen import lowrank
-    from passes.fitting import fit_hedgehog
-
-    cands = [c for c in sp.options if c.variant == "linear" and c.params.get("feature_map") == "hedgehog"]
-    if not cands or not records:
-        return
-    refusal = _linear_mask_refusal(records)
-    if refusal:  # the kernel would refuse every fitted map: do not spend the fitting time
-        for c in cands:
-            c.error, c.failure = math.inf, refusal
-        logger.info("site %s: hedgehog not fitted: %s", sp.site.name, refusal)
-        return
-    lowrank.register_extra_probe_kernel()
-    key = f"site{index}-hedgehog-{id(sp)}"
-    cache: list = []
-
-    def prepare(c) -> None:
-        if not cache:
-            t0 = time.perf_counter()
-            cache.append(fit_hedgehog(records, desc=f"fitting feature maps, site {index}"))
-            say(f"site {index} {sp.site.name}: fitted Hedgehog feature maps in {time.perf_counter() - t0:.1f}s")
-            lowrank.PROBES[key] = tuple(cache[0])
-        c.extra = tuple(cache[0])
-        c.probe = ("extra_probe", {"probe": key, "inner": "linear", **c.params})
-
-    for c in cands:
-        c.prepare = prepare
-
-
-def _linear_mask_refusal(records: list[SiteRecord]) -> str:
-    """Why the linear kernel would refuse these records' masks ('' when it takes them all)."""
-    from codegen.linear import key_keep
-
-    for r in records:
-        try:
-            key_keep(r.mask, r.q.shape[0], r.k.shape[2])
-        except ValueError as e:
-            return f"ValueError: {e}"
-    return ""
-
-
-def _prepare_latent(sp: SitePlan, records: list[SiteRecord], index: int) -> None:
-    """Fit each latent candidate's K/V bases on the calibration records (one SVD per site, sliced by rank)."""
-    from codegen import lowrank
-
-    cands = [c for c in sp.options if c.variant == "latent"]
-    if not cands or not records:
-        return
-    lowrank.register_probe_kernel()
-    top = max(int(c.params["rank"]) for c in cands)
-    uk_all, uv_all = factors(records, "k", top), factors(records, "v", top)
-    for c in cands:
-        r = int(c.params["rank"])
-        uk, uv = uk_all[:, :r].contiguous(), uv_all[:, :r].contiguous()
-        key = f"site{index}-rank{r}-{id(sp)}"
-        lowrank.PROBES[key] = (uk, uv)
-        c.extra = (uk, uv)
-        c.inputs = lambda rec, uk=uk, uv=uv: (rec.q, project(rec.k, uk), project(rec.v, uv))
-        c.probe = ("latent_probe", {"probe": key, "rank": r})
-
-
 def _plan(matches, live, outcome: Outcome, pending, failures, hw, target, budget, choice: metrics.MetricChoice, rows,
           site_cap: Optional[float]) -> Plan:
     by_site = {m.site.index: sp for m, sp in zip(live, outcome.sites)}
@@ -374,9 +294,11 @@ def _plan(matches, live, outcome: Outcome, pending, failures, hw, target, budget
         sp = by_site[idx]
         c = sp.chosen
         speedup = pricing.predicted_speedup(m.site, c.variant, c.params, hw)
-        why = sp.note or ("exact; fused kernel" if c.variant == "dense" else "")
-        if c.variant == "dense" and not sp.options and sp.refusals:
-            why = f"{why}; not applicable: {'; '.join(sp.refusals)}" if why else "not applicable: " + "; ".join(sp.refusals)
+        exact_base = VARIANTS[c.variant].kernel.exact_always
+        why = sp.note or ("exact; fused kernel" if exact_base else "")
+        if exact_base and not sp.options and sp.refusals:
+            why = (f"{why}; not applicable: {'; '.join(sp.refusals)}" if why
+                   else "not applicable: " + "; ".join(sp.refusals))
         note = "; ".join(x for x in (why, *m.site.notes) if x)
         decisions.append(Decision(m.site, c.variant, dict(c.params), speedup, c.error, note))
     notes = []

@@ -81,7 +81,8 @@ class Plan:
             if self.metric == "perplexity":
                 held = "" if self.holdout_error is None else f", held-out {100 * self.holdout_error:+.2f}%"
                 budget = "none" if self.budget is None else f"+{100 * self.budget:g}%"
-                lines.append(f"measured perplexity change: calibration {100 * self.error:+.2f}%{held}; budget: {budget}")
+                lines.append(f"measured perplexity change: calibration {100 * self.error:+.2f}%{held}; "
+                             f"budget: {budget}")
             else:
                 held = "" if self.holdout_error is None else f", held-out {self.holdout_error:.2e}"
                 words = _in_words(self.metric, self.budget) if self.budget is not None else ""

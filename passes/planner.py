@@ -9,7 +9,6 @@ unit of time saved backs off to its next more accurate candidate (eventually exa
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from dataclasses import dataclass, field
@@ -20,14 +19,9 @@ from passes import pricing
 from passes.calibrate import SiteRecord, site_error
 from passes.find import Match
 from passes.site import AttentionSite
-from passes.variants import VARIANTS
+from passes.variants import VARIANTS, exact_name
 
 logger = logging.getLogger(__name__)
-
-# Every name the design reserves; those without a module or kernel yet are refused with a clear message.
-CATALOGUE = (
-    "dense", "sliding_window", "sinks_window", "neighborhood_2d", "block_sparse", "linear", "latent", "gqa_merge",
-)
 
 VariantSpec = Union[None, str, list, tuple, dict]
 
@@ -47,12 +41,12 @@ TIE_MARGIN = 0.3
 
 
 def available() -> list[str]:
-    """Variants that have both a planner module and a registered kernel."""
-    return [n for n in CATALOGUE if n in VARIANTS and n in KERNELS]
+    """Every registered variant (the exact baseline first)."""
+    return list(VARIANTS)
 
 
 def _check_params(name: str, params: dict) -> dict:
-    accepted: dict = getattr(VARIANTS[name], "PARAMS", {})
+    accepted = VARIANTS[name].params
     out = {}
     for k, v in params.items():
         if k not in accepted:
@@ -65,9 +59,7 @@ def _check_params(name: str, params: dict) -> dict:
             raise ValueError(f"variant {name!r}: parameter {k!r} must be {getattr(want, '__name__', want)}, "
                              f"not {v!r}")
         out[k] = v
-    check = getattr(VARIANTS[name], "check_params", None)
-    if check is not None:
-        check(out)
+    VARIANTS[name].check(out)
     return out
 
 
@@ -88,13 +80,11 @@ def normalise_variants(spec: VariantSpec) -> dict[str, Optional[dict]]:
     else:
         raise TypeError(f"variants must be None, a name, a list of names or a dict of name -> params, not {spec!r}")
     for name in list(items):
-        if name not in CATALOGUE:
-            raise ValueError(f"unknown variant {name!r}; the catalogue is: {', '.join(CATALOGUE)}")
-        if name not in VARIANTS or name not in KERNELS:
-            have = ("a planner module but no kernel yet" if name in VARIANTS else
-                    "a kernel, but the planner does not offer it yet" if name in KERNELS else "no implementation yet")
-            raise ValueError(f"variant {name!r} is in the catalogue but has {have}; "
-                             f"available now: {', '.join(available())}")
+        if name not in VARIANTS:
+            raise ValueError(f"unknown variant {name!r}; the catalogue is: {', '.join(available())}")
+        if name not in KERNELS:  # a broken install: the planner's record without its kernel
+            raise ValueError(f"variant {name!r} has a planner record but no kernel yet (nothing registered "
+                             f"it with the op); available now: {', '.join(n for n in available() if n in KERNELS)}")
         if items[name] is not None:
             items[name] = _check_params(name, items[name])
     return items
@@ -103,9 +93,9 @@ def normalise_variants(spec: VariantSpec) -> dict[str, Optional[dict]]:
 def drops_band(site: AttentionSite, variant: str, params: dict) -> bool:
     """True when ``variant`` reproduces the site's own band mask itself (its native window), so the rewrite
     passes the op everything but the band."""
-    return (variant in ("sliding_window", "sinks_window") and site.window is not None
-            and int(params.get("window", -1)) == site.window and int(params.get("sinks", 0) or 0) == 0
-            and not params.get("delta"))
+    draws = VARIANTS[variant].draws_band if variant in VARIANTS else None
+    return (draws is not None and site.window is not None and not params.get("delta")
+            and draws(params) == site.window)
 
 
 def choose(m: Match, allowed: dict[str, Optional[dict]]) -> tuple[Optional[str], dict, str]:
@@ -114,13 +104,13 @@ def choose(m: Match, allowed: dict[str, Optional[dict]]) -> tuple[Optional[str],
         return None, {}, m.site.reason
     refusals = []
     for name, fixed in allowed.items():
-        module = VARIANTS[name]
-        why = module.applies(m.site)
+        rec = VARIANTS[name]
+        why = rec.applies(m.site)
         if why:
             refusals.append(f"{name}: {why}")
             continue
-        params: dict[str, Any] = {**getattr(module, "DEFAULTS", {}), **(fixed or {})}
-        reason = "exact; fused kernel" if name == "dense" else "forced"
+        params: dict[str, Any] = {**rec.defaults, **(fixed or {})}
+        reason = "exact; fused kernel" if rec.kernel.exact_always else "forced"
         return name, params, reason
     return None, {}, "; ".join(refusals) or "no allowed variant applies"
 
@@ -177,32 +167,31 @@ def site_candidates(site: AttentionSite, allowed: dict[str, Optional[dict]], hw,
 
     ``blocked``: variants the graph rules out at this site, with the reason (e.g. latent without factorable K/V).
     """
-    dense_s = pricing.seconds(site, "dense", {}, hw)
-    dense = Candidate("dense", {}, dense_s if dense_s is not None else math.inf, exact=True, error=0.0)
+    base = exact_name()
+    dense_s = pricing.seconds(site, base, {}, hw)
+    dense = Candidate(base, {}, dense_s if dense_s is not None else math.inf, exact=True, error=0.0)
     sp = SitePlan(site, dense, [])
     for name, fixed in allowed.items():
-        if name == "dense":
+        if name == base:
             continue
-        module = VARIANTS[name]
-        why = module.applies(site) or (blocked or {}).get(name)
+        rec = VARIANTS[name]
+        why = rec.applies(site) or (blocked or {}).get(name)
         if why:
             sp.refusals.append(f"{name}: {why}")
             continue
-        takes_facts = "facts" in inspect.signature(module.grid).parameters
         if fixed is not None:
-            complete = getattr(module, "complete", lambda p, f: p)
-            grid = [complete({**getattr(module, "DEFAULTS", {}), **fixed}, facts)]
+            grid = [rec.complete({**rec.defaults, **fixed}, facts)]
         else:
-            grid = module.grid(site, facts) if takes_facts else module.grid(site)
+            grid = rec.grid(site, facts)
         if not grid:
             sp.refusals.append(f"{name}: no parameter choice fits the site's shape")
         for params in grid:
-            params = {**{k: v for k, v in getattr(module, "DEFAULTS", {}).items() if k not in params}, **params}
+            params = {**{k: v for k, v in rec.defaults.items() if k not in params}, **params}
             t = pricing.seconds(site, name, params, hw)
             if t is None:
                 sp.refusals.append(f"{name}: cannot be priced at this site")
                 continue
-            exact = bool(getattr(module, "exact", lambda s, p: False)(site, params))
+            exact = bool(rec.exact(site, params))
             # the model's own window is its semantics, exact and the pattern a window kernel is for
             if forced or t < dense.seconds or drops_band(site, name, params):
                 sp.options.append(Candidate(name, params, t, exact=exact, error=0.0 if exact else None))
@@ -272,7 +261,7 @@ def _probe_gains(sites: Sequence[SitePlan], records, evaluate: Evaluate, base: f
     block-sparse choice that keeps every real key of short padded rows) would measure only noise, so
     it is never a probe; without any usable probe the gain stays 1 at power 1.
     """
-    dense_all = {i: ("dense", {}) for i in range(len(sites))}
+    dense_all = {i: (exact_name(), {}) for i in range(len(sites))}
     for i, sp in enumerate(sites):
         inexact = sorted((c for c in sp.options if not c.exact and ROUNDING < _score(sp, c, records[i]) < math.inf),
                          key=lambda c: c.error)
@@ -398,7 +387,7 @@ def search(
     else:
         if budget > 0:
             probe = gain_evaluate or evaluate
-            base, _ = probe({i: ("dense", {}) for i in range(len(sites))})
+            base, _ = probe({i: (exact_name(), {}) for i in range(len(sites))})
             _probe_gains(sites, records, probe, base, say, power)
         _allocate(sites, records, budget, cap)
         for i, sp in enumerate(sites):

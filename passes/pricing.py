@@ -11,7 +11,7 @@ from cost_model import hardware
 from cost_model.hardware import profile_note  # noqa: F401  (the plan's note on its CPU figures)
 from cost_model.predict import predict
 from passes.site import AttentionSite
-from passes.variants import get_variant
+from passes.variants import exact_name, get_variant
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,7 @@ def corrected(hw: hardware.Hardware, cascade: str, form: Optional[str], raw: flo
     run dense attention. Unmeasured (a GPU, generic figures): ``raw``.
     """
     extra = dict(hw.extra)
-    nearest = {"sinks_window": "sliding_window", "latent": "dense", "gqa_merge": "dense", "gqa": "dense"}
-    for name in filter(None, (cascade, nearest.get(cascade))):
+    for name in filter(None, (cascade, _timed_as(cascade))):
         key = factor_key(name, form)
         if key not in extra:
             continue
@@ -89,31 +88,33 @@ def corrected(hw: hardware.Hardware, cascade: str, form: Optional[str], raw: flo
     return raw
 
 
+def _timed_as(cascade: str) -> Optional[str]:
+    """The kernel whose calibrated timing a variant's shares when it has none of its own."""
+    from codegen.registry import exact_variant, kernel_variant
+    rec = kernel_variant(cascade)
+    if rec is not None:
+        return rec.timed_as
+    return exact_variant().name if cascade == "gqa" else None  # the cost model's GQA form of exact attention
+
+
 def _terms(site: AttentionSite, variant: str, params: dict, shape: dict) -> list[tuple[str, dict, dict, Optional[str]]]:
-    """(cascade, its params, shape, form) terms whose times add up to the variant's time."""
+    """(cascade, its params, shape, form) terms whose times add up to the variant's time.
+
+    A variant's record prices itself (``Variant.price``): by default its own cascade with the parameters
+    the cascade takes, at the site's shape. A Delta correction adds exact attention for every stride-th query.
+    """
+    rec = get_variant(variant)
     p = {k: v for k, v in params.items() if k not in ("block", "delta")}
     stride = int(params.get("delta", 0) or 0)
-    if stride > 1:  # Delta correction: exact attention for every stride-th query on top
+    if stride > 1:
         return _terms(site, variant, p, shape) + [
-            ("dense", {}, {**shape, "P": max(1, math.ceil(shape["P"] / stride))}, "online")]
-    if variant == "dense":
-        return [("dense", {}, shape, "online")]
-    if variant == "linear":
-        module = get_variant("linear")
-        terms = [("linear", {"chunk": int(p.get("chunk", 64))}, {**shape, "E": module.feature_dim(site, p)}, None)]
-        if int(p.get("window", 0)) > 0:
-            terms.append(("sliding_window", {"window": int(p["window"])}, shape, None))
-        return terms
-    if variant == "neighborhood_2d":
-        kh, kw = p.get("kernel", (7, 7))
-        # a grid query visits kh*kw keys: the 1D non-causal window with the same number of keys
-        window = max(1, math.ceil((kh * kw + 1) / 2))
-        return [("sliding_window", {"window": window}, shape, None)]
-    if variant == "gqa_merge":
-        return [("dense", {}, {**shape, "G": int(p.get("groups", shape["G"]))}, "online")]
-    cascade = getattr(get_variant(variant), "CASCADE", variant)
-    keep = {k: v for k, v in p.items() if k in ("window", "sinks", "keep", "rank", "chunk")}
-    return [(cascade, keep, shape, None)]
+            (exact_name(), {}, {**shape, "P": max(1, math.ceil(shape["P"] / stride))}, "online")]
+    if rec.price is not None:
+        return list(rec.price(site, p, shape))
+    if rec.kernel.exact_always:
+        return [(variant, {}, shape, "online")]
+    keep = {k: v for k, v in p.items() if k in rec.kernel.cascade_params}
+    return [(variant, keep, shape, None)]
 
 
 def seconds(site: AttentionSite, variant: str, params: dict, hw: hardware.Hardware,
@@ -122,9 +123,9 @@ def seconds(site: AttentionSite, variant: str, params: dict, hw: hardware.Hardwa
     shape = site_shape(site, length)
     if shape is None:
         return None
-    causal = site.causal and not (variant == "neighborhood_2d")
     total = 0.0
     try:
+        causal = site.causal and not get_variant(variant).never_causal
         for cascade, prm, shp, form in _terms(site, variant, params, shape):
             total += _seconds(cascade, tuple(sorted(shp.items())), causal, form, hw, tuple(sorted(prm.items())))
     except (KeyError, ValueError, TypeError) as e:
@@ -140,7 +141,7 @@ def original_seconds(site: AttentionSite, hw: hardware.Hardware, length: Optiona
         return None
     form = "online" if site.spelling == "sdpa" else "3pass"
     try:
-        base = _seconds("dense", tuple(sorted(shape.items())), site.causal, form, hw, ())
+        base = _seconds(exact_name(), tuple(sorted(shape.items())), site.causal, form, hw, ())
     except (KeyError, ValueError, TypeError) as e:
         logger.info("cannot price %s: %s", site.name, e)
         return None

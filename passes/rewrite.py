@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -109,7 +109,8 @@ def _combined_mask(em: _Emitter, m: Match, drop_band: bool = False) -> Optional[
             # already decomposed, so only core ops are emitted here)
             sizes, dev = em.exact_sizes(list(G.shape(keep))), G.val(keep).device
             zero = em(aten.full.default, sizes, 0.0, dtype=torch.float32, device=dev)
-            hidden = em(aten.where.self, keep, zero, em(aten.full.default, sizes, fill, dtype=torch.float32, device=dev))
+            hidden = em(aten.where.self, keep, zero,
+                        em(aten.full.default, sizes, fill, dtype=torch.float32, device=dev))
             out = hidden if out is None else em(aten.add.Tensor, out, hidden)
     s = G.shape(out)
     if len(m.batch) > 2:

@@ -454,7 +454,8 @@ def walk_probs(ctx: GraphContext, sm: fx.Node) -> Probs:
         if len(nxt) != 1:
             nxt = [u for u in us if G.opname(u) in (PASS_THROUGH | G.DROPOUT_OPS | _LAYOUT_OPS)]
         if len(us) > 1:
-            notes.append("the attention probabilities are also used elsewhere (returned weights?); they are still computed")
+            notes.append("the attention probabilities are also used elsewhere (returned weights?); "
+                         "they are still computed")
         if len(nxt) != 1:
             return Probs(None, None, chain, notes, False, problems)
         u = nxt[0]

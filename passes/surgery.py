@@ -1,4 +1,4 @@
-"""Weight surgery for the latent variant: K/V projections become per-head low-rank factors.
+"""Weight surgery: K/V projections become per-head low-rank factors, or K/V heads merge in groups.
 
 A site qualifies when its K and V each come from one ``nn.Linear`` (a parameter weight) through
 view-only ops that split the output into heads the standard way ([B, M, G*E] -> [B, G, M, E]),
@@ -43,7 +43,7 @@ def _chain_to_linear(node: fx.Node) -> Optional[tuple[fx.Node, list[fx.Node]]]:
     x = node
     for _ in range(16):
         name = G.opname(x)
-        if name == "linear":
+        if name in G.LINEAR_OPS:
             return x, list(reversed(chain))
         if name not in _VIEWS and name not in G.CAST_OPS:
             return None
@@ -231,6 +231,7 @@ def rewrite_planned(ep: torch.export.ExportedProgram, matches: list, chosen: dic
 
     from passes.planner import drops_band
     from passes.rewrite import rewrite_graph
+    from passes.variants import VARIANTS
 
     todo = []
     failures: dict[int, str] = {}
@@ -239,17 +240,18 @@ def rewrite_planned(ep: torch.export.ExportedProgram, matches: list, chosen: dic
             continue
         variant, params = chosen[m.site.index]
         opts: dict = {"drop_band": drops_band(m.site, variant, params)}
-        if variant == "latent":
+        kind = VARIANTS[variant].weight_surgery if variant in VARIANTS else None
+        if kind == "low_rank":
             lk, lv = latent_operand(m.k.node), latent_operand(m.v.node)
             if lk is None or lv is None:
-                failures[m.site.index] = "latent: the factored projections are not visible in the captured graph"
+                failures[m.site.index] = f"{variant}: the factored projections are not visible in the captured graph"
                 continue
             m = dataclasses.replace(m, k=lk[0], v=lv[0], gqa_source=None, v_gqa_source=None)
             opts["extra"] = (lk[1], lv[1])
-        elif variant == "gqa_merge":
+        elif kind == "merge_heads":
             mk, mv = merged_operand(m.k.node), merged_operand(m.v.node)
             if mk is None or mv is None:
-                failures[m.site.index] = "gqa_merge: the merged projections are not visible in the captured graph"
+                failures[m.site.index] = f"{variant}: the merged projections are not visible in the captured graph"
                 continue
             m = dataclasses.replace(m, k=mk, v=mv, gqa_source=None, v_gqa_source=None)
             params = {}  # the merged head count is K's own shape now

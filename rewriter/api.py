@@ -11,6 +11,7 @@ import torch
 from passes.find import Match, find_matches
 from passes.lower import lower_dense
 from passes.metrics import Metric, check_perplexity
+from passes.variants import exact_name
 from passes.metrics import validate as validate_metric
 from passes.pipeline import plan_program, plan_unmeasured
 from passes.plan import Decision, Plan
@@ -45,8 +46,10 @@ def find_attention(model: torch.nn.Module, example_inputs: Any) -> list[Attentio
 
 def relative_l2(reference: Any, candidate: Any) -> float:
     """Relative L2 distance between two outputs with the same structure (all float tensors pooled)."""
-    ref = [t for t in torch.utils._pytree.tree_leaves(reference) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    cand = [t for t in torch.utils._pytree.tree_leaves(candidate) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    ref = [t for t in torch.utils._pytree.tree_leaves(reference)
+           if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    cand = [t for t in torch.utils._pytree.tree_leaves(candidate)
+            if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if len(ref) != len(cand):
         raise ValueError(f"outputs differ in structure: {len(ref)} tensors against {len(cand)}")
     num = sum(float((a.detach().double() - b.detach().double()).pow(2).sum()) for a, b in zip(ref, cand))
@@ -214,7 +217,7 @@ def _rewrite_as(ep, matches: list[Match], chosen: dict[int, tuple[str, dict]]) -
     if failures:
         logger.warning("planned rewrite failed at re-capture for site(s) %s; they run dense: %s", sorted(failures),
                        failures)
-        retry = {i: ("dense", {}) for i in failures}
+        retry = {i: (exact_name(), {}) for i in failures}
         rewrite_planned(ep, [m for m in matches if m.site.index in retry], retry)
     return failures
 
@@ -372,7 +375,8 @@ def _optimize(
     if max_len is not None and example_len is not None and max_len < example_len:
         raise ValueError(f"max_len={max_len} is shorter than the example inputs' sequence length {example_len}; "
                          "pass max_len >= the example length (or None for the model's position limit)")
-    if planned.surgeries or planned.fitted or planned.merges or any(drops_band(d.site, d.variant, d.params) for d in plan.decisions):
+    if (planned.surgeries or planned.fitted or planned.merges
+            or any(drops_band(d.site, d.variant, d.params) for d in plan.decisions)):
         # the final program differs in structure from the planning graph (factored projections, a site's
         # own band run by the window kernel instead of passed as a mask): capture it again
         ep2, _, matches, _ = _analyse(source, example_inputs)

@@ -65,11 +65,12 @@ def _pytree_modules(spec) -> list[str]:
 def _kernel_fields(site, variant: str = "", params: Optional[dict] = None) -> dict[str, Any]:
     """The spec fields a site fixes (what the kernel is specialised on besides the variant's params).
 
-    A variant whose surgery changes the K/V heads (``kernel_kv_heads`` on its module) has its kernel
+    A variant whose surgery changes the K/V heads (``kv_heads`` on its record) has its kernel
     specialised on the heads it reads after the surgery."""
     from passes.variants import VARIANTS
     kv = int(site.num_kv_heads)
-    hook = getattr(VARIANTS.get(variant), "kernel_kv_heads", None)
+    rec = VARIANTS.get(variant)
+    hook = rec.kv_heads if rec is not None else None
     if hook is not None:
         kv = hook(site, params or {})
     return {"head_dim": int(site.head_dim), "value_dim": int(site.v_head_dim),
@@ -257,7 +258,8 @@ def read(path: str | Path) -> dict:
     missing = [f for f in ("model.pt2", "plan.json") if not (src / f).exists()]
     if missing:
         raise NotAnArtifact(
-            f"{src} is not a rewriter artifact or is partial (needs model.pt2 and plan.json; missing {', '.join(missing)})")
+            f"{src} is not a rewriter artifact or is partial (needs model.pt2 and plan.json; "
+            f"missing {', '.join(missing)})")
     return _read_meta(src / "plan.json")
 
 
@@ -315,7 +317,8 @@ def load(path: str | Path) -> OptimizedModel:
         rng = meta.get("lengths")
         lengths = None if rng is None else LengthRange(tuple(rng["names"]), int(rng["low"]), int(rng["high"]))
     except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"{src / 'plan.json'} is corrupted ({type(e).__name__}: {e}); re-export the artifact") from e
+        raise ArtifactError(f"{src / 'plan.json'} is corrupted ({type(e).__name__}: {e}); "
+                            "re-export the artifact") from e
     return OptimizedModel(program, spec, plan, rebuild=None, captured_for=meta["signature"], lengths=lengths,
                           example_shapes=meta.get("example_shapes"))
 
@@ -327,7 +330,8 @@ def describe(path: str | Path) -> str:
     try:
         plan = Plan.from_json(meta["plan"])
     except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"{src / 'plan.json'} is corrupted ({type(e).__name__}: {e}); re-export the artifact") from e
+        raise ArtifactError(f"{src / 'plan.json'} is corrupted ({type(e).__name__}: {e}); "
+                            "re-export the artifact") from e
     prov = meta.get("provenance") or {}
     lines = [f"artifact {src} (format {meta['format']})", "", str(plan), "", "provenance:"]
     if not prov:

@@ -17,6 +17,7 @@ from passes.find import find_matches
 from passes.lower import lower_dense
 from passes.planner import choose, normalise_variants
 from passes.rewrite import rewrite_graph
+from passes.variants import exact_name
 from rewriter.capture import fx_context
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def backend_variants(options: dict) -> Any:
     unknown = sorted(set(opts) - set(KNOWN_OPTIONS))
     if unknown:
         raise ValueError(f"rewriter backend: unknown option(s) {unknown}; known: {list(KNOWN_OPTIONS)}")
-    variants = opts.get("variants", ["dense"])
+    variants = opts.get("variants", [exact_name()])
     normalise_variants(variants)  # an unknown variant or parameter fails here, not inside the op later
     return variants
 

@@ -101,7 +101,8 @@ def call_spec(model: torch.nn.Module, args: tuple, kwargs: dict) -> CallSpec:
         extra = max(len(args) - len(names), len(given))
         names = names + [f"{VARARG}{i}" for i in range(extra)]
     bound = dict(zip(names, args))
-    captured = list(bound) + [k for k in kwargs if k not in bound] + [k for k in injected if k not in bound and k not in kwargs]
+    captured = (list(bound) + [k for k in kwargs if k not in bound]
+                + [k for k in injected if k not in bound and k not in kwargs])
     return CallSpec(names, captured, injected, var_positional=var_pos)
 
 
@@ -205,7 +206,8 @@ def graph_context(ep: torch.export.ExportedProgram) -> GraphContext:
     sig = ep.graph_signature
     user = set(sig.user_inputs)
     state = {**ep.state_dict, **ep.constants}
-    lookup = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **getattr(sig, "inputs_to_lifted_tensor_constants", {})}
+    lookup = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
+              **getattr(sig, "inputs_to_lifted_tensor_constants", {})}
     constants: dict[str, torch.Tensor] = {}
     placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
     for n in placeholders:

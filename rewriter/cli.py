@@ -292,7 +292,8 @@ def run_optimize(args, model, inputs, budget, variants, out: Optional[Path], say
         n = int(next(iter(opt.spec.bind(a, k).values())).shape[1])
         say(f"held-out perplexity on 8 windows of {n} bytes (standard-library docstrings the planner never saw)")
         held = lm.windows(lm.corpus("heldout"), n, 8, seed=1)
-        p0, p1 = lm.perplexity(model, held, chunk=int(a[0].shape[0])), lm.perplexity(opt, held, chunk=int(a[0].shape[0]))
+        p0, p1 = (lm.perplexity(model, held, chunk=int(a[0].shape[0])),
+                  lm.perplexity(opt, held, chunk=int(a[0].shape[0])))
         measured["held-out perplexity (per byte)"] = f"{p0:.4f} -> {p1:.4f} ({100 * (p1 / p0 - 1):+.2f}%)"
     for key, val in measured.items():
         print(f"{key}: {val}")

@@ -24,6 +24,7 @@ from passes.find import Match, find_matches
 from passes.plan import Plan
 from passes.planner import drops_band
 from passes.surgery import rewrite_planned
+from passes.variants import VARIANTS, exact_name
 from rewriter.capture import graph_context
 
 logger = logging.getLogger(__name__)
@@ -152,7 +153,8 @@ def crossover(site, variant: str, params: dict, hw, high: int) -> Optional[int]:
         n *= 2
     lengths.append(high)
     for n in lengths:
-        t_v, t_d = pricing.seconds(site, variant, params, hw, length=n), pricing.seconds(site, "dense", {}, hw, length=n)
+        t_v, t_d = (pricing.seconds(site, variant, params, hw, length=n),
+                    pricing.seconds(site, exact_name(), {}, hw, length=n))
         if t_v is not None and t_d is not None and t_v < t_d:
             return n
     return None
@@ -162,10 +164,10 @@ def schedule(site, variant: str, params: dict, hw, calibrated: int, high: int) -
     """Dense below the crossover, ``variant`` from there to ``calibrated``, exact dense beyond (up to ``high``)."""
     start = crossover(site, variant, params, hw, calibrated)
     start = calibrated if start is None else start
-    out = [[0, "dense", {}]] if start > 0 else []
+    out = [[0, exact_name(), {}]] if start > 0 else []
     out.append([start, variant, dict(params)])
     if calibrated < high:
-        out.append([calibrated + 1, "dense", {}])
+        out.append([calibrated + 1, exact_name(), {}])
     return out
 
 
@@ -193,8 +195,10 @@ def length_adaptive(model: torch.nn.Module, kw: dict, static_matches: list[Match
         if d.variant == "original":
             continue
         chosen[m.site.index] = (d.variant, dict(d.params))
-        # exact at every length (a native window), reading factored K/V (latent), or forced: no dense branch
-        if (calibrated is None or d.variant in ("dense", "latent", "gqa_merge")
+        # exact at every length (the baseline, a native window), reading rewritten weights, or forced:
+        # no dense branch
+        rec = VARIANTS[d.variant]
+        if (calibrated is None or rec.kernel.exact_always or rec.changes_weights
                 or drops_band(d.site, d.variant, d.params)):
             continue
         schedules[m.site.index] = schedule(d.site, d.variant, d.params, hw, calibrated, high)
@@ -206,7 +210,8 @@ def length_adaptive(model: torch.nn.Module, kw: dict, static_matches: list[Match
     # rewritten program once more gives clean metadata, so a saved artifact keeps the whole range.
     try:
         with torch.no_grad():
-            ep = torch.export.export(ep.module(), (), kw, dynamic_shapes=_dynamic_shapes(kw, rng.names, rng.low, rng.high),
+            ep = torch.export.export(ep.module(), (), kw,
+                                     dynamic_shapes=_dynamic_shapes(kw, rng.names, rng.low, rng.high),
                                      strict=False)
     except Exception as e:
         logger.info("the rewritten program does not re-export with a dynamic length (%s); re-capturing per shape", e)
@@ -243,7 +248,7 @@ def every_length(source: torch.nn.Module, kw0: dict, matches: list[Match], plan:
     for d in plan.decisions:
         sched = schedules.get(d.site.index)
         if not sched:
-            if not forced and d.variant in ("latent", "gqa_merge") and rng.high > n:
+            if not forced and d.variant in VARIANTS and VARIANTS[d.variant].changes_weights and rng.high > n:
                 notes.append(f"site {d.site.index}: {d.variant} changes the weights, so it runs at every length; "
                              f"its error was measured at length {n} only")
             continue
@@ -251,7 +256,7 @@ def every_length(source: torch.nn.Module, kw0: dict, matches: list[Match], plan:
         if start:
             notes.append(f"site {d.site.index}: dense below length {start}, {d.variant} from there "
                          "(cost model crossover)")
-        if sched[-1][1] == "dense" and sched[-1][0] > 0 and start is not None:
+        if sched[-1][1] == exact_name() and sched[-1][0] > 0 and start is not None:
             notes.append(f"site {d.site.index}: {d.variant} serves lengths up to {sched[-1][0] - 1} (the calibrated "
                          f"range); exact dense beyond it")
     return ep_dyn, rng, notes

@@ -1,7 +1,6 @@
 """``rewriter explain``: every candidate at each site, priced by the cost model, and where the cheapest changes."""
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
@@ -14,7 +13,7 @@ from cost_model.predict import cascade_for, kernel_costs
 from passes import pricing
 from passes.planner import available
 from passes.site import AttentionSite
-from passes.variants import VARIANTS
+from passes.variants import VARIANTS, exact_name
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ def priced(site: AttentionSite, variant: str, params: dict, hw) -> Optional[Pric
     if shape is None:
         return None
     n = sym("N")
-    causal = site.causal and variant != "neighborhood_2d"
+    causal = site.causal and not VARIANTS[variant].never_causal
     names, n_passes, secs, flops, nbytes = [], 0, sympy.Integer(0), sympy.Integer(0), sympy.Integer(0)
     # pricing's terms are the one place a variant is mapped onto cost-model cascades
     for cascade, prm, shp, form in pricing._terms(site, variant, params, shape):
@@ -90,20 +89,20 @@ def cheapest_changes(cands: list[Priced], high: int, low: int = 64) -> list[tupl
 
 def candidates(site: AttentionSite, allowed: Iterable[str]) -> tuple[list[tuple[str, dict]], list[str]]:
     """(variant, params) to explain at ``site`` (dense first) and the variants refused with the reason."""
-    out, refused = [("dense", {})], []
+    base = exact_name()
+    out, refused = [(base, {})], []
     for name in allowed:
-        if name == "dense":
+        if name == base:
             continue
-        module = VARIANTS[name]
-        why = module.applies(site)
+        rec = VARIANTS[name]
+        why = rec.applies(site)
         if why:
             refused.append(f"{name}: {why}")
             continue
-        takes_facts = "facts" in inspect.signature(module.grid).parameters
-        grid = [p for p in (module.grid(site, {}) if takes_facts else module.grid(site)) if not p.get("delta")]
+        grid = [p for p in rec.grid(site, {}) if not p.get("delta")]
         if not grid:
             refused.append(f"{name}: no parameter choice fits the site's shape")
-        defaults = getattr(module, "DEFAULTS", {})
+        defaults = rec.defaults
         for p in (grid[:1] + grid[-1:] if len(grid) > 1 else grid)[:PER_VARIANT]:
             out.append((name, {**{k: v for k, v in defaults.items() if k not in p}, **p}))
     return out, refused

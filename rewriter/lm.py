@@ -63,7 +63,8 @@ class Block(nn.Module):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
         self.attn = SelfAttention(cfg)
-        self.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.mlp * cfg.dim), nn.GELU(), nn.Linear(cfg.mlp * cfg.dim, cfg.dim))
+        self.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.mlp * cfg.dim), nn.GELU(),
+                                 nn.Linear(cfg.mlp * cfg.dim, cfg.dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
@@ -116,7 +117,8 @@ def corpus(split: str) -> bytes:
     root = sysconfig.get_paths()["stdlib"]
     texts = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "test", "tests", "idlelib", "__pycache__"))
+        dirnames[:] = sorted(d for d in dirnames
+                             if d not in ("site-packages", "test", "tests", "idlelib", "__pycache__"))
         for name in sorted(filenames):
             if not name.endswith(".py"):
                 continue
@@ -160,6 +162,7 @@ def perplexity(model: torch.nn.Module, batch: torch.Tensor, chunk: int = 4) -> f
         b = batch[i:i + chunk]
         out = model(b[:, :-1])
         logits = out if isinstance(out, torch.Tensor) else out[0]
-        total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1), reduction="sum"))
+        total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1),
+                                       reduction="sum"))
         count += b[:, 1:].numel()
     return math.exp(total / count)

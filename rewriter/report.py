@@ -13,6 +13,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
+from passes.variants import VARIANTS, exact_name
+
 logger = logging.getLogger(__name__)
 
 PLOT = "attention_time.png"
@@ -109,12 +111,9 @@ def _operands(s, variant: str, params: dict, n: int):
     """Random q, k, v (and the fitted tensors the kernel takes) at the site's shape and length ``n``."""
     g = torch.Generator().manual_seed(n)
     heads, dk, dv, extra = s.num_kv_heads, s.head_dim, s.v_head_dim, []
-    if variant == "gqa_merge":  # the merged model's K/V carry fewer heads
-        heads = int(params.get("groups", heads))
-    if variant == "latent":  # K/V arrive at rank R with per-head up-projections
-        r = int(params["rank"])
-        extra = [torch.randn(heads, r, dk, generator=g) / r ** 0.5, torch.randn(heads, r, dv, generator=g) / r ** 0.5]
-        dk = dv = r
+    hook = VARIANTS[variant].standalone if variant in VARIANTS else None
+    if hook is not None:  # K/V as the kernel reads them after the variant's surgery (fewer heads, a rank)
+        heads, dk, dv, extra = hook(s, params, g)
     q = torch.randn(1, s.num_heads, n, s.head_dim, generator=g)
     k = torch.randn(1, heads, n, dk, generator=g)
     v = torch.randn(1, heads, n, dv, generator=g)
@@ -133,9 +132,10 @@ def attention_curves(plan, max_seconds: float = 25.0, reps: int = 3) -> list[Cur
     hw = pricing.profile(plan.target)
     deadline = time.perf_counter() + max_seconds
     decisions = _used(plan)
-    if decisions and not any(d.variant == "dense" for d in decisions):
+    base = exact_name()
+    if decisions and not any(d.variant == base for d in decisions):
         first = decisions[0]
-        decisions = [type(first)(first.site, "dense", {}), *decisions]
+        decisions = [type(first)(first.site, base, {}), *decisions]
     curves = []
     for d in decisions:
         s = dataclasses.replace(d.site, batch=1)  # measured on batch 1 below: predict the same
@@ -160,7 +160,7 @@ def attention_curves(plan, max_seconds: float = 25.0, reps: int = 3) -> list[Cur
                 meas.append(None)
                 note = f"not measured standalone: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
         label = d.variant + (f"({','.join(f'{k}={v}' for k, v in sorted(params.items()))})" if params else "")
-        cross = None if d.variant == "dense" else crossover(s, d.variant, params, hw, high)
+        cross = None if d.variant == base else crossover(s, d.variant, params, hw, high)
         curves.append(Curve(label, d.variant, params, lengths, tuple(pred), tuple(meas), cross, note))
     return curves
 
@@ -175,7 +175,7 @@ def plot(curves: list[Curve], path: Path, title: str = "") -> Optional[str]:
         return "matplotlib is not installed (pip install 'attention-rewriter[report]')"
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, c in enumerate(curves):
-        color = "black" if c.variant == "dense" else f"C{i}"
+        color = "black" if c.variant == exact_name() else f"C{i}"
         xs = [n for n, p in zip(c.lengths, c.predicted) if p is not None]
         ax.plot(xs, [1e3 * p for p in c.predicted if p is not None], "--", color=color, label=f"{c.label} predicted")
         xm = [n for n, m in zip(c.lengths, c.measured) if m is not None]
@@ -229,7 +229,7 @@ def render(plan, measured: Optional[Mapping[str, Any]], curves: list[Curve], plo
             lines.append(f"| {c.label} | {n} | {_fmt(p)} | {_fmt(m)} |")
     lines.append("")
     for c in curves:
-        if c.variant != "dense":
+        if c.variant != exact_name():
             where = (f"from length {c.crossover}" if c.crossover is not None else "at no length up to the site's")
             lines.append(f"- {c.label}: the cost model prefers it over dense {where}.")
         if c.note:

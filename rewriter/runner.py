@@ -12,9 +12,9 @@ import logging
 from typing import Any, Callable, Optional
 
 import torch
-import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
-from torch.export.graph_signature import InputKind, OutputKind
+
+from passes.program_inputs import flat_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -25,34 +25,12 @@ def flat_runner(ep: torch.export.ExportedProgram) -> Optional[Callable[..., Any]
     None when the program mutates buffers or inputs, or carries effect tokens or script objects:
     ``ep.module()`` handles those.
     """
-    sig = ep.graph_signature
-    if any(o.kind != OutputKind.USER_OUTPUT for o in sig.output_specs):
+    bind = flat_inputs(ep)
+    if bind is None:
         return None
-    fixed: list[Optional[torch.Tensor]] = []
-    for spec in sig.input_specs:
-        if spec.kind == InputKind.USER_INPUT:
-            fixed.append(None)
-        elif spec.kind == InputKind.PARAMETER:
-            fixed.append(ep.state_dict[spec.target])
-        elif spec.kind == InputKind.BUFFER:
-            fixed.append(ep.state_dict[spec.target] if spec.persistent else ep.constants[spec.target])
-        elif spec.kind == InputKind.CONSTANT_TENSOR and isinstance(ep.constants.get(spec.target), torch.Tensor):
-            fixed.append(ep.constants[spec.target])
-        else:
-            return None
-    gm, in_spec, out_spec = ep.graph_module, ep.call_spec.in_spec, ep.call_spec.out_spec
-    n_user = sum(f is None for f in fixed)
-    if in_spec is None or out_spec is None or in_spec.num_leaves != n_user:
-        return None
+    gm, out_spec = ep.graph_module, ep.call_spec.out_spec
 
     def run(**kwargs: Any) -> Any:
-        try:
-            flat = fx_pytree.tree_flatten_spec(((), kwargs), in_spec)
-        except (KeyError, IndexError, TypeError) as e:
-            raise TypeError(f"the program's inputs do not match the ones it was captured with ({e})") from None
-        if len(flat) != n_user:
-            raise TypeError(f"the program takes {n_user} input tensors and got {len(flat)}")
-        user = iter(flat)
-        return pytree.tree_unflatten(gm(*(next(user) if f is None else f for f in fixed)), out_spec)
+        return pytree.tree_unflatten(gm(*bind(kwargs)), out_spec)
 
     return run

@@ -1,8 +1,6 @@
 """Run generated attention programs through find and rewrite and count what went wrong."""
 from __future__ import annotations
 
-import importlib
-import inspect
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -59,25 +57,23 @@ def _fail(t: Tally, prog: Program, what: str) -> None:
 
 
 def _spec_reference(name: str):
-    """The naive reference of variant ``name``'s kernel spec (codegen.<name>.reference, full op contract), or None."""
-    try:
-        return getattr(importlib.import_module(f"codegen.{name}"), "reference", None)
-    except ImportError:
-        return None
+    """The naive reference of variant ``name``'s kernel (full op contract), from its registered record."""
+    from codegen.registry import kernel_variants
+    return kernel_variants()[name].reference
 
 
 def _forced_variants(t: Tally, prog: Program, site) -> None:
     """Every non-dense variant that applies, forced, must equal its reference on the captured q, k, v
     (and the mask, soft-cap and fill the op carried)."""
     for name, module in VARIANTS.items():
-        if name == "dense" or module.applies(site):
+        if module.kernel.exact_always or module.applies(site):
             continue
         if name not in KERNELS:
             t.variants_no_kernel.add(name)
             continue
         # small sizes so windows, blocks and chunks matter at the programs' lengths
         params = {k: (min(v, 4) if isinstance(v, int) and not isinstance(v, bool) and v > 0 and k != "sinks" else v)
-                  for k, v in getattr(module, "DEFAULTS", {}).items()}
+                  for k, v in module.defaults.items()}
         calls = []
         kernel = KERNELS[name]
 
@@ -106,26 +102,11 @@ def _forced_variants(t: Tally, prog: Program, site) -> None:
         t.variants_checked[name] += 1
         full = _spec_reference(name)
         for q, k, v, mask, scale, causal, kw, out in calls[:1]:
-            if full is not None:
-                ref = full(q, k, v, mask, scale, causal, **kw)
-            else:
-                if mask is not None or kw.get("softcap"):
-                    continue  # the variant's own reference takes no mask or soft-cap
-                accepted = inspect.signature(module.reference).parameters
-                ref = module.reference(q, k, v, scale=scale, causal=causal,
-                                       **{p: x for p, x in kw.items() if _fits(accepted.get(p), x)})
+            ref = full(q, k, v, mask, scale, causal, **kw)
             if not torch.allclose(out.float(), ref.float(), atol=1e-4, rtol=1e-4):
                 t.wrong_results += 1
                 _fail(t, prog, f"variant {name} ({kw}) differs from its reference by "
                                f"{(out.float() - ref.float()).abs().max():.2e}")
-
-
-def _fits(param, value) -> bool:
-    """The reference takes this parameter with a value of this kind (a name the kernel resolves may not)."""
-    if param is None:
-        return False
-    default = param.default
-    return default is inspect.Parameter.empty or default is None or isinstance(value, type(default))
 
 
 def check_program(t: Tally, prog: Program, variants: bool = True) -> None:

@@ -147,7 +147,8 @@ def generate(seed: int) -> Program:
                  "        self.register_buffer('cos', torch.cat([ang.cos(), ang.cos()], -1), persistent=False)",
                  "        self.register_buffer('sin', torch.cat([ang.sin(), ang.sin()], -1), persistent=False)"]
     if causal_way == "tril_buffer":
-        init.append("        self.register_buffer('tri', torch.ones(32, 32, dtype=torch.bool).tril(), persistent=False)")
+        init.append("        self.register_buffer('tri', torch.ones(32, 32, dtype=torch.bool).tril(), "
+                    "persistent=False)")
     if bias == "relbias":
         init.append("        self.rel = nn.Parameter(torch.randn(H, 32, 32) * 0.5)")
     if dropout == "module":
@@ -172,7 +173,8 @@ def generate(seed: int) -> Program:
         f.append("        q, k = self.qn(q), self.kn(k)")
     f.append("        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)")
     if "rotary" in extras:
-        f += ["        def rot(t):", "            t1, t2 = t.chunk(2, -1)", "            return torch.cat([-t2, t1], -1)",
+        f += ["        def rot(t):", "            t1, t2 = t.chunk(2, -1)",
+              "            return torch.cat([-t2, t1], -1)",
               "        cos, sin = self.cos[:n], self.sin[:n]",
               "        q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin"]
     if gqa == "expand":
@@ -186,7 +188,8 @@ def generate(seed: int) -> Program:
         f.append(f"        q, k = q * math.sqrt({scale_val}), k * math.sqrt({scale_val})")
     # scores
     if layout == "flat":
-        f += ["        q = q.reshape(b * H, n, D)", "        k = k.reshape(b * H, m, D)", "        v = v.reshape(b * H, m, D)"]
+        f += ["        q = q.reshape(b * H, n, D)", "        k = k.reshape(b * H, m, D)",
+              "        v = v.reshape(b * H, m, D)"]
         s_expr = {"bmm": "torch.bmm(q, k.transpose(1, 2))", "matmul": "torch.matmul(q, k.transpose(-1, -2))",
                   "at": "q @ k.transpose(1, 2)", "einsum": "torch.einsum('bqd,bkd->bqk', q, k)",
                   "baddbmm": None}[op]
@@ -235,9 +238,11 @@ def generate(seed: int) -> Program:
         body.append(f"        s = {t}")
     if dead_clone:  # kept for inspection; nothing reads it
         body.append("        kept = s.clone()" if dead_clone == "clone" else "        self_scores = s.detach().clone()")
-    scale_stmt = {"scores_mul": f"        s = s * ({scale_val})", "scores_div": f"        s = s / (1.0 / ({scale_val}))"}
+    scale_stmt = {"scores_mul": f"        s = s * ({scale_val})",
+                  "scores_div": f"        s = s / (1.0 / ({scale_val}))"}
     if inplace_scale:
-        scale_stmt = {"scores_mul": f"        s.mul_({scale_val})", "scores_div": f"        s.div_(1.0 / ({scale_val}))"}
+        scale_stmt = {"scores_mul": f"        s.mul_({scale_val})",
+                      "scores_div": f"        s.div_(1.0 / ({scale_val}))"}
     if scale_at in scale_stmt and not mask_before_scale:
         body.append(scale_stmt[scale_at])
     if softcap:
@@ -252,7 +257,8 @@ def generate(seed: int) -> Program:
         body.append(scale_stmt[scale_at])
     body.append(f"        p = {softmax}")
     if dropout == "functional":
-        body.append("        p = F.dropout(p, p=0.1, training=self.training" + (", inplace=True)" if inplace_drop else ")"))
+        body.append("        p = F.dropout(p, p=0.1, training=self.training"
+                    + (", inplace=True)" if inplace_drop else ")"))
     elif dropout == "module":
         body.append("        p = self.drop(p)")
     if layout == "flat":

@@ -30,7 +30,8 @@ def _merge(y: torch.Tensor) -> torch.Tensor:
 class _QKV(nn.Module):
     def __init__(self):
         super().__init__()
-        self.q, self.k, self.v, self.o = nn.Linear(E, H * D), nn.Linear(E, H * D), nn.Linear(E, H * D), nn.Linear(H * D, E)
+        self.q, self.k, self.v, self.o = (nn.Linear(E, H * D), nn.Linear(E, H * D), nn.Linear(E, H * D),
+                                          nn.Linear(H * D, E))
 
     def qkv(self, x: torch.Tensor):
         return _heads(self.q(x)), _heads(self.k(x)), _heads(self.v(x))

@@ -2,7 +2,7 @@
 
 A key block the mask hides wholly from a query block is never chosen, so on a padded batch the
 kept blocks go to real keys; the CPU kernels must still equal the naive reference, and the
-selection is rebuilt here by hand (independently of ``codegen.block_sparse``).
+selection is rebuilt here by hand (independently of ``codegen.variants.block_sparse``).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import codegen
-from codegen import block_sparse
+from codegen.variants import block_sparse
 from codegen.naive import naive_attention
 from tests import builders
 

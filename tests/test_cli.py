@@ -211,7 +211,7 @@ def test_first_use_calibrates_quickly_and_the_plan_says_whether_it_did(user_file
     assert now and time.perf_counter() - t0 < 120 and hardware.cache_path().exists()
     assert dict(hw.extra).get("quick") == 1.0 and not hw_calibrate.is_generic(hw)
     factors = {k: v for k, v in dict(hw.extra).items() if k.startswith("factor_")}
-    assert set(factors) == {hw_calibrate.factor_key(c, f, s) for c, f, _, _ in hw_calibrate.FACTOR_KERNELS
+    assert set(factors) == {hw_calibrate.factor_key(c, f, s) for c, f, _, _ in hw_calibrate.factor_kernels()
                             for s in (False, True)}, factors
     assert all(0.1 <= v <= 10 for v in factors.values()), factors
     assert hw_calibrate.ensure_calibrated()[1] is False  # cached: not measured again

@@ -82,7 +82,8 @@ def test_moving_the_divide_changes_the_pass_count():
     # normalise before the value reduction: A = SN / SD, AV = sum_m A * V
     moved = two.replace(einsums=two.einsums[:-2] + (
         Einsum(Access("A", s), (Access("SN", s), Access("SD", row)), ("div",)),
-        Einsum(Access("AV", row + ("f",)), (Access("A", s), Access("V", ("b", "g", "m", "f"))), ("mul",), ("m",), "sum"),
+        Einsum(Access("AV", row + ("f",)), (Access("A", s), Access("V", ("b", "g", "m", "f"))), ("mul",), ("m",),
+               "sum"),
     ))
     assert passes(moved) == 3
     # and the reverse edit of the 3-pass cascade gives 2
@@ -97,7 +98,8 @@ def test_running_max_is_what_makes_one_pass():
     einsums = []
     for e in one.einsums:
         if e.name == "RM":
-            e = Einsum(Access("RM", ("b", "g", "r", "p")), (Access("LM", ("b", "g", "r", "p", "m1")),), (), ("m1",), "max")
+            e = Einsum(Access("RM", ("b", "g", "r", "p")), (Access("LM", ("b", "g", "r", "p", "m1")),), (), ("m1",),
+                       "max")
         elif any(a.tensor == "RM" for a in e.inputs):
             e = Einsum(e.out, tuple(Access("RM", ("b", "g", "r", "p")) if a.tensor == "RM" else a for a in e.inputs),
                        e.ops, e.reduce, e.reduce_op, e.predicate)
@@ -111,8 +113,8 @@ def _brute(kind, p, m, causal, w=0, s=0):
         a = m - p + i
         for j in range(m):
             vis = True
-            if kind in ("window", "sinks_window"):
-                vis = abs(a - j) < w or (kind == "sinks_window" and j < s)
+            if kind in ("window", "window_sinks"):
+                vis = abs(a - j) < w or (kind == "window_sinks" and j < s)
             if causal or kind == "causal":
                 vis = vis and j <= a
             n += vis
@@ -121,8 +123,8 @@ def _brute(kind, p, m, causal, w=0, s=0):
 
 @pytest.mark.parametrize("p,m", [(50, 50), (7, 50), (1, 30), (30, 30)])
 @pytest.mark.parametrize("kind,causal,w,s", [("causal", True, 0, 0), ("window", True, 5, 0), ("window", False, 5, 0),
-                                             ("window", False, 40, 0), ("sinks_window", True, 6, 3),
-                                             ("sinks_window", False, 4, 2)])
+                                             ("window", False, 40, 0), ("window_sinks", True, 6, 3),
+                                             ("window_sinks", False, 4, 2)])
 def test_visible_pairs_exact(p, m, kind, causal, w, s):
     params = () if kind == "causal" else (("W", sympy.Integer(w)),) + ((("S", sympy.Integer(s)),) if s else ())
     pred = Predicate(kind, params=params, causal=causal)
@@ -169,7 +171,8 @@ def test_crossover_dense_to_linear():
     found = crossovers({"dense": {}, "linear": {"chunk": 64}}, shape, H100, causal=True, lo=64, hi=1 << 18)
     assert found and found[0].before == "dense" and found[0].after == "linear"
     n = found[0].n
-    t = {v: time_expr(cascade_for(v, H100, causal=True, **p), H100) for v, p in [("dense", {}), ("linear", {"chunk": 64})]}
+    t = {v: time_expr(cascade_for(v, H100, causal=True, **p), H100)
+         for v, p in [("dense", {}), ("linear", {"chunk": 64})]}
     subs = {sym("B"): 1, sym("H"): 8, sym("G"): 8, sym("E"): 64, sym("F"): 64, sym("P"): n, sym("M"): n}
     a, b = float(t["dense"].subs(subs)), float(t["linear"].subs(subs))
     assert abs(a - b) / a < 1e-3
@@ -227,7 +230,8 @@ def test_mask_select_is_counted_per_score_not_per_multiply_add():
     from cost_model.predict import predict
 
     hw = hardware.get("cpu")
-    counts = [predict("dense", dict(B=1, H=4, G=4, P=256, M=256, E=e, F=e), hw, causal=True, form="3pass").flops["other"]
+    counts = [predict("dense", dict(B=1, H=4, G=4, P=256, M=256, E=e, F=e), hw, causal=True,
+                      form="3pass").flops["other"]
               for e in (32, 128)]
     assert counts[0] == counts[1], counts
     assert counts[0] < 16 * 4 * 256 * 256, counts  # a handful of element ops per score
@@ -280,7 +284,8 @@ def test_pricing_applies_the_calibrated_kernel_factors():
                          scale=0.125)
     hw = hardware.get("cpu")
     slow = dataclasses.replace(hw, extra=(*hw.extra, ("factor_sliding_window", 2.0), ("factor_dense", 0.5)))
-    for variant, params, factor in [("sliding_window", {"window": 256}, 2.0), ("sinks_window", {"window": 256, "sinks": 4}, 2.0),
+    for variant, params, factor in [("sliding_window", {"window": 256}, 2.0),
+                                    ("sinks_window", {"window": 256, "sinks": 4}, 2.0),
                                     ("dense", {}, 0.5), ("linear", {"feature_map": "elu1"}, 1.0)]:
         assert pricing.seconds(site, variant, params, slow) == pytest.approx(
             factor * pricing.seconds(site, variant, params, hw)), variant

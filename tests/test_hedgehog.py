@@ -24,7 +24,7 @@ def _records(n: int = 256):
     ep, spec, matches, _ = api._analyse(model, ids)
     rewrite_graph(ep.graph_module, [(m, "dense", {}) for m in matches])
     kw = spec.bind((ids,), {})
-    return model, ids, record_sites(lambda kw: ep.module()(**kw), [kw], len(op_nodes(ep.graph_module.graph)))
+    return model, ids, record_sites(ep, [kw], op_nodes(ep.graph_module.graph))
 
 
 def test_fitted_map_beats_elu_at_the_same_window():

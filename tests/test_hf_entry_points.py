@@ -19,7 +19,8 @@ PAIRS = [(f, i) for f in FAMILIES for i in ATTN_IMPLEMENTATIONS]
 
 def _call(model, inputs):
     with torch.no_grad():
-        return model(**inputs, **({"use_cache": False} if "decoder_input_ids" in inputs or "input_features" in inputs else {}))
+        return model(**inputs, **({"use_cache": False} if "decoder_input_ids" in inputs or "input_features" in inputs
+                                  else {}))
 
 
 @pytest.mark.parametrize("family,impl", PAIRS, ids=[f"{f}-{i}" for f, i in PAIRS])

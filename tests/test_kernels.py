@@ -12,7 +12,7 @@ import torch
 
 import codegen
 from tests import builders
-from codegen import block_sparse, latent, linear
+from codegen.variants import block_sparse, latent, linear
 from codegen.naive import naive_attention
 from codegen.pattern import cached_block_map
 

@@ -1,4 +1,5 @@
-"""Latent weight surgery on real weights: fewer parameters, by the amount the plan reports, and the op runs the latent kernel."""
+"""Latent weight surgery on real weights: fewer parameters, by the amount the plan reports, and the op runs
+the latent kernel."""
 from __future__ import annotations
 
 import re
@@ -6,7 +7,7 @@ import re
 import torch
 
 import rewriter
-from codegen import latent as latent_kernel
+from codegen.variants import latent as latent_kernel
 from codegen.ops import recording
 from passes import metrics
 from rewriter import models

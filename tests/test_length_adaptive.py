@@ -11,7 +11,7 @@ import textwrap
 import torch
 
 import rewriter
-from codegen import sliding_window as sw
+from codegen.variants import sliding_window as sw
 from codegen.ops import recording
 from rewriter import lm
 

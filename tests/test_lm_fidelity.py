@@ -1,4 +1,5 @@
-"""The project's own trained LM, as inference code calls the planner: defaults under no_grad, and a perplexity budget."""
+"""The project's own trained LM, as inference code calls the planner: defaults under no_grad, and a perplexity
+budget."""
 from __future__ import annotations
 
 import pytest

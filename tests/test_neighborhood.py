@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import rewriter
-from codegen import neighborhood_2d as nb
+from codegen.variants import neighborhood_2d as nb
 from codegen.ops import recording
 
 

@@ -23,7 +23,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 pytest.importorskip("triton")
 
 import codegen  # noqa: E402
-from codegen import block_sparse  # noqa: E402
+from codegen.variants import block_sparse  # noqa: E402
 from codegen import triton as ct  # noqa: E402
 from codegen.naive import naive_attention  # noqa: E402
 from codegen.sparse import reference_pattern  # noqa: E402
@@ -64,7 +64,7 @@ def test_dense_masks_fp32_exact(mask_kind):
     mask = {"bool": torch.rand(b, 1, p, m, generator=gen, device="cuda") > 0.3,
             "additive": torch.randn(b, h, p, m, generator=gen, device="cuda"),
             "padding": torch.arange(m, device="cuda")[None, None, None, :] < torch.tensor([m, m - 50],
-                                                                                       device="cuda")[:, None, None, None],
+                device="cuda")[:, None, None, None],
             }[mask_kind]
     got = ct.run("dense", q, k, v, mask, 0.1, False, softcap=3.0)
     ref = naive_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), 0.1, softcap=3.0)
@@ -121,7 +121,8 @@ def test_sparse_vs_naive_nq_ne_nkv(variant, params, causal):
 def test_registered_kernels_use_triton_on_cuda(monkeypatch):
     calls = []
     real = ct.run
-    monkeypatch.setattr("codegen.triton.run", lambda variant, *a, **kw: calls.append(variant) or real(variant, *a, **kw))
+    monkeypatch.setattr("codegen.triton.run",
+                        lambda variant, *a, **kw: calls.append(variant) or real(variant, *a, **kw))
     q, k, v = _qkv(1, 4, 2, 257, 257, 64, 64, torch.float16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback warning would fail the test
@@ -149,7 +150,7 @@ def test_triton_op_compile():
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_linear_vs_naive(causal, dtype):
-    from codegen import linear
+    from codegen.variants import linear
     q, k, v = _qkv(2, 4, 2, 700, 1000, 64, 48, dtype)
     pad = torch.ones(2, 1, 1, 1000, dtype=torch.bool, device="cuda")
     pad[1, ..., -77:] = False
@@ -161,7 +162,7 @@ def test_linear_vs_naive(causal, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_latent_vs_naive(causal, dtype):
-    from codegen import latent
+    from codegen.variants import latent
     b, h, g, p, m, e, r, f = 2, 8, 2, 333, 517, 128, 48, 96
     gen = torch.Generator(device="cuda").manual_seed(1)
     mk = lambda *s: torch.randn(*s, generator=gen, device="cuda").to(dtype)  # noqa: E731

@@ -17,13 +17,13 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from codegen.triton.gen import FAMILIES, generate, load
+from codegen.triton.gen import generate, has_triton, load
 from codegen.triton.launch import call_spec, interpreting, run
 from codegen.triton import library  # noqa: F401  registers rewriter_triton::attention when Triton is installed
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FAMILIES", "available", "call_spec", "generate", "interpreting", "load", "maybe_run", "run"]
+__all__ = ["available", "call_spec", "generate", "interpreting", "load", "maybe_run", "run"]
 
 _WARNED: set[tuple[str, str]] = set()
 _FAILED: set[str] = set()
@@ -57,7 +57,7 @@ def maybe_run(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
               params: Optional[Mapping[str, Any]] = None, extra: Sequence[torch.Tensor] = ()
               ) -> Optional[torch.Tensor]:
     """The generated kernel's output on CUDA, or ``None`` (caller falls back) when it cannot run."""
-    if variant not in FAMILIES or not enabled() or not _wanted(q) or not available():
+    if not has_triton(variant) or not enabled() or not _wanted(q) or not available():
         return None
     params = dict(params or {})
     key = variant

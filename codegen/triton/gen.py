@@ -17,22 +17,28 @@ import threading
 from pathlib import Path
 from types import ModuleType
 
+from codegen.pattern import Bound
+from codegen.registry import kernel_variant, kernel_variants
 from codegen.spec import KernelSpec
 from codegen.triton import templates as T
 
 logger = logging.getLogger(__name__)
 
-# The variants with a generated kernel and the family each uses.
-FAMILIES: dict[str, str] = {
-    "dense": "ranges",
-    "gqa_merge": "ranges",   # after weight surgery it is dense attention over fewer K/V heads
-    "sliding_window": "ranges",
-    "sinks_window": "ranges",
-    "block_sparse": "blockmap",
-    "neighborhood_2d": "blockmap",
-    "linear": "linear",      # elu1 feature map, no window (codegen.triton.linear_gen)
-    "latent": "ranges",      # dense over rank-R K/V with both up-projections fused
-}
+
+def triton_of(variant: str):
+    """The variant's kernel record and its Triton record; a ValueError when it has no generated kernel."""
+    rec = kernel_variant(variant)
+    if rec is None or rec.triton is None:
+        have = sorted(n for n, r in kernel_variants().items() if r.triton is not None)
+        raise ValueError(f"no Triton kernel for variant {variant!r}; have {have}")
+    return rec, rec.triton
+
+
+def has_triton(variant: str) -> bool:
+    """Whether ``variant`` has a generated Triton kernel."""
+    rec = kernel_variant(variant)
+    return rec is not None and rec.triton is not None
+
 
 _LOCK = threading.Lock()
 _MODULES: dict[str, ModuleType] = {}
@@ -49,72 +55,62 @@ def _pow2(n: int) -> int:
     return max(16, 1 << (max(1, n) - 1).bit_length())
 
 
+def _bound(b: Bound, q: str) -> str:
+    """A span bound as a Triton expression of the query position ``q`` (a tensor, so every bound has one type)."""
+    if b.anchor == "query":
+        base = q if b.stride == 1 else f"({q} // {b.stride}) * {b.stride}"
+        return base if b.offset == 0 else f"{base} {'+' if b.offset > 0 else '-'} {abs(b.offset)}"
+    if b.anchor == "first":
+        return f"{b.offset} + 0 * {q}"
+    if b.anchor == "last":
+        return f"M - 1 + {b.offset} + 0 * {q}"
+    raise ValueError(f"unknown bound anchor {b.anchor!r}")
+
+
+def _spans(spec: KernelSpec) -> list:
+    rec, _ = triton_of(spec.variant)
+    if rec.spans is None:
+        raise ValueError(f"variant {spec.variant!r} has no key spans")
+    return list(rec.spans(**dict(spec.params)))
+
+
 def _visible_body(spec: KernelSpec) -> str:
-    """The variant's element test as Triton code (key j vs absolute query position i)."""
-    v, causal = spec.variant, spec.causal
-    lines: list[str] = []
-    if v in ("dense", "gqa_merge", "latent", "block_sparse"):
-        lines.append("    vis = kpos >= 0  # every key")
-    elif v == "sliding_window":
-        w = int(spec.param("window"))
-        lines.append(f"    vis = (kpos > qpos - {w}) & (kpos < qpos + {w})  # |i - j| < window")
-    elif v == "sinks_window":
-        w, s = int(spec.param("window")), int(spec.param("sinks"))
-        lines.append(f"    vis = (kpos < {s}) | ((kpos > qpos - {w}) & (kpos < qpos + {w}))  # sinks or |i - j| < window")
-    elif v == "neighborhood_2d":
-        rows, cols = (int(x) for x in spec.param("grid"))
-        kh, kw = (int(x) for x in spec.param("kernel"))
-        pre = int(spec.param("prefix", 0))
-        nr, nc = min(kh, rows), min(kw, cols)
-        lines += [
-            f"    # grid {rows}x{cols} after {pre} global tokens; window {kh}x{kw} shifted inside the grid",
-            f"    t = qpos - {pre}",
-            f"    q_in = (t >= 0) & (t < {rows * cols})",
-            "    t = tl.where(q_in, t, 0)",
-            f"    r0 = tl.minimum(tl.maximum(t // {cols} - {kh // 2}, 0), {rows - nr})",
-            f"    c0 = tl.minimum(tl.maximum(t % {cols} - {kw // 2}, 0), {cols - nc})",
-            f"    u = kpos - {pre}",
-            f"    k_in = (u >= 0) & (u < {rows * cols})",
-            "    u = tl.where(k_in, u, 0)",
-            f"    kr = u // {cols}",
-            f"    kc = u % {cols}",
-            f"    near = (kr >= r0) & (kr < r0 + {nr}) & (kc >= c0) & (kc < c0 + {nc})",
-            "    vis = (~q_in) | (~k_in) | near  # global queries and keys see / are seen by all",
-        ]
+    """The variant's element test as Triton code (key j vs absolute query position i), from its spans."""
+    _, tri = triton_of(spec.variant)
+    if tri.visible is not None:
+        lines = list(tri.visible(spec))
     else:
-        raise ValueError(f"no Triton kernel for variant {v!r}")
-    if causal:
+        terms = []
+        for span in _spans(spec):
+            if span.lo == Bound("first", 0) and span.hi == Bound("last", 0):
+                terms = ["kpos >= 0"]  # every key
+                break
+            if span.hi.anchor == "last":
+                terms.append(f"(kpos >= {_bound(span.lo, 'qpos')})")
+            else:
+                terms.append(f"((kpos >= {_bound(span.lo, 'qpos')}) & (kpos <= {_bound(span.hi, 'qpos')}))")
+        names = ", ".join(sp.name for sp in _spans(spec))
+        lines = [f"    vis = {' | '.join(terms)}  # {names}"]
+    if spec.causal:
         lines.append("    vis = vis & (kpos <= qpos)  # causal")
     lines.append("    return vis")
     return "\n".join(lines)
 
 
 def _segments(spec: KernelSpec) -> list[tuple[str, str, str, str, str]]:
-    """(name, lo_any, hi_any, lo_all, hi_all) key intervals of a query block, from the spec.
+    """(name, lo_any, hi_any, lo_all, hi_all) key intervals of a query block, from the variant's spans.
 
     q_first/q_last are the block's first and last real query positions; a query at i sees
     [lo(i), hi(i)]; the union over the block is [lo(q_first), hi(q_last)] and the intersection
-    [lo(q_last), hi(q_first)] because every bound here is monotone in i.
+    [lo(q_last), hi(q_first)] because every bound is non-decreasing in i (causal clamps hi to i).
     """
-    v, causal = spec.variant, spec.causal
-    if v in ("dense", "gqa_merge", "latent"):
-        # literals are written as expressions of q_first so every bound is a tensor of one type
-        hi_any, hi_all = ("q_last", "q_first") if causal else ("M - 1 + 0 * q_last", "M - 1 + 0 * q_first")
-        return [("all keys", "0 * q_first", hi_any, "0 * q_first", hi_all)]
-    w = int(spec.param("window"))
-    win_hi_any = "q_last" if causal else f"q_last + {w - 1}"
-    win_hi_all = "q_first" if causal else f"q_first + {w - 1}"
-    window = ("window", f"q_first - {w - 1}", win_hi_any, f"q_last - {w - 1}", win_hi_all)
-    if v == "sliding_window":
-        return [window]
-    if v == "sinks_window":
-        s = int(spec.param("sinks"))
-        if s <= 0:
-            return [window]
-        sink_any = f"tl.minimum({s - 1}, q_last)" if causal else f"{s - 1} + 0 * q_last"
-        sink_all = f"tl.minimum({s - 1}, q_first)" if causal else f"{s - 1} + 0 * q_first"
-        return [("sinks", "0 * q_first", sink_any, "0 * q_first", sink_all), window]
-    raise ValueError(f"variant {v!r} has no ranges kernel")
+    out = []
+    for span in _spans(spec):
+        hi_any, hi_all = _bound(span.hi, "q_last"), _bound(span.hi, "q_first")
+        if spec.causal:
+            hi_any, hi_all = f"tl.minimum({hi_any}, q_last)", f"tl.minimum({hi_all}, q_first)"
+        out.append((span.name, _bound(span.lo, "q_first"), hi_any, _bound(span.lo, "q_last"), hi_all))
+    return out
 
 
 def _configs(spec: KernelSpec, family: str) -> str:
@@ -125,7 +121,7 @@ def _configs(spec: KernelSpec, family: str) -> str:
     else:
         cand = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4),
                 (128, 128, 8, 2), (64, 128, 4, 2)]
-        if spec.variant in ("sliding_window", "sinks_window"):  # narrow key tiles waste less of a band
+        if triton_of(spec.variant)[1].narrow_key_tiles:  # narrow key tiles waste less of a band
             cand = [c for c in cand if c[1] <= 64]
         if e > 128:
             cand = [c for c in cand if c[0] * c[1] <= 64 * 64]
@@ -136,23 +132,22 @@ def _configs(spec: KernelSpec, family: str) -> str:
 
 def generate(spec: KernelSpec) -> str:
     """The Triton source of ``spec``'s kernel (deterministic; the spec JSON is its header)."""
-    family = FAMILIES.get(spec.variant)
-    if family is None:
-        raise ValueError(f"no Triton kernel for variant {spec.variant!r}; have {sorted(FAMILIES)}")
-    latent = spec.variant == "latent"
+    rec, tri = triton_of(spec.variant)
+    family = tri.family
+    latent = tri.low_rank
     e, f = int(spec.head_dim), int(spec.value_dim)
     if latent:  # the loop contracts and accumulates over the rank; q's dim and the output's are X, Y
         x, y = e, f
         e = f = int(spec.param("rank"))
     be, bf = _pow2(e), _pow2(f)
-    top_left = spec.variant in ("dense", "gqa_merge", "latent")
+    top_left = rec.top_left
     dims = {
         "GQA": str(max(1, int(spec.gqa))), "E": str(e), "F": str(f), "BLOCK_E": str(be), "BLOCK_F": str(bf),
         "EMASK_Q": f" & (offs_e[None, :] < {e})" if be != e else "",
         "FMASK_AND": f" & (offs_f[None, :] < {f})" if bf != f else "",
         "FMASK_STORE": f" & (offs_f[None, :] < {f})" if bf != f else "",
     }
-    if family == "linear":
+    if family == "recurrent":
         from codegen.triton.linear_gen import generate_linear
         return generate_linear(spec, dims)
     values = {

@@ -1,7 +1,6 @@
 """Host side of the generated Triton kernels: spec of a call, block maps, strides, grid, launch."""
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ import torch
 
 from codegen.naive import as4d
 from codegen.spec import KernelSpec, mask_kind
-from codegen.triton.gen import FAMILIES, load
+from codegen.triton.gen import load, triton_of
 
 logger = logging.getLogger(__name__)
 
@@ -22,16 +21,6 @@ CUDA_BLOCK = 64
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
-# Parameters each variant's spec keeps (``block`` only matters where it fixes the block map).
-_SPEC_PARAMS: dict[str, tuple[str, ...]] = {
-    "dense": (), "gqa_merge": (), "sliding_window": ("window",), "sinks_window": ("window", "sinks"),
-    "block_sparse": ("keep", "block"), "neighborhood_2d": ("grid", "kernel", "prefix", "block"),
-    "linear": ("feature_map", "chunk", "window"),
-    "latent": ("rank",),
-}
-# Parameters a variant's weight surgery consumes: the kernel sees their effect in the tensors it gets
-# (merged K/V heads are the spec's ``gqa``), so they are no part of its spec.
-_SURGERY_PARAMS: dict[str, tuple[str, ...]] = {"gqa_merge": ("groups",)}
 _TUNED: dict[str, Any] = {}
 
 
@@ -41,17 +30,13 @@ def interpreting() -> bool:
 
 
 def _spec_params(variant: str, params: dict) -> dict:
-    keep = _SPEC_PARAMS[variant]
+    """The parameters ``variant``'s spec keeps, normalised; a ValueError naming any it does not know."""
+    rec, tri = triton_of(variant)
+    keep = tri.params
     out = {k: params[k] for k in keep if k in params}
-    if variant == "neighborhood_2d":
-        out.setdefault("prefix", 0)
-        out = {k: ([int(x) for x in v] if k in ("grid", "kernel") else v) for k, v in out.items()}
-    if variant in ("block_sparse", "neighborhood_2d"):
-        out["block"] = int(out.get("block", 64))
-    if variant == "linear":
-        out = {"feature_map": out.get("feature_map", "elu1"), "chunk": int(out.get("chunk", 64)),
-               **({"window": int(out["window"])} if int(out.get("window", 0) or 0) > 0 else {})}
-    unknown = set(params) - set(keep) - {"block"} - set(_SURGERY_PARAMS.get(variant, ()))
+    if tri.spec_params is not None:
+        out = tri.spec_params(out)
+    unknown = set(params) - set(keep) - {"block"} - set(rec.surgery_params)
     if unknown:
         raise ValueError(f"{variant}: unknown parameters for the Triton kernel: {sorted(unknown)}")
     return out
@@ -61,20 +46,19 @@ def call_spec(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
               causal: bool, softcap: float, params: dict, block_q: Optional[int] = None,
               block_k: Optional[int] = None, extra: Sequence[torch.Tensor] = ()) -> KernelSpec:
     """The spec a call runs under (dims, dtype, flags, parameters, tile)."""
-    if variant not in FAMILIES:
-        raise ValueError(f"no Triton kernel for variant {variant!r}")
+    _, tri = triton_of(variant)
     sp = _spec_params(variant, params)
-    if FAMILIES[variant] == "blockmap":
+    if tri.family == "blockmap":
         bq = bk = int(sp["block"])
-    elif FAMILIES[variant] == "linear":
+    elif tri.family == "recurrent":
         bq = bk = max(16, 1 << (max(1, int(sp["chunk"])) - 1).bit_length())
     else:
         default = INTERPRET_BLOCK if q.device.type == "cpu" else CUDA_BLOCK
         bq, bk = int(block_q or default), int(block_k or default)
     f = int(v.shape[-1])
-    if variant == "latent":  # k/v are rank R; the output dim is the V up-projection's
+    if tri.low_rank:  # k/v are rank R; the output dim is the V up-projection's
         if len(extra) != 2:
-            raise ValueError("latent: extra must be [uk [G,R,E], uv [G,R,F]]")
+            raise ValueError(f"{variant}: extra must be [uk [G,R,E], uv [G,R,F]]")
         sp = {"rank": int(k.shape[-1])}
         f = int(extra[1].shape[-1])
     return KernelSpec.make(
@@ -86,9 +70,10 @@ def call_spec(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
 def spec_from_fields(variant: str, params: dict, **fields: Any) -> KernelSpec:
     """The CUDA spec of ``variant`` with ``params`` and explicit spec ``fields`` (for artifacts)."""
     sp = _spec_params(variant, dict(params))
-    if FAMILIES[variant] == "blockmap":
+    family = triton_of(variant)[1].family
+    if family == "blockmap":
         fields = {**fields, "block_q": sp["block"], "block_k": sp["block"]}
-    elif FAMILIES[variant] == "linear":
+    elif family == "recurrent":
         c = max(16, 1 << (max(1, int(sp["chunk"])) - 1).bit_length())
         fields = {**fields, "block_q": c, "block_k": c}
     else:
@@ -104,7 +89,7 @@ def _check(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
         raise ValueError(f"Triton kernels take one dtype among {DTYPES}; got {q.dtype}/{k.dtype}/{v.dtype}")
     if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
         raise ValueError(f"bad head/length layout q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)}")
-    if variant != "latent" and q.shape[-1] != k.shape[-1]:
+    if not triton_of(variant)[1].low_rank and q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         raise ValueError(f"head dims above {MAX_HEAD_DIM} are not supported")
@@ -115,25 +100,15 @@ def _check(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
         raise ValueError("q, k, v and mask must be on one device")
 
 
-@functools.lru_cache(maxsize=32)
-def _causal_blocks(p: int, m: int, causal: bool, blk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[nq, nk] visited/full flags of block_sparse's element pattern, memoised per length."""
-    from codegen.pattern import dense_blocks, intervals
-    lo, hi = intervals("block_sparse", (), p, m, causal)
-    return dense_blocks(lo, hi, m, blk, blk)
-
-
 def _block_map(variant: str, sp: dict, q: torch.Tensor, k: torch.Tensor, causal: bool,
                mask: Optional[torch.Tensor] = None):
     """(num [B|1,H|1,nq], idx [..,nq,S], full [..,nq,S]) of a block-map variant, on q's device."""
-    from codegen.pattern import cached_block_map, from_dense_blocks
+    from codegen.pattern import cached_block_map
     from codegen.sparse import freeze_params
     p, m, blk = q.shape[2], k.shape[2], int(sp["block"])
-    if variant == "block_sparse":
-        from codegen.block_sparse import select_blocks
-        chosen = select_blocks(q, k, causal, float(sp["keep"]), blk, mask)  # on q's device; never a hidden tile
-        anyb, fullb = (x.to(q.device) for x in _causal_blocks(p, m, bool(causal), blk))
-        bm = from_dense_blocks(chosen & anyb, chosen & fullb, blk, blk)
+    chooser = triton_of(variant)[1].block_map
+    if chooser is not None:  # chosen per call (on q's device; never a hidden tile)
+        bm = chooser(sp, q, k, causal, mask)
     else:
         params = {kk: vv for kk, vv in sp.items() if kk != "block"}
         bm = cached_block_map(variant, freeze_params(params), p, m, bool(causal), blk, blk)[0]
@@ -186,7 +161,8 @@ def prepare(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
         out = torch.empty(bsz, h, p, f, device=q.device, dtype=q.dtype)
     elif tuple(out.shape) != (bsz, h, p, f) or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be a [B,H,P,F] {q.dtype} tensor with a contiguous last dim")
-    if FAMILIES[variant] == "linear":
+    _, tri = triton_of(variant)
+    if tri.family == "recurrent":
         return _prepare_linear(spec, mod, q, k, v, mask, softcap, out)
     has_mask = mask is not None
     mask_bool = has_mask and mask.dtype == torch.bool
@@ -199,18 +175,18 @@ def prepare(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     else:
         m4, mstr = q, (0, 0, 0, 0)
     args: list[Any] = [q, k, v, out, m4]
-    if FAMILIES[variant] == "blockmap":
+    if tri.family == "blockmap":
         num, idx, full = _block_map(variant, dict(spec.params), q, k, causal, mask)
         num_e = num.expand(bsz, h, num.shape[-1])
         idx_e = idx.expand(bsz, h, *idx.shape[-2:])
         full_e = full.expand(bsz, h, *full.shape[-2:])
         args += [num_e, idx_e, full_e, *num_e.stride(), *idx_e.stride()[:3]]
-    elif variant == "latent":
+    elif tri.low_rank:
         uk, uv = (x.to(device=q.device, dtype=q.dtype) for x in extra)
         uk, uv = (x if x.stride(-1) == 1 else x.contiguous() for x in (uk, uv))
         g, r = k.shape[1], k.shape[-1]
         if tuple(uk.shape[:2]) != (g, r) or tuple(uv.shape[:2]) != (g, r) or uk.shape[-1] != e:
-            raise ValueError(f"latent: uk {tuple(uk.shape)} / uv {tuple(uv.shape)} do not match G={g}, R={r}, E={e}")
+            raise ValueError(f"{variant}: uk {tuple(uk.shape)} / uv {tuple(uv.shape)} do not match G={g}, R={r}, E={e}")
         args += [uk, uv, uk.stride(0), uk.stride(1), uv.stride(0), uv.stride(1)]
     args += [float(scale), float(softcap) if softcap > 0 else 1.0, float(fill) if fill is not None else 0.0,
              *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *mstr, h, p, m]
@@ -228,7 +204,7 @@ def prepare(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
 def _prepare_linear(spec: KernelSpec, mod, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     mask: Optional[torch.Tensor], softcap: float, out: torch.Tensor) -> Launch:
     """The linear kernel's launch: one program per (batch, head); key-padding masks only."""
-    from codegen.linear import key_keep
+    from codegen.variants.linear import key_keep
     if softcap > 0:
         raise ValueError("linear: softcap is not supported")
     bsz, h, p, _ = q.shape

@@ -1,8 +1,8 @@
 """``torch.ops.rewriter_triton.attention``: the generated kernels as a ``torch.library.triton_op``.
 
 With ``triton_op`` + ``wrap_triton``, ``torch.compile`` and ``torch.export`` see the Triton kernel
-itself (not an opaque call), so Inductor can schedule around it.  Only the ``ranges`` family is
-exposed (dense, gqa_merge, sliding_window, sinks_window): its host side is strides and a grid,
+itself (not an opaque call), so Inductor can schedule around it.  Only the ``ranges`` family
+without extra tensors is exposed (the variants whose kernel walks key spans): its host side is strides and a grid,
 which trace; the block-map variants choose blocks with data-dependent sizes on the host.
 Registered on import when Triton is installed; ``OP`` is ``None`` otherwise.
 """
@@ -14,12 +14,17 @@ from typing import Optional
 
 import torch
 
-from codegen.triton.gen import FAMILIES
+from codegen.registry import kernel_variants
 
 logger = logging.getLogger(__name__)
 
-TRACEABLE = tuple(v for v, fam in FAMILIES.items() if fam == "ranges" and v != "latent")  # latent needs extra
 OP = None
+
+
+def traceable() -> tuple[str, ...]:
+    """The variants this op runs: ranges-family kernels that read no extra tensors."""
+    return tuple(n for n, r in kernel_variants().items()
+                 if r.triton is not None and r.triton.family == "ranges" and not r.triton.low_rank)
 
 try:
     from torch.library import triton_op, wrap_triton
@@ -35,8 +40,8 @@ if triton_op is not None:
                   fill: Optional[float] = None) -> torch.Tensor:
         """Generated Triton attention (ranges-family variants) visible to torch.compile/export."""
         from codegen.triton.launch import prepare
-        if variant not in TRACEABLE:
-            raise ValueError(f"rewriter_triton::attention runs {TRACEABLE}; {variant!r} is not traceable")
+        if variant not in traceable():
+            raise ValueError(f"rewriter_triton::attention runs {traceable()}; {variant!r} is not traceable")
         job = prepare(variant, q, k, v, mask, scale, causal, softcap=softcap, fill=fill,
                       **json.loads(params or "{}"))
         wrap_triton(job.kernel)[job.grid](*job.args, **job.kwargs)

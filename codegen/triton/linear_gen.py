@@ -5,7 +5,7 @@ flash-linear-attention's chunk form): keys before the first query (all keys when
 reduce to a state S = Σ φ(k)ᵀ v and z = Σ φ(k); each query chunk then reads φ(q)·S / φ(q)·z,
 plus, when causal, the exact quadratic part inside the chunk before the chunk is folded into the
 state.  φ(x) = elu(x) + 1 is computed on load, never materialised.  Queries sit at the end of the
-keys, as in ``codegen.linear``.  Taylor and hedgehog maps and the softmax window stay on the
+keys, as in ``codegen.variants.linear``.  Taylor and hedgehog maps and the softmax window stay on the
 PyTorch path (their states are E² wide or need extra tensors).
 """
 from __future__ import annotations

@@ -10,8 +10,11 @@ from __future__ import annotations
 from typing import Optional
 
 from passes.variants._grid import modifier_reason
+from codegen.variants import dense
+from codegen.variants.gqa_merge import KERNEL
+from passes.variants import Variant
+import torch
 
-CASCADE = "gqa_merge"
 DEFAULTS: dict = {"groups": 1}
 PARAMS: dict = {"groups": int}
 
@@ -43,3 +46,29 @@ def check_params(params: dict) -> None:
     """Raise a ValueError for parameter values the surgery cannot apply."""
     if params.get("groups", 1) < 1:
         raise ValueError(f"gqa_merge: groups must be >= 1, not {params['groups']}")
+
+
+def _merge_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    b, g, m, d = x.shape
+    return x.reshape(b, groups, g // groups, m, d).mean(2)
+
+
+def prepare(sp, cands: list, records: list, index: int, say) -> None:
+    """Merged KV heads: scored on merged recorded K/V (the average of member heads, as the surgery makes)."""
+    from codegen import lowrank
+
+    lowrank.register_gqa_probe_kernel()
+    for c in cands:
+        n = int(c.params["groups"])
+        c.inputs = lambda rec, n=n: (rec.q, _merge_heads(rec.k, n), _merge_heads(rec.v, n))
+        c.probe = ("gqa_probe", {"groups": n})
+        c.score_as = (KERNEL.name, {})
+
+
+VARIANT = Variant(
+    name=KERNEL.name, kernel=KERNEL, applies=applies, exact=exact, grid=lambda site, facts=None: grid(site),
+    defaults=DEFAULTS, params=PARAMS, check=check_params, exact_when="nothing is merged",
+    needs=frozenset({"factored_kv"}), weight_surgery="merge_heads", kv_heads=kernel_kv_heads, prepare=prepare,
+    standalone=lambda site, params, g: (kernel_kv_heads(site, params), site.head_dim, site.v_head_dim, []),
+    price=lambda site, params, shape: [(dense.KERNEL.name, {}, {**shape, "G": kernel_kv_heads(site, params)},
+                                        "online")])

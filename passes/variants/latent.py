@@ -13,8 +13,9 @@ from typing import Optional
 import torch
 
 from passes.variants._grid import modifier_reason
+from codegen.variants.latent import KERNEL
+from passes.variants import Variant
 
-CASCADE = "latent"
 DEFAULTS: dict = {"rank": 32}
 PARAMS: dict = {"rank": int}
 
@@ -74,8 +75,36 @@ def attend(q: torch.Tensor, ck: torch.Tensor, uk: torch.Tensor, cv: torch.Tensor
     return torch.matmul(ol.view(bsz, g, r, p, -1), uv[None, :, None]).reshape(bsz, h, p, -1)
 
 
-def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
-              rank: int = DEFAULTS["rank"], factors: Optional[tuple[torch.Tensor, ...]] = None) -> torch.Tensor:
-    """Low-rank K/V attention, q [B,H,P,E], k [B,G,M,E], v [B,G,M,F] -> [B,H,P,F]."""
-    fac = factors if factors is not None else globals()["factors"](k, v, rank)
-    return attend(q, *fac, scale=scale, causal=causal)
+def standalone(site, params: dict, g: torch.Generator) -> tuple:
+    """K/V arrive at rank R with per-head up-projections."""
+    heads, r = site.num_kv_heads, int(params["rank"])
+    extra = [torch.randn(heads, r, site.head_dim, generator=g) / r ** 0.5,
+             torch.randn(heads, r, site.v_head_dim, generator=g) / r ** 0.5]
+    return heads, r, r, extra
+
+
+def prepare(sp, cands: list, records: list, index: int, say) -> None:
+    """Fit each candidate's K/V bases on the calibration records (one SVD per site, sliced by rank)."""
+    from codegen import lowrank
+    from passes.surgery import factors, project
+
+    if not records:
+        return
+    lowrank.register_probe_kernel()
+    top = max(int(c.params["rank"]) for c in cands)
+    uk_all, uv_all = factors(records, "k", top), factors(records, "v", top)
+    for c in cands:
+        r = int(c.params["rank"])
+        uk, uv = uk_all[:, :r].contiguous(), uv_all[:, :r].contiguous()
+        key = f"site{index}-rank{r}-{id(sp)}"
+        lowrank.PROBES[key] = (uk, uv)
+        c.extra = (uk, uv)
+        c.inputs = lambda rec, uk=uk, uv=uv: (rec.q, project(rec.k, uk), project(rec.v, uv))
+        c.probe = ("latent_probe", {"probe": key, "rank": r})
+
+
+VARIANT = Variant(
+    name=KERNEL.name, kernel=KERNEL, applies=applies, exact=exact, grid=lambda site, facts=None: grid(site),
+    defaults=DEFAULTS, params=PARAMS, check=check_params, exact_when="the rank is the full head dim",
+    needs=frozenset({"factored_kv"}), weight_surgery="low_rank", standalone=standalone,
+    prepare=prepare)

@@ -8,14 +8,19 @@ end of the keys (query i at position M - P + i); keys before the first query ent
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Optional
+from typing import Optional
 
-import torch
 
 from passes.variants._grid import modifier_reason, powers_below
+from codegen.variants import sliding_window
+from codegen.variants.linear import KERNEL
+from passes.variants import Variant
+import logging
+import math
+import time
 
-CASCADE = "linear"
+logger = logging.getLogger(__name__)
+
 DEFAULTS: dict = {"chunk": 64, "feature_map": "elu1", "window": 0}
 PARAMS: dict = {"feature_map": str, "window": int, "chunk": int}
 FEATURE_MAPS = ("elu1", "taylor", "hedgehog")
@@ -68,45 +73,58 @@ def check_params(params: dict) -> None:
         raise ValueError("linear: chunk must be >= 1 and window >= 0")
 
 
-def elu1(x: torch.Tensor) -> torch.Tensor:
-    """The feature map elu(x) + 1 (positive, so the normaliser never vanishes)."""
-    return torch.nn.functional.elu(x) + 1
+def price(site, params: dict, shape: dict) -> list:
+    """The kernelised pass over the feature map's width, plus the softmax window when there is one."""
+    terms = [(KERNEL.name, {"chunk": int(params.get("chunk", 64))}, {**shape, "E": feature_dim(site, params)}, None)]
+    if int(params.get("window", 0)) > 0:
+        terms.append((sliding_window.KERNEL.name, {"window": int(params["window"])}, shape, None))
+    return terms
 
 
-def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
-              chunk: int = DEFAULTS["chunk"],
-              feature_map: Callable[[torch.Tensor], torch.Tensor] = elu1) -> torch.Tensor:
-    """Linear attention, q [B,H,P,E], k [B,G,M,E], v [B,G,M,F] -> [B,H,P,F]."""
-    bsz, h, p, e = q.shape
-    g, m, f = k.shape[1], k.shape[2], v.shape[-1]
-    r = h // g
-    qf = feature_map(q).view(bsz, g, r, p, -1)
-    kf = feature_map(k)
-    if not causal:
-        kv = torch.matmul(kf.transpose(-1, -2), v)  # [B,G,D,F]
-        ks = kf.sum(dim=-2)  # [B,G,D]
-        num = torch.matmul(qf, kv.unsqueeze(2))
-        den = torch.matmul(qf, ks[:, :, None, :, None])
-        return (num / den).reshape(bsz, h, p, f)
-    off = m - p
-    d = kf.shape[-1]
-    s0 = torch.matmul(kf[:, :, :off].transpose(-1, -2), v[:, :, :off])  # keys before the first query
-    z0 = kf[:, :, :off].sum(dim=-2)
-    n = math.ceil(p / chunk)
-    pad = n * chunk - p
-    # pad after the feature map: a padded key must add nothing to any state
-    qc = torch.nn.functional.pad(qf, (0, 0, 0, pad)).view(bsz, g, r, n, chunk, d)
-    kc = torch.nn.functional.pad(kf[:, :, off:], (0, 0, 0, pad)).view(bsz, g, n, chunk, d)
-    vc = torch.nn.functional.pad(v[:, :, off:], (0, 0, 0, pad)).view(bsz, g, n, chunk, f)
-    tril = torch.ones(chunk, chunk, dtype=q.dtype, device=q.device).tril()
-    intra = torch.matmul(qc, kc.unsqueeze(2).transpose(-1, -2)).mul_(tril)  # [B,G,R,n,C,C]
-    num = torch.matmul(intra, vc.unsqueeze(2))
-    den = intra.sum(dim=-1)
-    ckv = torch.matmul(kc.transpose(-1, -2), vc)  # [B,G,n,D,F]
-    cks = kc.sum(dim=-2)  # [B,G,n,D]
-    state = torch.cumsum(ckv, dim=2) - ckv + s0[:, :, None]  # state before each chunk
-    zs = torch.cumsum(cks, dim=2) - cks + z0[:, :, None]
-    num = num + torch.matmul(qc, state.unsqueeze(2))
-    den = den + torch.matmul(qc, zs.unsqueeze(2).unsqueeze(-1)).squeeze(-1)
-    out = (num / den[..., None]).reshape(bsz, g, r, n * chunk, f)[:, :, :, :p]
-    return out.reshape(bsz, h, p, f)
+def prepare(sp, cands: list, records: list, index: int, say) -> None:
+    """Learned feature maps: fitted once per site (on first use), shared by every window size."""
+    from codegen import lowrank
+    from passes.fitting import fit_hedgehog
+
+    cands = [c for c in cands if c.params.get("feature_map") == "hedgehog"]
+    if not cands or not records:
+        return
+    refusal = _linear_mask_refusal(records)
+    if refusal:  # the kernel would refuse every fitted map: do not spend the fitting time
+        for c in cands:
+            c.error, c.failure = math.inf, refusal
+        logger.info("site %s: hedgehog not fitted: %s", sp.site.name, refusal)
+        return
+    lowrank.register_extra_probe_kernel()
+    key = f"site{index}-hedgehog-{id(sp)}"
+    cache: list = []
+
+    def prepare(c) -> None:
+        if not cache:
+            t0 = time.perf_counter()
+            cache.append(fit_hedgehog(records, desc=f"fitting feature maps, site {index}"))
+            say(f"site {index} {sp.site.name}: fitted Hedgehog feature maps in {time.perf_counter() - t0:.1f}s")
+            lowrank.PROBES[key] = tuple(cache[0])
+        c.extra = tuple(cache[0])
+        c.probe = ("extra_probe", {"probe": key, "inner": KERNEL.name, **c.params})
+
+    for c in cands:
+        c.prepare = prepare
+
+
+def _linear_mask_refusal(records: list) -> str:
+    """Why the linear kernel would refuse these records' masks ('' when it takes them all)."""
+    from codegen.variants.linear import key_keep
+
+    for r in records:
+        try:
+            key_keep(r.mask, r.q.shape[0], r.k.shape[2])
+        except ValueError as e:
+            return f"ValueError: {e}"
+    return ""
+
+
+VARIANT = Variant(
+    name=KERNEL.name, kernel=KERNEL, applies=applies, exact=exact, grid=lambda site, facts=None: grid(site),
+    defaults=DEFAULTS, params=PARAMS, check=check_params, exact_when="the softmax window covers every key",
+    feature_dim=feature_dim, price=price, prepare=prepare)

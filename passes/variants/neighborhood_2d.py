@@ -2,15 +2,17 @@
 
 Applies to self-attention over a token grid found from the patch embedding (passes/grid.py); the
 class and register tokens stay global (they attend to every token and every token attends to
-them). The kernel is ``codegen.neighborhood_2d``.
+them). The kernel is ``codegen.variants.neighborhood_2d``.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 from passes.variants._grid import modifier_reason, sequence_reason, with_delta
+from codegen.variants import sliding_window
+from codegen.variants.neighborhood_2d import KERNEL, window_keys
+from passes.variants import Variant
 
-CASCADE = "sliding_window"  # priced as the 1D window that visits the same number of keys
 DEFAULTS: dict = {"kernel": [7, 7]}
 PARAMS: dict = {"grid": list, "kernel": list, "prefix": int, "delta": int}
 
@@ -56,3 +58,14 @@ def complete(params: dict, facts: Optional[dict] = None) -> dict:
     if g is None:
         return params
     return {"grid": [g.rows, g.cols], "prefix": g.prefix, **params}
+
+
+def price(site, params: dict, shape: dict) -> list:
+    """A grid query visits kh*kw keys: priced as the 1-D bidirectional window that visits as many."""
+    return [(sliding_window.KERNEL.name, {"window": window_keys(**params)}, shape, None)]
+
+
+VARIANT = Variant(
+    name=KERNEL.name, kernel=KERNEL, applies=applies, exact=exact, grid=grid, defaults=DEFAULTS, params=PARAMS,
+    check=check_params, complete=complete, exact_when="the neighbourhood covers the whole grid",
+    needs=frozenset({"grid"}), price=price, never_causal=True)

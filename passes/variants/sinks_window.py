@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 
 from passes.variants._grid import modifier_reason, sequence_reason, windows, with_delta
-from passes.variants.sliding_window import local_attention
+from codegen.variants.sinks_window import KERNEL
+from passes.variants import Variant
 
-CASCADE = "sinks_window"
 DEFAULTS: dict = {"window": 256, "sinks": 4, "block": 64}
 PARAMS: dict = {"window": int, "sinks": int, "block": int, "delta": int}
 
@@ -41,8 +40,7 @@ def check_params(params: dict) -> None:
         raise ValueError(f"sinks_window: sinks must be >= 0, not {params['sinks']}")
 
 
-def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
-              window: int = DEFAULTS["window"], sinks: int = DEFAULTS["sinks"],
-              block: int = DEFAULTS["block"]) -> torch.Tensor:
-    """Sinks + window attention, q [B,H,P,E], k [B,G,M,E], v [B,G,M,F] -> [B,H,P,F]."""
-    return local_attention(q, k, v, scale=scale, causal=causal, window=window, sinks=sinks, block=block)
+VARIANT = Variant(
+    name=KERNEL.name, kernel=KERNEL, applies=applies, exact=exact, grid=lambda site, facts=None: grid(site),
+    defaults=DEFAULTS, params=PARAMS, check=check_params, exact_when="the window alone covers every key",
+    draws_band=lambda params: None if int(params.get("sinks", 0) or 0) else int(params.get("window", -1)))

@@ -16,6 +16,7 @@ query block with no visible key at all gets no blocks and outputs 0 (as FlexAtte
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional, Sequence
@@ -24,17 +25,15 @@ import torch
 import torch.nn.functional as F
 
 from codegen.naive import as4d, naive_attention, visible_of
-from codegen.ops import register_kernel
-from codegen.pattern import dense_blocks, from_dense_blocks, intervals, register_pattern, visible
+from codegen.pattern import EVERY_KEY, BlockMap, dense_blocks, from_dense_blocks, intervals, visible
+from codegen.registry import KernelVariant, TritonKernel, register
 from codegen.sparse import no_fill, run_block_map
+import sympy
+from cost_model import ir
+from cost_model.ir import Access, Einsum
+from cost_model.cascades import core, finish, size, softmax_form
 
 VARIANT = "block_sparse"
-
-
-@register_pattern(VARIANT)
-def pattern(qpos: torch.Tensor, m: int, p: int, **_) -> tuple[torch.Tensor, torch.Tensor]:
-    """Element pattern inside selected blocks: every key (causal clamps it)."""
-    return torch.zeros_like(qpos)[:, None], torch.full_like(qpos, m - 1)[:, None]
 
 
 def live_blocks(mask: Optional[torch.Tensor], p: int, m: int, block: int) -> Optional[torch.Tensor]:
@@ -119,7 +118,6 @@ def reference(q, k, v, mask, scale, causal, *, softcap: float = 0.0, keep: float
     return naive_attention(q, k, v, mask, scale, visible=elem & visible(lo, hi, m), softcap=softcap)
 
 
-@register_kernel(VARIANT)
 def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
            causal: bool, *, extra: Sequence[torch.Tensor] = (), softcap: float = 0.0,
            fill: Optional[float] = None, keep: float, block: int = 64) -> torch.Tensor:
@@ -137,3 +135,79 @@ def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
     anyb, fullb = dense_blocks(lo, hi, m, block, block)
     bm = from_dense_blocks(chosen & anyb, chosen & fullb, block, block)
     return run_block_map(q, k, v, mask, scale, softcap, bm, lo, hi)
+
+
+@functools.lru_cache(maxsize=32)
+def _causal_blocks(p: int, m: int, causal: bool, blk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[nq, nk] visited/full flags of the element pattern (every key, causal clamped), memoised per length."""
+    lo, hi = intervals(VARIANT, (), p, m, causal)
+    return dense_blocks(lo, hi, m, blk, blk)
+
+
+def block_map(params: dict, q: torch.Tensor, k: torch.Tensor, causal: bool,
+              mask: Optional[torch.Tensor] = None) -> BlockMap:
+    """The key blocks this call visits: the selected ones, never a tile the mask hides (for Triton)."""
+    p, m, blk = q.shape[2], k.shape[2], int(params["block"])
+    chosen = select_blocks(q, k, causal, float(params["keep"]), blk, mask)
+    anyb, fullb = (x.to(q.device) for x in _causal_blocks(p, m, bool(causal), blk))
+    return from_dense_blocks(chosen & anyb, chosen & fullb, blk, blk)
+
+
+def _spec_params(params: dict) -> dict:
+    return {"keep": params["keep"], "block": int(params.get("block", 64))}
+
+
+def cascade(*, block: object = 64, keep: object = None, causal: bool = False, form: str | None = None,
+                 schedule: str = "fused", tile_q: object = 64, tile_k: object = 64) -> ir.Cascade:
+    """Block-sparse top-k: pooled q/k block scores choose keep*M/block key blocks per query block."""
+    bs = size(block)
+    form = softmax_form(form, schedule)
+    kappa = size(keep) if keep is not None else sympy.Symbol("kappa", positive=True)
+    q = Access("Q", ("b", "g", "r", "p1", "p0", "e"))
+    kfull = Access("K", ("b", "g", "m1", "m0", "e"))
+    sizes = [("b", ir.B), ("g", ir.G), ("r", ir.H / ir.G), ("p1", ir.P / bs), ("p0", bs), ("m1", ir.M / bs), ("m0", bs),
+             ("w", kappa * ir.M), ("e", ir.E), ("f", ir.F)]
+    pre = [
+        Einsum(Access("QP", ("b", "g", "r", "p1", "e")), (q,), (), ("p0",), "sum"),
+        Einsum(Access("KP", ("b", "g", "m1", "e")), (kfull,), (), ("m0",), "sum"),
+        Einsum(Access("BS", ("b", "g", "r", "p1", "m1")), (Access("QP", ("b", "g", "r", "p1", "e")),
+                                                           Access("KP", ("b", "g", "m1", "e"))),
+               ("mul",), ("e",), "sum"),
+        # top-k selection over the key blocks: a max-like reduction, one compare per block score
+        Einsum(Access("SEL", ("b", "g", "r", "p1", "w")), (Access("BS", ("b", "g", "r", "p1", "m1")),), ("cmp",),
+               ("m1",), "max"),
+        Einsum(Access("KW", ("b", "g", "r", "p1", "w", "e")), (Access("SEL", ("b", "g", "r", "p1", "w")),
+                                                              Access("K", ("b", "g", "r", "p1", "w", "e"))), ("copy",)),
+        Einsum(Access("VW", ("b", "g", "r", "p1", "w", "f")), (Access("SEL", ("b", "g", "r", "p1", "w")),
+                                                              Access("V", ("b", "g", "r", "p1", "w", "f"))), ("copy",)),
+    ]
+    k, v = Access("KW", ("b", "g", "r", "p1", "w", "e")), Access("VW", ("b", "g", "r", "p1", "w", "f"))
+    # positions of the gathered keys against the query's: padding always, the future when causal
+    mask = Access("SEL", ("b", "g", "r", "p1", "w"))
+    ops, splits, it, groups = core(q, k, v, key="w", qranks=("b", "g", "r", "p1", "p0"), form=form, mask=mask,
+                                    mask_ops=("cmp", "cmp", "add") if causal else ("cmp", "add"))
+    ops = pre + ops
+    sizes.append(("m", ir.M))
+    splits = [("m", ("m1", "m0"))] + splits
+    if form == "online":
+        # pooled scoring and the attention over the chosen blocks are two kernels either way
+        groups = [["QP", "KP", "BS", "SEL"], [e.name for e in ops[4:]]]
+        fused = {1}
+        schedule_groups = "eager"
+    else:
+        groups = [["QP"], ["KP"], ["BS"], ["SEL"], ["KW"], ["VW"]] + groups
+        fused = set()
+        schedule_groups = schedule
+    return finish(VARIANT, ops, sizes, ("Q", "K", "V"), splits, it, groups, schedule_groups, key="m",
+                   derived=("w",), fused_groups=fused, tile_ranks=("p0",), query="p1", tile_q=1, tile_k=tile_k,
+                   notes="pooled block scores + top-k key blocks" + (", causal" if causal else ""),
+                   params={"block": bs, "keep": kappa})
+
+
+KERNEL = register(KernelVariant(
+    name=VARIANT, kernel=kernel, reference=reference, params={"keep": float, "block": int},
+    spans=lambda **_: [EVERY_KEY], compiled_cpu=True,
+    triton=TritonKernel("blockmap", ("keep", "block"), spec_params=_spec_params, block_map=block_map),
+    timing=lambda n: {"keep": 0.25}, cascade=cascade, cascade_params={"block": int, "keep": float},
+    examples=lambda n: [{"keep": 0.3, "block": 8}, {"keep": 0.6, "block": 16}],
+    degenerate=lambda n, e: {"keep": 1.0, "block": 8}))

@@ -7,12 +7,22 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from codegen.ops import register_kernel
+from codegen.naive import causal_top_left, naive_attention
+from codegen.pattern import EVERY_KEY
+from codegen.registry import KernelVariant, TritonKernel, register
+from cost_model import cascades
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+              causal: bool, *, softcap: float = 0.0, fill: Optional[float] = None, **_) -> torch.Tensor:
+    """The naive float64 reference: three-pass softmax attention with every modifier of the op's contract."""
+    vis = causal_top_left(q.shape[2], k.shape[2], q.device) if causal else None
+    return naive_attention(q, k, v, mask, scale, visible=vis, softcap=softcap, fill=fill)
+
+
+def _modified(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
               causal: bool, *, softcap: float = 0.0, fill: Optional[float] = None) -> torch.Tensor:
-    """Plain three-pass softmax attention in float32 with every modifier of the op's contract."""
+    """Three-pass softmax attention in float32 with what SDPA does not take (soft-capping, a finite fill)."""
     g, h = k.shape[1], q.shape[1]
     if g != h:
         k, v = k.repeat_interleave(h // g, dim=1), v.repeat_interleave(h // g, dim=1)
@@ -36,7 +46,6 @@ def _triton_forced() -> bool:
     return os.environ.get("REWRITER_TRITON") == "force"
 
 
-@register_kernel("dense")
 def dense(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -52,11 +61,11 @@ def dense(
     """Exact softmax attention: the generated Triton kernel on CUDA, else SDPA (or the reference)."""
     if q.is_cuda or q.device.type == "cpu" and _triton_forced():
         from codegen.triton import maybe_run  # late: Triton is optional
-        out = maybe_run("dense", q, k, v, mask, scale, causal, softcap, fill)
+        out = maybe_run(KERNEL.name, q, k, v, mask, scale, causal, softcap, fill)
         if out is not None:
             return out
     if softcap > 0 or (fill is not None and mask is not None and mask.dtype == torch.bool):
-        return reference(q, k, v, mask, scale, causal, softcap=softcap, fill=fill)
+        return _modified(q, k, v, mask, scale, causal, softcap=softcap, fill=fill)
     if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
         mask = mask.to(q.dtype)
     if causal and mask is not None:  # SDPA refuses both: fold the (top-left) causal mask into the mask
@@ -69,9 +78,7 @@ def dense(
     )
 
 
-@register_kernel("gqa_merge")
-def gqa_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
-              causal: bool, *, extra: Sequence[torch.Tensor] = (), softcap: float = 0.0,
-              fill: Optional[float] = None) -> torch.Tensor:
-    """Exact attention over merged K/V heads: after weight surgery it is the dense kernel."""
-    return dense(q, k, v, mask, scale, causal, extra=extra, softcap=softcap, fill=fill)
+KERNEL = register(KernelVariant(
+    name="dense", kernel=dense, reference=reference, spans=lambda **_: [EVERY_KEY],
+    supports=frozenset({"softcap", "fill", "mask", "gqa"}), exact_always=True, top_left=True,
+    triton=TritonKernel("ranges"), timing=lambda n: {}, cascade=cascades.dense))

@@ -12,9 +12,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from codegen.ops import register_kernel
 from codegen.pattern import register_pattern
+from codegen.registry import KernelVariant, TritonKernel, register
 from codegen.sparse import no_fill, reference_pattern, run_pattern
+from codegen.variants import sliding_window
 
 VARIANT = "neighborhood_2d"
 
@@ -61,7 +62,6 @@ def reference(q, k, v, mask, scale, causal, *, softcap: float = 0.0, grid, kerne
     return reference_pattern(VARIANT, _params(grid, kernel, prefix), q, k, v, mask, scale, causal, softcap)
 
 
-@register_kernel(VARIANT)
 def kernel_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
               causal: bool, *, extra: Sequence[torch.Tensor] = (), softcap: float = 0.0,
               fill: Optional[float] = None, grid, kernel, prefix: int = 0, block: int = 64) -> torch.Tensor:
@@ -69,3 +69,62 @@ def kernel_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
     no_fill(VARIANT, mask, fill)
     return run_pattern(VARIANT, _params(grid, kernel, prefix), q, k, v, mask, scale, causal, softcap,
                        int(block))
+
+
+def triton_visible(spec) -> list[str]:
+    """The neighbourhood's element test in Triton (key j against absolute query position i)."""
+    rows, cols = (int(x) for x in spec.param("grid"))
+    kh, kw = (int(x) for x in spec.param("kernel"))
+    pre = int(spec.param("prefix", 0))
+    nr, nc = min(kh, rows), min(kw, cols)
+    return [
+        f"    # grid {rows}x{cols} after {pre} global tokens; window {kh}x{kw} shifted inside the grid",
+        f"    t = qpos - {pre}",
+        f"    q_in = (t >= 0) & (t < {rows * cols})",
+        "    t = tl.where(q_in, t, 0)",
+        f"    r0 = tl.minimum(tl.maximum(t // {cols} - {kh // 2}, 0), {rows - nr})",
+        f"    c0 = tl.minimum(tl.maximum(t % {cols} - {kw // 2}, 0), {cols - nc})",
+        f"    u = kpos - {pre}",
+        f"    k_in = (u >= 0) & (u < {rows * cols})",
+        "    u = tl.where(k_in, u, 0)",
+        f"    kr = u // {cols}",
+        f"    kc = u % {cols}",
+        f"    near = (kr >= r0) & (kr < r0 + {nr}) & (kc >= c0) & (kc < c0 + {nc})",
+        "    vis = (~q_in) | (~k_in) | near  # global queries and keys see / are seen by all",
+    ]
+
+
+def _spec_params(params: dict) -> dict:
+    out = {k: params[k] for k in ("grid", "kernel", "prefix", "block") if k in params}
+    out.setdefault("prefix", 0)
+    out = {k: ([int(x) for x in v] if k in ("grid", "kernel") else v) for k, v in out.items()}
+    out["block"] = int(out.get("block", 64))
+    return out
+
+
+def window_keys(kernel=(7, 7), **_) -> int:
+    """The 1-D non-causal window that visits as many keys as a kh x kw neighbourhood (for pricing)."""
+    kh, kw = (int(x) for x in kernel)
+    return max(1, -(-(kh * kw + 1) // 2))
+
+
+def cascade(*, causal: bool = False, kernel=(7, 7), **kw):
+    """Priced as the 1-D window that visits the same number of keys; a grid is never causal."""
+    return sliding_window.cascade(causal=False, window=window_keys(kernel), **kw)
+
+
+def _examples(n: int) -> list[dict]:
+    """A grid after one global token that leaves a few global tokens after it too (awkward sizes)."""
+    rows = max(1, int((n - 1) ** 0.5))
+    cols = max(1, (n - 2) // rows)
+    return [{"grid": [rows, cols], "kernel": [3, 3], "prefix": 1, "block": 8},
+            {"grid": [rows, cols], "kernel": [1, 5], "prefix": 1, "block": 16}]
+
+
+KERNEL = register(KernelVariant(
+    name=VARIANT, kernel=kernel_fn, reference=reference,
+    params={"grid": list, "kernel": list, "prefix": int, "block": int}, compiled_cpu=True,
+    triton=TritonKernel("blockmap", ("grid", "kernel", "prefix", "block"), spec_params=_spec_params,
+                        visible=triton_visible),
+    cascade=cascade, cascade_params={"kernel": list, "block": int}, examples=_examples,
+    degenerate=lambda n, e: {**_examples(n)[0], "kernel": [2 * n + 1, 2 * n + 1]}))

@@ -25,7 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from codegen.naive import HIDDEN_BELOW, as4d
-from codegen.ops import register_kernel
+from codegen.registry import KernelVariant, TritonKernel, register
+from cost_model import ir
+from cost_model.ir import Access, Einsum
+from cost_model.cascades import base_sizes, finish, size
 
 VARIANT = "linear"
 FEATURE_MAPS = ("elu1", "taylor", "hedgehog")
@@ -58,7 +61,6 @@ def feature(x: torch.Tensor, which: str, scale: float, w: Optional[torch.Tensor]
     if which == "elu1":
         return F.elu(x).add_(1)
     if which == "taylor":
-        e = x.shape[-1]
         outer = (x[..., :, None] * x[..., None, :]).flatten(-2) * (scale / math.sqrt(2))
         return torch.cat([torch.ones_like(x[..., :1]), x * math.sqrt(scale), outer], -1)
     if which == "hedgehog":
@@ -227,7 +229,6 @@ def _window_correction(q, k, v, keep, scale, causal, which, qmap, kmap, window, 
     return out
 
 
-@register_kernel(VARIANT)
 def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
            causal: bool, *, extra: Sequence[torch.Tensor] = (), softcap: float = 0.0,
            fill: Optional[float] = None, feature_map: str = "elu1", chunk: int = 64, window: int = 0
@@ -256,3 +257,92 @@ def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
     if keep is not None:  # a row whose every key is padding has 0/0: give 0
         out = out.nan_to_num(0.0)
     return out.to(q.dtype)
+
+
+def _spec_params(params: dict) -> dict:
+    window = int(params.get("window", 0) or 0)
+    return {"feature_map": params.get("feature_map", "elu1"), "chunk": int(params.get("chunk", 64)),
+            **({"window": window} if window > 0 else {})}
+
+
+def _fused(params) -> bool:
+    """The generated kernel fuses elu+1 without a window; other maps run the PyTorch path."""
+    return params.get("feature_map", "elu1") == "elu1" and int(params.get("window", 0) or 0) <= 0
+
+
+def cascade(*, causal: bool = False, chunk: object = 64, schedule: str = "fused", form: str = "online",
+           tile_q: object = 64, tile_k: object = 64) -> ir.Cascade:
+    """Linear attention with feature map phi (elu+1): phi(Q)(phi(K)^T V) / phi(Q)(phi(K)^T 1).
+
+    Causal form is chunked as in flash-linear-attention: exact inside a chunk of C keys,
+    a running state carried across chunks (iterative rank c).
+    """
+    if not causal:
+        ops = [
+            Einsum(Access("QF", ("b", "g", "r", "p", "e")), (Access("Q", ("b", "g", "r", "p", "e")),), ("phi",)),
+            Einsum(Access("KF", ("b", "g", "m", "e")), (Access("K", ("b", "g", "m", "e")),), ("phi",)),
+            Einsum(Access("KV", ("b", "g", "e", "f")), (Access("KF", ("b", "g", "m", "e")),
+                                                        Access("V", ("b", "g", "m", "f"))), ("mul",), ("m",), "sum"),
+            Einsum(Access("KS", ("b", "g", "e")), (Access("KF", ("b", "g", "m", "e")),), (), ("m",), "sum"),
+            Einsum(Access("NUM", ("b", "g", "r", "p", "f")), (Access("QF", ("b", "g", "r", "p", "e")),
+                                                              Access("KV", ("b", "g", "e", "f"))),
+                   ("mul",), ("e",), "sum"),
+            Einsum(Access("DEN", ("b", "g", "r", "p")), (Access("QF", ("b", "g", "r", "p", "e")),
+                                                         Access("KS", ("b", "g", "e"))), ("mul",), ("e",), "sum"),
+            Einsum(Access("AV", ("b", "g", "r", "p", "f")), (Access("NUM", ("b", "g", "r", "p", "f")),
+                                                             Access("DEN", ("b", "g", "r", "p"))), ("div",)),
+        ]
+        groups = [[e.name] for e in ops]
+        return finish(VARIANT, ops, base_sizes(), ("Q", "K", "V"), [], [], groups, schedule,
+                       notes="non-causal, phi(K)^T V state", params={"chunk": chunk})
+    c = size(chunk)
+    qa = Access("Q", ("b", "g", "r", "c", "i", "e"))
+    qf = Access("QF", ("b", "g", "r", "c", "i", "e"))
+    kf = Access("KF", ("b", "g", "c", "j", "e"))
+    vv = Access("V", ("b", "g", "c", "j", "f"))
+    ops = [
+        Einsum(qf, (qa,), ("phi",)),
+        Einsum(kf, (Access("K", ("b", "g", "c", "j", "e")),), ("phi",)),
+        Einsum(Access("IS", ("b", "g", "r", "c", "i", "j")), (qf, kf), ("mul",), ("e",), "sum"),
+        # causal inside the chunk: computed in full, then masked
+        Einsum(Access("ISM", ("b", "g", "r", "c", "i", "j")), (Access("IS", ("b", "g", "r", "c", "i", "j")),
+                                                              Access("TRIL", ("i", "j"))), ("mul",)),
+        Einsum(Access("INTRA", ("b", "g", "r", "c", "i", "f")), (Access("ISM", ("b", "g", "r", "c", "i", "j")), vv),
+               ("mul",), ("j",), "sum"),
+        Einsum(Access("INTRAD", ("b", "g", "r", "c", "i")), (Access("ISM", ("b", "g", "r", "c", "i", "j")),), (),
+               ("j",), "sum"),
+        Einsum(Access("CKV", ("b", "g", "c", "e", "f")), (kf, vv), ("mul",), ("j",), "sum"),
+        Einsum(Access("CKS", ("b", "g", "c", "e")), (kf,), (), ("j",), "sum"),
+        Einsum(Access("S", ("b", "g", "c+1", "e", "f")), (Access("S", ("b", "g", "c", "e", "f")),
+                                                          Access("CKV", ("b", "g", "c", "e", "f"))), ("add",)),
+        Einsum(Access("Z", ("b", "g", "c+1", "e")), (Access("Z", ("b", "g", "c", "e")),
+                                                     Access("CKS", ("b", "g", "c", "e"))), ("add",)),
+        Einsum(Access("INTER", ("b", "g", "r", "c", "i", "f")), (qf, Access("S", ("b", "g", "c", "e", "f"))),
+               ("mul",), ("e",), "sum"),
+        Einsum(Access("INTERD", ("b", "g", "r", "c", "i")), (qf, Access("Z", ("b", "g", "c", "e"))),
+               ("mul",), ("e",), "sum"),
+        Einsum(Access("NUM", ("b", "g", "r", "c", "i", "f")), (Access("INTRA", ("b", "g", "r", "c", "i", "f")),
+                                                               Access("INTER", ("b", "g", "r", "c", "i", "f"))),
+               ("add",)),
+        Einsum(Access("DEN", ("b", "g", "r", "c", "i")), (Access("INTRAD", ("b", "g", "r", "c", "i")),
+                                                          Access("INTERD", ("b", "g", "r", "c", "i"))), ("add",)),
+        Einsum(Access("AV", ("b", "g", "r", "c", "i", "f")), (Access("NUM", ("b", "g", "r", "c", "i", "f")),
+                                                              Access("DEN", ("b", "g", "r", "c", "i"))), ("div",)),
+    ]
+    sizes = [("b", ir.B), ("g", ir.G), ("r", ir.H / ir.G), ("c", ir.M / c), ("i", c), ("j", c), ("e", ir.E),
+             ("f", ir.F), ("m", ir.M)]
+    groups = [[e.name] for e in ops]
+    return finish(VARIANT, ops, sizes, ("Q", "K", "V", "TRIL"), [], ["c"], groups, schedule, key="m",
+                   derived=("c", "j"), tile_ranks=("i",), tile_q=c, tile_k=c,
+                   notes="causal, chunked (exact in chunk, carried state)",
+                   params={"chunk": c})
+
+
+KERNEL = register(KernelVariant(
+    name=VARIANT, kernel=kernel, reference=reference,
+    params={"feature_map": str, "chunk": int, "window": int}, supports=frozenset({"padding_mask", "gqa"}),
+    triton=TritonKernel("recurrent", ("feature_map", "chunk", "window"), spec_params=_spec_params, available=_fused),
+    timing=lambda n: {"chunk": 64}, cascade=cascade, cascade_params={"chunk": int},
+    examples=lambda n: [{"feature_map": "elu1", "chunk": 16}, {"feature_map": "elu1", "chunk": 5, "window": 3},
+                        {"feature_map": "taylor", "chunk": 8, "window": 4}],
+    degenerate=lambda n, e: {"feature_map": "elu1", "chunk": 16, "window": n}))

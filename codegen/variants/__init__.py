@@ -1,0 +1,1 @@
+"""One module per variant's kernels; each registers its ``KernelVariant`` (``codegen.registry``) on import."""

@@ -1,0 +1,115 @@
+"""``latent``: attention over low-rank K/V with the up-projections fused.
+
+k = CK [B,G,M,R], v = CV [B,G,M,R], ``extra = [uk [G,R,E], uv [G,R,F]]``:
+scores = scale·(q·ukᵀ)·CKᵀ and output = (softmax·CV)·uv, i.e. exact attention at head dim R
+between the two projections.  Masks, softcap, fill and ``causal`` (top-left, as the dense op)
+behave as in ``dense``, which runs the rank-R attention.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from codegen.pattern import EVERY_KEY
+from codegen.registry import KernelVariant, TritonKernel, register
+from codegen.variants import dense as _dense
+from codegen.variants.dense import dense, reference as dense_reference
+from cost_model import ir
+from cost_model.ir import Access, Einsum, Predicate, sym
+from cost_model.cascades import base_sizes, core, finish, size
+
+VARIANT = "latent"
+
+
+def _factors(extra: Sequence[torch.Tensor], g: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(extra) != 2:
+        raise ValueError("latent: extra must be [uk [G,R,E], uv [G,R,F]]")
+    uk, uv = extra
+    if uk.shape[0] != g or uk.shape[1] != r or uv.shape[:2] != uk.shape[:2]:
+        raise ValueError(f"latent: uk {tuple(uk.shape)} / uv {tuple(uv.shape)} do not match G={g}, R={r}")
+    return uk, uv
+
+
+def reference(q, ck, cv, mask, scale, causal, *, extra: Sequence[torch.Tensor], softcap: float = 0.0,
+              fill: Optional[float] = None, **_) -> torch.Tensor:
+    """Rebuild K = CK·UK and V = CV·UV, then plain dense attention (for tests)."""
+    uk, uv = _factors(extra, ck.shape[1], ck.shape[-1])
+    k = ck.double() @ uk.double()[None]
+    v = cv.double() @ uv.double()[None]
+    return dense_reference(q.double(), k, v, mask, scale, causal, softcap=softcap, fill=fill).to(q.dtype)
+
+
+def kernel(q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+           causal: bool, *, extra: Sequence[torch.Tensor] = (), softcap: float = 0.0,
+           fill: Optional[float] = None, rank: Optional[int] = None) -> torch.Tensor:
+    """Rank-R attention: project q down by uk, attend over CK/CV, project the output up by uv."""
+    bsz, h, p, e = q.shape
+    g, r = ck.shape[1], ck.shape[-1]
+    uk, uv = _factors(extra, g, r)
+    if rank is not None and int(rank) != r:
+        raise ValueError(f"latent: rank={rank} but the factors have rank {r}")
+    if q.is_cuda or q.device.type == "cpu" and os.environ.get("REWRITER_TRITON") == "force":
+        from codegen.triton import maybe_run  # late: Triton is optional; up-projections fused in the kernel
+        out = maybe_run(VARIANT, q, ck, cv, mask, scale, causal, softcap, fill, {"rank": r}, extra=[uk, uv])
+        if out is not None:
+            return out
+    rep = h // g
+    ql = torch.matmul(q.view(bsz, g, rep, p, e), uk.to(q.dtype).transpose(-1, -2)[None, :, None])
+    ol = dense(ql.reshape(bsz, h, p, r), ck, cv, mask, scale, causal, softcap=softcap, fill=fill)
+    out = torch.matmul(ol.view(bsz, g, rep, p, r), uv.to(q.dtype)[None, :, None])
+    return out.reshape(bsz, h, p, -1)
+
+
+def _output_dim(v: torch.Tensor, extra: Sequence[torch.Tensor]) -> int:
+    """Values are low rank; the output is up-projected to uv's F."""
+    return int(extra[1].shape[-1]) if len(extra) == 2 else int(v.shape[-1])
+
+
+def _operands(k: torch.Tensor, v: torch.Tensor, params: dict, gen: torch.Generator) -> tuple:
+    """Rank-R K/V and their up-projections from full K/V: orthonormal bases (identity at full rank)."""
+    g, e, f = k.shape[1], k.shape[-1], v.shape[-1]
+    r = int(params["rank"])
+
+    def basis(d: int) -> torch.Tensor:
+        if r >= d:
+            return torch.eye(d, dtype=k.dtype).expand(g, d, d).contiguous()
+        a = torch.randn(g, d, r, generator=gen, dtype=torch.float64)
+        return torch.linalg.qr(a).Q.transpose(-1, -2).to(k.dtype).contiguous()  # [G, R, D] orthonormal rows
+
+    uk, uv = basis(e), basis(f)
+    return k @ uk.transpose(-1, -2)[None], v @ uv.transpose(-1, -2)[None], [uk, uv]
+
+
+def cascade(*, rank: object = None, causal: bool = False, form: str = "online", schedule: str = "fused",
+           tile_q: object = 64, tile_k: object = 64) -> ir.Cascade:
+    """Low-rank K/V: K = CK·UK, V = CV·UV with rank R; UK is absorbed into q, UV applied to the output."""
+    rr = size(rank) if rank is not None else sym("R")
+    q = Access("Q", ("b", "g", "r", "p", "e"))
+    ql = Access("QL", ("b", "g", "r", "p", "l"))
+    ck, cv = Access("CK", ("b", "g", "m", "l")), Access("CV", ("b", "g", "m", "l"))
+    pred = Predicate("causal", causal=True, tile_q=size(tile_q), tile_k=size(tile_k)) if causal else None
+    core_ops, splits, it, groups = core(ql, ck, cv, key="m", qranks=("b", "g", "r", "p"), form=form, out="OL",
+                                     predicate=pred, fdim="l")
+    ops = ([Einsum(ql, (q, Access("UK", ("g", "l", "e"))), ("mul",), ("e",), "sum")] + core_ops +
+           [Einsum(Access("AV", ("b", "g", "r", "p", "f")), (Access("OL", ("b", "g", "r", "p", "l")),
+                                                             Access("UV", ("g", "l", "f"))), ("mul",), ("l",), "sum")])
+    sizes = base_sizes() + [("l", rr)]
+    if form == "online":
+        kernel_groups = [["QL"], [e.name for e in core_ops], ["AV"]]
+        fused = {1}
+    else:
+        kernel_groups = [["QL"]] + groups + [["AV"]]
+        fused = set()
+    return finish(VARIANT, ops, sizes, ("Q", "CK", "CV", "UK", "UV"), splits, it, kernel_groups, schedule,
+                   fused_groups=fused, tile_q=tile_q, tile_k=tile_k, params={"rank": rr},
+                   notes="low-rank K/V, up-projections absorbed" + (", causal" if causal else ""))
+
+
+KERNEL = register(KernelVariant(
+    name=VARIANT, kernel=kernel, reference=reference, params={"rank": int}, spans=lambda **_: [EVERY_KEY],
+    supports=frozenset({"softcap", "fill", "mask", "gqa"}), top_left=True,
+    triton=TritonKernel("ranges", ("rank",), low_rank=True), output_dim=_output_dim,
+    timed_as=_dense.KERNEL.name, cascade=cascade, cascade_params={"rank": int},
+    examples=lambda n: [{"rank": 3}, {"rank": 5}], degenerate=lambda n, e: {"rank": e}, operands=_operands))
