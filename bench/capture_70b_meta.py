@@ -42,8 +42,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     t_import = time.perf_counter()
-    import rewriter
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import rewriter
 
     import_s = time.perf_counter() - t_import
     rss_after_import = peak_rss_bytes()

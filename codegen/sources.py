@@ -13,6 +13,7 @@ from typing import Any, Mapping
 from codegen.registry import kernel_variant
 from codegen.spec import KernelSpec
 
+
 def _cpu_sources(variant: str, params: Mapping[str, Any], **fields: Any) -> dict[str, tuple[str, str]]:
     # only variants whose CPU lowering is the compiled block-sparse kernel carry a CPU source; the
     # others lower to PyTorch ops (SDPA, matmuls)

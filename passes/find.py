@@ -24,7 +24,14 @@ from passes import graph as G
 from passes.context import GraphContext, MaskTerm, NotAttention, Refused, Unsupported, first_line
 from passes.masks import MaskAnalysis, analyse_masks
 from passes.operands import (
-    Operand, Step, canon, count_heads, kv_heads, projection_sources, repeat_kv_source, score_operands,
+    Operand,
+    Step,
+    canon,
+    count_heads,
+    kv_heads,
+    projection_sources,
+    repeat_kv_source,
+    score_operands,
     value_operand,
 )
 from passes.refused import refused_site

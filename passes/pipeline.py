@@ -16,13 +16,13 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.fx as fx
 
+from passes import graph as G
 from passes import metrics, pricing
 from passes.calibrate import SiteRecord, record_sites
 from passes.find import Match
+from passes.grid import token_grid
 from passes.plan import Decision, Plan
 from passes.planner import Outcome, SitePlan, choose, search, site_candidates
-from passes import graph as G
-from passes.grid import token_grid
 from passes.rewrite import rewrite_graph
 from passes.surgery import Projection, find_projection
 from passes.variants import VARIANTS, exact_name

@@ -10,8 +10,8 @@ import torch.fx as fx
 
 import codegen  # noqa: F401  (registers torch.ops.rewriter.attention)
 from passes import graph as G
-from passes.emit import Emitter as _Emitter
 from passes.context import MaskTerm
+from passes.emit import Emitter as _Emitter
 from passes.find import Match, Operand, Unsupported
 
 logger = logging.getLogger(__name__)

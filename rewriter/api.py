@@ -8,21 +8,21 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from passes.context import first_line
 from passes.find import Match, find_matches
 from passes.lower import lower_dense
 from passes.metrics import Metric, check_perplexity
-from passes.variants import exact_name
 from passes.metrics import validate as validate_metric
 from passes.pipeline import plan_program, plan_unmeasured
 from passes.plan import Decision, Plan
 from passes.planner import DEFAULT_SITE_CAP, VariantSpec, drops_band, normalise_variants
-from passes.surgery import apply_latent, apply_merge, attach_fitted, parameter_count, rewrite_planned
-from passes.site import AttentionSite
-from passes.context import first_line
 from passes.pricing import TARGETS, profile, profile_note
+from passes.site import AttentionSite
+from passes.surgery import apply_latent, apply_merge, attach_fitted, parameter_count, rewrite_planned
+from passes.variants import exact_name
 from rewriter.capture import CallSpec, CaptureError, call_spec, capture, graph_context, split_inputs
-from rewriter.runner import flat_runner
 from rewriter.dynamic import LengthRange, every_length, example_length
+from rewriter.runner import flat_runner
 
 logger = logging.getLogger(__name__)
 

@@ -64,9 +64,8 @@ def rewriter_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **
     Options come as ``torch.compile(model, backend="rewriter", options={"variants": ...})``; torch.compile
     hands them over as one ``options`` dict (and ``mode`` beside it, which Inductor's own knobs ignore here).
     """
-    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-
     import torch._inductor.config
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
     variants = backend_variants(options)
     pattern_default = torch._inductor.config.pattern_matcher

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from passes.find import GraphContext
 from passes import graph as G
+from passes.find import GraphContext
 from passes.graph import WRAPPED
 
 logger = logging.getLogger(__name__)

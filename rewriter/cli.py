@@ -111,9 +111,8 @@ def _progress():
 def _calibrate_cpu(say) -> None:
     """Measure this CPU quickly on first use so the plan's times are not generic figures."""
     from codegen import hw_calibrate
-    from passes import pricing
-
     from cost_model import hardware
+    from passes import pricing
     if hardware.cache_path().exists():
         return
     say(f"first use on this machine: calibrating the CPU profile (a few seconds; cached at {hardware.cache_path()})")

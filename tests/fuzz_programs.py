@@ -103,7 +103,6 @@ def generate(seed: int) -> Program:
                      ("padding", padding), ("user_bool", user_bool)):
         if on:
             apply[name] = r.choice(["where", "masked_fill", "add"] if name == "padding" else ["where", "masked_fill"])
-    hide = [k for k, a in apply.items() if a != "add"]
     has_add = has_add or apply.get("padding") == "add"
     fill = r.choice(FILLS_EXACT if has_add else FILLS_EXACT + FILLS_FINITE)
     if fill == "full_like" and layout == "flat" and padding:
@@ -286,7 +285,7 @@ def generate(seed: int) -> Program:
         f.append("        y = y.transpose(1, 2).reshape(b, n, H * D)")
     f.append("        return x + self.o(y)" if "residual" in extras else "        return self.o(y)")
 
-    inputs = [f"def inputs(seed):", "    g = torch.Generator().manual_seed(seed)",
+    inputs = ["def inputs(seed):", "    g = torch.Generator().manual_seed(seed)",
               "    x = torch.randn(B, N, E, generator=g)"]
     if cross:
         inputs.append("    memory = torch.randn(B, M, E, generator=g)")

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import codegen
-from codegen.variants import block_sparse
 from codegen.naive import naive_attention
+from codegen.variants import block_sparse
 from tests import builders
 
 # b, h, g, p, m, e, f: lengths not multiples of the block, GQA and MQA, Nq != Nkv

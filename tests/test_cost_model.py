@@ -15,7 +15,7 @@ from cost_model import Access, Einsum, build, bytes_moved, op_counts, passes
 from cost_model.analysis import visible_pairs
 from cost_model.hardware import H100
 from cost_model.ir import Predicate, sym
-from cost_model.predict import crossovers, predict, time_expr, cascade_for
+from cost_model.predict import cascade_for, crossovers, predict, time_expr
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [  # B, H, G, P, M, E, F

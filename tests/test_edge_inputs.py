@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 import rewriter
 from rewriter.artifact import ArtifactError

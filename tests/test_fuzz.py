@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from codegen import KERNELS
 import passes.variants as variants_registry
+from codegen import KERNELS
 from passes.variants import VARIANTS
 from tests import fuzz_check
 from tests.fuzz_programs import generate

@@ -19,10 +19,9 @@ from typing import Optional
 
 import pytest
 import torch
+from hf_fixtures import ATTN_IMPLEMENTATIONS, BATCH, DEC_SEQ, SEQ, build, make_inputs
 
 import rewriter
-
-from hf_fixtures import ATTN_IMPLEMENTATIONS, BATCH, DEC_SEQ, SEQ, build, make_inputs
 
 pytest.importorskip("transformers")
 

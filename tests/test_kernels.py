@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import codegen
-from tests import builders
-from codegen.variants import block_sparse, latent, linear
 from codegen.naive import naive_attention
 from codegen.pattern import cached_block_map
+from codegen.variants import block_sparse, latent, linear
+from tests import builders
 
 SHAPES = [  # b, h, g, p, m, e, f: lengths not multiples of any block; GQA, MQA, Nq != Nkv, decode
     (1, 2, 2, 77, 77, 16, 16),

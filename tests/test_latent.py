@@ -7,8 +7,8 @@ import re
 import torch
 
 import rewriter
-from codegen.variants import latent as latent_kernel
 from codegen.ops import recording
+from codegen.variants import latent as latent_kernel
 from passes import metrics
 from rewriter import models
 

@@ -11,8 +11,8 @@ import textwrap
 import torch
 
 import rewriter
-from codegen.variants import sliding_window as sw
 from codegen.ops import recording
+from codegen.variants import sliding_window as sw
 from rewriter import lm
 
 CFG = lm.LMConfig(context=512, dim=64, layers=2, heads=2)

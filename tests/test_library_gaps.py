@@ -145,8 +145,8 @@ def test_per_sample_lengths_without_scalar_capture_run_through_the_backend():
 @pytest.mark.parametrize("name,grid,prefix", [("register_vit", [5, 5], 4), ("dynamic_size_vit", [5, 5], 1),
                                                ("resampled_patch_vit", [6, 4], 1)])
 def test_neighborhood_finds_the_image_grid(name, grid, prefix):
-    from codegen.variants import neighborhood_2d as nb
     from codegen.ops import recording
+    from codegen.variants import neighborhood_2d as nb
 
     case = CASES[name]
     model = _model(case)

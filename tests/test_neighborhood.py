@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 
 import rewriter
-from codegen.variants import neighborhood_2d as nb
 from codegen.ops import recording
+from codegen.variants import neighborhood_2d as nb
 
 
 class TinyViT(nn.Module):

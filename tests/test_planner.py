@@ -225,6 +225,7 @@ def test_native_windows_become_sliding_window_exactly(n):
 
 def test_variants_list_with_parameters_says_how_to_give_them():
     import pytest as _pytest
+
     from passes.planner import normalise_variants
 
     with _pytest.raises(TypeError, match="as a dict"):

@@ -18,10 +18,10 @@ if not torch.cuda.is_available():  # must precede the first generated kernel's i
 pytest.importorskip("triton")
 
 import codegen  # noqa: E402
-from codegen.variants import block_sparse, latent, linear  # noqa: E402
 from codegen import triton as ct  # noqa: E402
 from codegen.naive import causal_top_left, naive_attention  # noqa: E402
 from codegen.sparse import reference_pattern  # noqa: E402
+from codegen.variants import block_sparse, latent, linear  # noqa: E402
 from tests import builders  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not ct.interpreting(), reason="needs TRITON_INTERPRET=1 (CPU tensors)")

@@ -23,10 +23,10 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 pytest.importorskip("triton")
 
 import codegen  # noqa: E402
-from codegen.variants import block_sparse  # noqa: E402
 from codegen import triton as ct  # noqa: E402
 from codegen.naive import naive_attention  # noqa: E402
 from codegen.sparse import reference_pattern  # noqa: E402
+from codegen.variants import block_sparse  # noqa: E402
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-4}
 DTYPES = [torch.float16, torch.bfloat16]

@@ -17,9 +17,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from codegen.triton import library  # noqa: F401  registers rewriter_triton::attention when Triton is installed
 from codegen.triton.gen import generate, has_triton, load
 from codegen.triton.launch import call_spec, interpreting, run
-from codegen.triton import library  # noqa: F401  registers rewriter_triton::attention when Triton is installed
 
 logger = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ def traceable() -> tuple[str, ...]:
                  if r.triton is not None and r.triton.family == "ranges" and not r.triton.low_rank)
 
 try:
-    from torch.library import triton_op, wrap_triton
     import triton  # noqa: F401
+    from torch.library import triton_op, wrap_triton
 except Exception:  # no Triton (or a torch without triton_op): the op is simply not defined
     triton_op = wrap_triton = None
 

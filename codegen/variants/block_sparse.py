@@ -21,6 +21,7 @@ import math
 import os
 from typing import Optional, Sequence
 
+import sympy
 import torch
 import torch.nn.functional as F
 
@@ -28,10 +29,9 @@ from codegen.naive import as4d, naive_attention, visible_of
 from codegen.pattern import EVERY_KEY, BlockMap, dense_blocks, from_dense_blocks, intervals, visible
 from codegen.registry import KernelVariant, TritonKernel, register
 from codegen.sparse import no_fill, run_block_map
-import sympy
 from cost_model import ir
-from cost_model.ir import Access, Einsum
 from cost_model.cascades import core, finish, size, softmax_form
+from cost_model.ir import Access, Einsum
 
 VARIANT = "block_sparse"
 

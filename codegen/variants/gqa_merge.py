@@ -13,8 +13,8 @@ from codegen.pattern import EVERY_KEY
 from codegen.registry import KernelVariant, TritonKernel, register
 from codegen.variants import dense as _dense
 from cost_model import ir
-from cost_model.ir import sym
 from cost_model.cascades import dense, size
+from cost_model.ir import sym
 
 NAME = "gqa_merge"
 

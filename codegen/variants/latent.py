@@ -15,10 +15,11 @@ import torch
 from codegen.pattern import EVERY_KEY
 from codegen.registry import KernelVariant, TritonKernel, register
 from codegen.variants import dense as _dense
-from codegen.variants.dense import dense, reference as dense_reference
+from codegen.variants.dense import dense
+from codegen.variants.dense import reference as dense_reference
 from cost_model import ir
-from cost_model.ir import Access, Einsum, Predicate, sym
 from cost_model.cascades import base_sizes, core, finish, size
+from cost_model.ir import Access, Einsum, Predicate, sym
 
 VARIANT = "latent"
 

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from codegen.naive import HIDDEN_BELOW, as4d
 from codegen.registry import KernelVariant, TritonKernel, register
 from cost_model import ir
-from cost_model.ir import Access, Einsum
 from cost_model.cascades import base_sizes, finish, size
+from cost_model.ir import Access, Einsum
 
 VARIANT = "linear"
 FEATURE_MAPS = ("elu1", "taylor", "hedgehog")

@@ -13,8 +13,8 @@ from codegen.registry import KernelVariant, TritonKernel, register
 from codegen.sparse import no_fill, reference_pattern, run_pattern
 from codegen.variants import sliding_window
 from cost_model import ir
-from cost_model.ir import sym
 from cost_model.cascades import local_span, size, softmax_form
+from cost_model.ir import sym
 
 NAME = "sinks_window"
 

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import sympy
 import torch
 
 from codegen.pattern import Bound, Span
 from codegen.registry import KernelVariant, TritonKernel, register
 from codegen.sparse import no_fill, reference_pattern, run_pattern
-import sympy
 from cost_model import ir
-from cost_model.ir import sym
 from cost_model.cascades import local_span, size, softmax_form
+from cost_model.ir import sym
 
 NAME = "sliding_window"
 

@@ -15,10 +15,9 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-
-from passes.variants._grid import modifier_reason, with_delta
 from codegen.variants.block_sparse import KERNEL
 from passes.variants import Variant
+from passes.variants._grid import modifier_reason, with_delta
 
 DEFAULTS: dict = {"block": 64, "keep": 0.25}
 PARAMS: dict = {"keep": float, "block": int, "delta": int}

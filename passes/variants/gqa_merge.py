@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-from passes.variants._grid import modifier_reason
+import torch
+
 from codegen.variants import dense
 from codegen.variants.gqa_merge import KERNEL
 from passes.variants import Variant
-import torch
+from passes.variants._grid import modifier_reason
 
 DEFAULTS: dict = {"groups": 1}
 PARAMS: dict = {"groups": int}

@@ -12,9 +12,9 @@ from typing import Optional
 
 import torch
 
-from passes.variants._grid import modifier_reason
 from codegen.variants.latent import KERNEL
 from passes.variants import Variant
+from passes.variants._grid import modifier_reason
 
 DEFAULTS: dict = {"rank": 32}
 PARAMS: dict = {"rank": int}

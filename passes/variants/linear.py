@@ -8,16 +8,15 @@ end of the keys (query i at position M - P + i); keys before the first query ent
 """
 from __future__ import annotations
 
-from typing import Optional
-
-
-from passes.variants._grid import modifier_reason, powers_below
-from codegen.variants import sliding_window
-from codegen.variants.linear import KERNEL
-from passes.variants import Variant
 import logging
 import math
 import time
+from typing import Optional
+
+from codegen.variants import sliding_window
+from codegen.variants.linear import KERNEL
+from passes.variants import Variant
+from passes.variants._grid import modifier_reason, powers_below
 
 logger = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from passes.variants._grid import modifier_reason, sequence_reason, with_delta
 from codegen.variants import sliding_window
 from codegen.variants.neighborhood_2d import KERNEL, window_keys
 from passes.variants import Variant
+from passes.variants._grid import modifier_reason, sequence_reason, with_delta
 
 DEFAULTS: dict = {"kernel": [7, 7]}
 PARAMS: dict = {"grid": list, "kernel": list, "prefix": int, "delta": int}

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-
-from passes.variants._grid import modifier_reason, sequence_reason, windows, with_delta
 from codegen.variants.sinks_window import KERNEL
 from passes.variants import Variant
+from passes.variants._grid import modifier_reason, sequence_reason, windows, with_delta
 
 DEFAULTS: dict = {"window": 256, "sinks": 4, "block": 64}
 PARAMS: dict = {"window": int, "sinks": int, "block": int, "delta": int}

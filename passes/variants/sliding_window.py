@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-
-from passes.variants._grid import modifier_reason, sequence_reason, windows, with_delta
 from codegen.variants.sliding_window import KERNEL
 from passes.variants import Variant
+from passes.variants._grid import modifier_reason, sequence_reason, windows, with_delta
 
 DEFAULTS: dict = {"window": 256, "block": 64}
 PARAMS: dict = {"window": int, "block": int, "delta": int}
