@@ -22,22 +22,23 @@ def visible_of(mask: torch.Tensor) -> torch.Tensor:
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                     scale: float, *, visible: Optional[torch.Tensor] = None, softcap: float = 0.0,
-                    fill: Optional[float] = None) -> torch.Tensor:
-    """Three-pass softmax attention in float64; ``visible`` [.., P, M] is the variant's pattern.
+                    fill: Optional[float] = None, compute: torch.dtype = torch.float64) -> torch.Tensor:
+    """Three-pass softmax attention in ``compute`` precision (float64: the references); ``visible`` [.., P, M]
+    is the variant's pattern.
 
     Rows where no key is visible give 0 (as FlexAttention does), not NaN.
     """
     h, g = q.shape[1], k.shape[1]
-    k = k.double().repeat_interleave(h // g, dim=1)
-    v = v.double().repeat_interleave(h // g, dim=1)
-    s = (q.double() @ k.transpose(-1, -2)) * scale
+    k = k.to(compute).repeat_interleave(h // g, dim=1)
+    v = v.to(compute).repeat_interleave(h // g, dim=1)
+    s = (q.to(compute) @ k.transpose(-1, -2)) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
     if mask is not None:
         if mask.dtype == torch.bool:
             s = s.masked_fill(~mask, float("-inf") if fill is None else float(fill))
         else:
-            s = s + mask.double()
+            s = s + mask.to(compute)
     if visible is not None:
         s = s.masked_fill(~visible, float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)

@@ -277,7 +277,7 @@ def test_generated_source_is_readable_and_keyed_by_spec():
     src = ct.generate(spec_a)
     assert spec_a.hash != spec_b.hash and src != ct.generate(spec_b)
     assert f"# spec hash: {spec_a.hash}" in src and '"window": 8' in src and "def attention_kernel" in src
-    assert "(kpos < 4) | ((kpos > qpos - 8) & (kpos < qpos + 8))" in src
+    assert "vis = (kpos <= 3) | ((kpos >= qpos - 7) & (kpos <= qpos + 7))  # sinks, window" in src
     assert ct.generate(spec_a) == src  # deterministic
     mod = ct.load(spec_a)
     assert mod.SPEC_HASH == spec_a.hash and mod.__file__.endswith(f"sinks_window_{spec_a.hash}.py")

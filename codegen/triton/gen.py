@@ -55,13 +55,14 @@ def _pow2(n: int) -> int:
     return max(16, 1 << (max(1, n) - 1).bit_length())
 
 
-def _bound(b: Bound, q: str) -> str:
-    """A span bound as a Triton expression of the query position ``q`` (a tensor, so every bound has one type)."""
+def _bound(b: Bound, q: str, tensor: bool = True) -> str:
+    """A span bound as a Triton expression of the query position ``q``; with ``tensor`` a constant is written
+    as an expression of ``q`` too, so that every bound of a segment has one type."""
     if b.anchor == "query":
         base = q if b.stride == 1 else f"({q} // {b.stride}) * {b.stride}"
         return base if b.offset == 0 else f"{base} {'+' if b.offset > 0 else '-'} {abs(b.offset)}"
     if b.anchor == "first":
-        return f"{b.offset} + 0 * {q}"
+        return f"{b.offset} + 0 * {q}" if tensor else str(b.offset)
     if b.anchor == "last":
         return f"M - 1 + {b.offset} + 0 * {q}"
     raise ValueError(f"unknown bound anchor {b.anchor!r}")
@@ -85,10 +86,10 @@ def _visible_body(spec: KernelSpec) -> str:
             if span.lo == Bound("first", 0) and span.hi == Bound("last", 0):
                 terms = ["kpos >= 0"]  # every key
                 break
-            if span.hi.anchor == "last":
-                terms.append(f"(kpos >= {_bound(span.lo, 'qpos')})")
-            else:
-                terms.append(f"((kpos >= {_bound(span.lo, 'qpos')}) & (kpos <= {_bound(span.hi, 'qpos')}))")
+            parts = [] if span.lo == Bound("first", 0) else [f"(kpos >= {_bound(span.lo, 'qpos', False)})"]
+            if span.hi.anchor != "last":  # a real key is never past the last one
+                parts.append(f"(kpos <= {_bound(span.hi, 'qpos', False)})")
+            terms.append(" & ".join(parts) if len(parts) < 2 else f"({' & '.join(parts)})")
         names = ", ".join(sp.name for sp in _spans(spec))
         lines = [f"    vis = {' | '.join(terms)}  # {names}"]
     if spec.causal:

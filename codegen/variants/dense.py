@@ -23,22 +23,8 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
 def _modified(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
               causal: bool, *, softcap: float = 0.0, fill: Optional[float] = None) -> torch.Tensor:
     """Three-pass softmax attention in float32 with what SDPA does not take (soft-capping, a finite fill)."""
-    g, h = k.shape[1], q.shape[1]
-    if g != h:
-        k, v = k.repeat_interleave(h // g, dim=1), v.repeat_interleave(h // g, dim=1)
-    s = (q.float() @ k.float().transpose(-1, -2)) * scale
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            s = s.masked_fill(~mask, float("-inf") if fill is None else float(fill))
-        else:
-            s = s + mask.float()
-    if causal:
-        p_len, m_len = s.shape[-2:]
-        keep = torch.ones(p_len, m_len, dtype=torch.bool, device=s.device).tril()
-        s = s.masked_fill(~keep, float("-inf"))
-    return (s.softmax(-1) @ v.float()).to(q.dtype)
+    vis = causal_top_left(q.shape[2], k.shape[2], q.device) if causal else None
+    return naive_attention(q, k, v, mask, scale, visible=vis, softcap=softcap, fill=fill, compute=torch.float32)
 
 
 def _triton_forced() -> bool:
