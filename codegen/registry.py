@@ -68,7 +68,6 @@ class KernelVariant:
     name: str
     kernel: Callable[..., torch.Tensor]
     reference: Callable[..., torch.Tensor]
-    params: Mapping[str, type] = field(default_factory=dict)
     spans: Optional[Callable[..., Sequence[Span]]] = None
     supports: frozenset[str] = frozenset({"softcap", "mask", "gqa"})
     exact_always: bool = False

@@ -148,24 +148,29 @@ def _own(path: Path, name: str) -> bool:
     return path.parent.name == "variants" and path.stem == name
 
 
+def _stray(paths) -> list[str]:
+    """Every string literal equal to a variant's name, in files that are not that variant's own modules."""
+    out = []
+    for path in paths:
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in NAMES
+                    and not _own(path, node.value)):
+                out.append(f"{path}:{node.lineno}: {node.value!r}")
+    return out
+
+
 def test_no_variant_is_named_outside_its_own_modules():
     """A library module never spells a variant's name as a string: it asks the registry."""
-    stray = []
-    for pkg in LIBRARY:
-        for path in sorted((ROOT / pkg).rglob("*.py")):
-            tree = ast.parse(path.read_text(), filename=str(path))
-            for node in ast.walk(tree):
-                if (isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in NAMES
-                        and not _own(path, node.value)):
-                    stray.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    stray = _stray(sorted(p for pkg in LIBRARY for p in (ROOT / pkg).rglob("*.py")))
     assert not stray, "variant names outside their own modules:\n" + "\n".join(stray)
 
 
 def test_the_check_sees_a_stray_name(tmp_path):
-    """The scan above finds a name where one is written (so it cannot pass by finding nothing)."""
-    f = tmp_path / "mod.py"
-    f.write_text(f"X = {NAMES[-1]!r}\n")
-    tree = ast.parse(f.read_text())
-    assert any(isinstance(n, ast.Constant) and n.value in NAMES for n in ast.walk(tree))
-    assert not _own(f, NAMES[-1])
-
+    """The scan finds a name where one is written, and lets a variant's own module spell its own name."""
+    name = NAMES[-1]
+    (tmp_path / "mod.py").write_text(f"X = {name!r}\n")
+    own = tmp_path / "variants" / f"{name}.py"
+    own.parent.mkdir()
+    own.write_text(f"NAME = {name!r}\n")
+    assert _stray([tmp_path / "mod.py", own]) == [f"{tmp_path / 'mod.py'}:1: {name!r}"]

@@ -205,8 +205,7 @@ def cascade(*, block: object = 64, keep: object = None, causal: bool = False, fo
 
 
 KERNEL = register(KernelVariant(
-    name=VARIANT, kernel=kernel, reference=reference, params={"keep": float, "block": int},
-    spans=lambda **_: [EVERY_KEY], compiled_cpu=True,
+    name=VARIANT, kernel=kernel, reference=reference, spans=lambda **_: [EVERY_KEY], compiled_cpu=True,
     triton=TritonKernel("blockmap", ("keep", "block"), spec_params=_spec_params, block_map=block_map),
     timing=lambda n: {"keep": 0.25}, cascade=cascade, cascade_params={"block": int, "keep": float},
     examples=lambda n: [{"keep": 0.3, "block": 8}, {"keep": 0.6, "block": 16}],

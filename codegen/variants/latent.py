@@ -109,7 +109,7 @@ def cascade(*, rank: object = None, causal: bool = False, form: str = "online", 
 
 
 KERNEL = register(KernelVariant(
-    name=VARIANT, kernel=kernel, reference=reference, params={"rank": int}, spans=lambda **_: [EVERY_KEY],
+    name=VARIANT, kernel=kernel, reference=reference, spans=lambda **_: [EVERY_KEY],
     supports=frozenset({"softcap", "fill", "mask", "gqa"}), top_left=True,
     triton=TritonKernel("ranges", ("rank",), low_rank=True), output_dim=_output_dim,
     timed_as=_dense.KERNEL.name, cascade=cascade, cascade_params={"rank": int},

@@ -340,7 +340,7 @@ def cascade(*, causal: bool = False, chunk: object = 64, schedule: str = "fused"
 
 KERNEL = register(KernelVariant(
     name=VARIANT, kernel=kernel, reference=reference,
-    params={"feature_map": str, "chunk": int, "window": int}, supports=frozenset({"padding_mask", "gqa"}),
+    supports=frozenset({"padding_mask", "gqa"}),
     triton=TritonKernel("recurrent", ("feature_map", "chunk", "window"), spec_params=_spec_params, available=_fused),
     timing=lambda n: {"chunk": 64}, cascade=cascade, cascade_params={"chunk": int},
     examples=lambda n: [{"feature_map": "elu1", "chunk": 16}, {"feature_map": "elu1", "chunk": 5, "window": 3},

@@ -123,7 +123,7 @@ def _examples(n: int) -> list[dict]:
 
 KERNEL = register(KernelVariant(
     name=VARIANT, kernel=kernel_fn, reference=reference,
-    params={"grid": list, "kernel": list, "prefix": int, "block": int}, compiled_cpu=True,
+    compiled_cpu=True,
     triton=TritonKernel("blockmap", ("grid", "kernel", "prefix", "block"), spec_params=_spec_params,
                         visible=triton_visible),
     cascade=cascade, cascade_params={"kernel": list, "block": int}, examples=_examples,

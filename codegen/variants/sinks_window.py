@@ -56,8 +56,7 @@ def cascade(*, window: object = None, sinks: object = None, causal: bool = False
 
 
 KERNEL = register(KernelVariant(
-    name=NAME, kernel=kernel, reference=reference, params={"window": int, "sinks": int, "block": int},
-    spans=spans, compiled_cpu=True,
+    name=NAME, kernel=kernel, reference=reference, spans=spans, compiled_cpu=True,
     triton=TritonKernel("ranges", ("window", "sinks"), narrow_key_tiles=True),
     timed_as=sliding_window.KERNEL.name, cascade=cascade,
     cascade_params={"window": int, "sinks": int, "block": int},

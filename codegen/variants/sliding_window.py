@@ -52,7 +52,7 @@ def cascade(*, window: object = None, causal: bool = False, block: object = 64, 
 
 
 KERNEL = register(KernelVariant(
-    name=NAME, kernel=kernel, reference=reference, params={"window": int, "block": int}, spans=spans,
+    name=NAME, kernel=kernel, reference=reference, spans=spans,
     compiled_cpu=True, triton=TritonKernel("ranges", ("window",), narrow_key_tiles=True),
     timing=lambda n: {"window": n // 8}, cascade=cascade,
     cascade_params={"window": int, "block": int},

@@ -51,8 +51,8 @@ def cascade(*, window: object = None, stride: object = 1, **kw):
 
 
 KERNEL = register(KernelVariant(
-    name=NAME, kernel=kernel, reference=reference, params={"window": int, "stride": int, "block": int},
-    spans=spans, compiled_cpu=True, triton=TritonKernel("ranges", ("window", "stride"), narrow_key_tiles=True),
+    name=NAME, kernel=kernel, reference=reference, spans=spans, compiled_cpu=True,
+    triton=TritonKernel("ranges", ("window", "stride"), narrow_key_tiles=True),
     timed_as=sliding_window.KERNEL.name, cascade=cascade,
     cascade_params={"window": int, "stride": int, "block": int},
     examples=lambda n: [{"window": 4, "stride": 3, "block": 8}, {"window": max(2, n // 3), "stride": 8},

@@ -32,7 +32,7 @@ class Variant:
     * ``applies(site)``: None, or why the variant cannot run at the site.
     * ``grid(site, facts)``: the parameter choices the planner tries (``facts``: what the graph showed,
       such as an image grid); ``defaults`` fill what a choice leaves out.
-    * ``exact(site, params)``: the choice reproduces the site exactly; ``exact_when`` says when in words.
+    * ``exact(site, params)``: the choice reproduces the site exactly.
     * ``params``: what a user may pass, with types (the kernel's, plus corrections such as ``delta``);
       ``check(params)`` raises a ValueError naming a value the kernel cannot run.
     * ``complete(params, facts)``: fills what a forced choice leaves to the graph (the grid's size).
@@ -44,7 +44,6 @@ class Variant:
     * ``prepare(site_plan, candidates, records, index, say)``: fits what this variant's candidates need on
       the site's calibration records (factors, merged heads, feature maps) before they are scored.
     * ``kv_heads(site, params)``: the K/V heads the kernel sees after surgery (None: the site's own).
-    * ``feature_dim(site, params)``: the feature dim a kernelised variant attends over (pricing).
     * ``price(site, params, shape)``: the (cascade, its params, shape, form) terms whose times add up to the
       variant's (default: its own cascade); ``never_causal``: it is priced as bidirectional attention.
     * ``standalone(site, params, generator)``: (K/V heads, K dim, V dim, extra tensors) of random operands the
@@ -62,12 +61,10 @@ class Variant:
     params: Mapping[str, type] = field(default_factory=dict)
     check: Callable[[dict], None] = _no_check
     complete: Callable[..., dict] = _as_given
-    exact_when: str = ""
     needs: frozenset[str] = frozenset()
     weight_surgery: Optional[str] = None
     prepare: Optional[Callable[..., None]] = None
     kv_heads: Optional[Callable[[Any, dict], int]] = None
-    feature_dim: Optional[Callable[[Any, dict], int]] = None
     draws_band: Optional[Callable[[dict], Optional[int]]] = None
     price: Optional[Callable[[Any, dict, dict], list]] = None
     never_causal: bool = False

@@ -55,4 +55,4 @@ def check_params(params: dict) -> None:
 
 VARIANT = Variant(
     name=KERNEL.name, kernel=KERNEL, applies=applies, exact=exact, grid=lambda site, facts=None: grid(site),
-    defaults=DEFAULTS, params=PARAMS, check=check_params, exact_when="every key block is kept")
+    defaults=DEFAULTS, params=PARAMS, check=check_params)

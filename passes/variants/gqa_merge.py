@@ -68,7 +68,7 @@ def prepare(sp, cands: list, records: list, index: int, say) -> None:
 
 VARIANT = Variant(
     name=KERNEL.name, kernel=KERNEL, applies=applies, exact=exact, grid=lambda site, facts=None: grid(site),
-    defaults=DEFAULTS, params=PARAMS, check=check_params, exact_when="nothing is merged",
+    defaults=DEFAULTS, params=PARAMS, check=check_params,
     needs=frozenset({"factored_kv"}), weight_surgery="merge_heads", kv_heads=kernel_kv_heads, prepare=prepare,
     standalone=lambda site, params, g: (kernel_kv_heads(site, params), site.head_dim, site.v_head_dim, []),
     price=lambda site, params, shape: [(dense.KERNEL.name, {}, {**shape, "G": kernel_kv_heads(site, params)},

@@ -105,6 +105,6 @@ def prepare(sp, cands: list, records: list, index: int, say) -> None:
 
 VARIANT = Variant(
     name=KERNEL.name, kernel=KERNEL, applies=applies, exact=exact, grid=lambda site, facts=None: grid(site),
-    defaults=DEFAULTS, params=PARAMS, check=check_params, exact_when="the rank is the full head dim",
+    defaults=DEFAULTS, params=PARAMS, check=check_params,
     needs=frozenset({"factored_kv"}), weight_surgery="low_rank", standalone=standalone,
     prepare=prepare)

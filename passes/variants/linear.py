@@ -125,5 +125,5 @@ def _linear_mask_refusal(records: list) -> str:
 
 VARIANT = Variant(
     name=KERNEL.name, kernel=KERNEL, applies=applies, exact=exact, grid=lambda site, facts=None: grid(site),
-    defaults=DEFAULTS, params=PARAMS, check=check_params, exact_when="the softmax window covers every key",
-    feature_dim=feature_dim, price=price, prepare=prepare)
+    defaults=DEFAULTS, params=PARAMS, check=check_params,
+    price=price, prepare=prepare)

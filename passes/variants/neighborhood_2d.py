@@ -67,5 +67,5 @@ def price(site, params: dict, shape: dict) -> list:
 
 VARIANT = Variant(
     name=KERNEL.name, kernel=KERNEL, applies=applies, exact=exact, grid=grid, defaults=DEFAULTS, params=PARAMS,
-    check=check_params, complete=complete, exact_when="the neighbourhood covers the whole grid",
+    check=check_params, complete=complete,
     needs=frozenset({"grid"}), price=price, never_causal=True)

@@ -41,5 +41,5 @@ def check_params(params: dict) -> None:
 
 VARIANT = Variant(
     name=KERNEL.name, kernel=KERNEL, applies=applies, exact=exact, grid=lambda site, facts=None: grid(site),
-    defaults=DEFAULTS, params=PARAMS, check=check_params, exact_when="the window alone covers every key",
+    defaults=DEFAULTS, params=PARAMS, check=check_params,
     draws_band=lambda params: None if int(params.get("sinks", 0) or 0) else int(params.get("window", -1)))

@@ -15,7 +15,6 @@ from passes.variants._grid import modifier_reason, sequence_reason, windows, wit
 
 DEFAULTS: dict = {"window": 256, "block": 64}
 PARAMS: dict = {"window": int, "block": int, "delta": int}
-EXACT_WHEN = "the site's own mask is a band of the same window"
 
 
 def applies(site) -> Optional[str]:
@@ -46,5 +45,5 @@ def check_params(params: dict) -> None:
 
 VARIANT = Variant(
     name=KERNEL.name, kernel=KERNEL, applies=applies, exact=exact, grid=lambda site, facts=None: grid(site),
-    defaults=DEFAULTS, params=PARAMS, check=check_params, exact_when=EXACT_WHEN,
+    defaults=DEFAULTS, params=PARAMS, check=check_params,
     draws_band=lambda params: int(params.get("window", -1)))
