@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 import rewriter  # noqa: E402
-from rewriter.capture import split_inputs  # noqa: E402
+from passes.capture import split_inputs  # noqa: E402
 from rewriter.report import time_interleaved  # noqa: E402
 
 

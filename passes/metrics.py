@@ -229,3 +229,13 @@ def error(reference: Any, outputs: Any, metric: Union[Metric, MetricChoice] = No
           inputs: Optional[dict] = None) -> float:
     """The metric between two outputs of the same structure (``None``: relative L2)."""
     return finish(*sums(reference, outputs, metric, pad, inputs), metric)
+
+
+def relative_l2(reference: Any, candidate: Any) -> float:
+    """Relative L2 distance between two outputs with the same structure (all float tensors pooled)."""
+    ref, cand = _float_leaves(reference), _float_leaves(candidate)
+    if len(ref) != len(cand):
+        raise ValueError(f"outputs differ in structure: {len(ref)} tensors against {len(cand)}")
+    num = sum(float((a.detach().double() - b.detach().double()).pow(2).sum()) for a, b in zip(ref, cand))
+    den = sum(float(a.detach().double().pow(2).sum()) for a in ref)
+    return (num / den) ** 0.5 if den > 0 else num ** 0.5

@@ -26,10 +26,10 @@ import torch
 
 import codegen  # noqa: F401  (the custom op must exist before torch.export.load)
 from codegen.sources import kernel_sources
+from passes.capture import CallSpec
+from passes.dynamic import LengthRange
 from passes.plan import Plan
 from rewriter.api import OptimizedModel
-from rewriter.capture import CallSpec
-from rewriter.dynamic import LengthRange
 
 logger = logging.getLogger(__name__)
 

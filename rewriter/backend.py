@@ -12,13 +12,13 @@ from typing import Any, Sequence
 
 import torch
 
+from passes.capture import fx_context
 from passes.fastpath import open_fast_paths
 from passes.find import find_matches
 from passes.lower import lower_dense
 from passes.planner import choose, normalise_variants
 from passes.rewrite import rewrite_graph
 from passes.variants import exact_name
-from rewriter.capture import fx_context
 
 logger = logging.getLogger(__name__)
 

@@ -213,7 +213,7 @@ def _load_model(args) -> tuple[Any, Any]:
 
 
 def _run(args) -> int:
-    from rewriter.capture import CaptureError  # imported here: usage errors come back before torch loads
+    from passes.capture import CaptureError  # imported here: usage errors come back before torch loads
 
     budget = parse_budget(args.budget) if args.cmd == "optimize" else None
     cap = parse_cap(args.site_cap) if args.cmd == "optimize" else None
@@ -253,8 +253,8 @@ def run_optimize(args, model, inputs, budget, variants, out: Optional[Path], say
     """``rewriter optimize``: plan, print, measure against the original, perplexity for the LM, export."""
     import torch
 
+    from passes.capture import split_inputs
     from rewriter.api import optimize, relative_l2
-    from rewriter.capture import split_inputs
     from rewriter.report import time_interleaved, write_report
 
     target = args.target or "cpu"

@@ -126,7 +126,7 @@ def attention_curves(plan, max_seconds: float = 25.0, reps: int = 3) -> list[Cur
     """
     import codegen
     from passes import pricing
-    from rewriter.dynamic import crossover
+    from passes.dynamic import crossover
 
     hw = pricing.profile(plan.target)
     deadline = time.perf_counter() + max_seconds

@@ -9,10 +9,10 @@ import torch
 
 import rewriter
 from codegen import KERNELS
+from passes.capture import capture, graph_context
 from passes.find import find_matches
 from passes.rewrite import rewrite_graph
 from passes.variants import VARIANTS
-from rewriter.capture import capture, graph_context
 from tests.fuzz_programs import Program, generate
 
 logger = logging.getLogger(__name__)

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import rewriter
+from passes.capture import graph_context
+from passes.dynamic import capture_dynamic, length_adaptive
 from passes.find import find_matches
 from passes.pricing import profile
-from rewriter.capture import graph_context
-from rewriter.dynamic import capture_dynamic, length_adaptive
 from tests.length_lms import LengthMaskLM, window_reference
 
 EXAMPLE = 16
@@ -121,7 +121,7 @@ def test_planned_variant_runs_dense_beyond_its_calibrated_range():
     forced = rewriter.optimize(model, ids, variants={"sliding_window": {"window": WINDOW}}, budget=None,
                                dynamic=False)
     matches, _ = find_matches(graph_context(torch.export.export(model, (), {"ids": ids}, strict=False)))
-    got = length_adaptive(model, {"ids": ids}, matches, forced.plan, profile("cpu"), 128, calibrated=EXAMPLE)
+    got = length_adaptive(model, {"ids": ids}, matches, forced.plan.decisions, profile("cpu"), 128, calibrated=EXAMPLE)
     assert got is not None
     ep, _, schedules = got
     assert schedules == {0: [[0, "dense", {}], [EXAMPLE, "sliding_window", forced.plan.decisions[0].params],

@@ -10,10 +10,11 @@ import torch
 
 import rewriter
 from passes.calibrate import record_sites, site_error
+from passes.capture import analyse
 from passes.fitting import fit_hedgehog
-from passes.pipeline import op_nodes
+from passes.measure import op_nodes
 from passes.rewrite import rewrite_graph
-from rewriter import api, lm
+from rewriter import lm
 
 pytestmark = pytest.mark.skipif(not lm.CHECKPOINT.exists(), reason="the trained checkpoint is not in this checkout")
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.skipif(not lm.CHECKPOINT.exists(), reason="the trained 
 def _records(n: int = 256):
     model = lm.load()
     ids = lm.windows(lm.corpus("train"), n - 1, 3, seed=5)[:, :n]
-    ep, spec, matches, _ = api._analyse(model, ids)
+    ep, spec, matches, _ = analyse(model, ids)
     rewrite_graph(ep.graph_module, [(m, "dense", {}) for m in matches])
     kw = spec.bind((ids,), {})
     return model, ids, record_sites(ep, [kw], op_nodes(ep.graph_module.graph))

@@ -216,8 +216,8 @@ def test_a_refused_site_describes_what_is_known():
 
 
 def test_what_a_refused_site_does_not_know_reads_unknown():
+    from passes.capture import capture, graph_context
     from passes.refused import refused_site
-    from rewriter.capture import capture, graph_context
 
     ep, _ = capture(L.TransposedValues().eval(), (L.x_(),))
     ctx = graph_context(ep)
@@ -230,8 +230,8 @@ def test_what_a_refused_site_does_not_know_reads_unknown():
 def test_writes_into_scores_in_a_graph_that_is_not_functional_are_refused():
     """A graph captured without functionalising (torch.export directly) hides a slice write from the
     dataflow; the finder must refuse the site, never rewrite it without the bias."""
+    from passes.capture import graph_context
     from passes.find import find_matches
-    from rewriter.capture import graph_context
 
     torch.manual_seed(0)
     model = L.SliceBiasWrite().eval()
@@ -263,12 +263,12 @@ def test_backend_compiles_the_graph_unchanged_when_inductor_rejects_the_rewrite(
 
 
 def test_optimize_leaves_the_model_unchanged_when_planning_fails(monkeypatch):
-    import rewriter.api as api
+    import passes.choose as choose
 
     def broken(*a, **k):
         raise KeyError("a planner bug")
 
-    monkeypatch.setattr(api, "plan_program", broken)
+    monkeypatch.setattr(choose, "search", broken)
     model, inputs = _model(CASES["dead_clones"]), _x(0)
     opt = rewriter.optimize(model, inputs)
     (d,) = opt.plan.decisions

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import rewriter
+from passes.capture import capture, graph_context
 from passes.find import find_matches
-from rewriter.capture import capture, graph_context
 from tests.lookalikes import KINDS, generate_lookalike
 
 DEFAULT_LOOKALIKES = 30

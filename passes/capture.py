@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from passes import graph as G
-from passes.find import GraphContext
+from passes.find import GraphContext, Match, find_matches
 from passes.graph import WRAPPED
 
 logger = logging.getLogger(__name__)
@@ -226,3 +227,15 @@ def fx_context(gm: fx.GraphModule, param_positions: set[int]) -> GraphContext:
         for s in (getattr(n.meta.get("val"), "shape", ()) or ())
     )
     return GraphContext(graph=gm.graph, user_inputs=user, constants={}, dynamic=dynamic)
+
+
+def analyse(model: torch.nn.Module, example_inputs: Any) -> tuple[torch.export.ExportedProgram, CallSpec,
+                                                                  list[Match], list]:
+    """Capture ``model`` and find its attention: (program, call spec, sites found, softmaxes that were not)."""
+    t0 = time.perf_counter()
+    logger.info("capturing %s with torch.export (non-strict)...", type(model).__name__)
+    ep, spec = capture(model, example_inputs)
+    logger.info("captured %d graph nodes in %.1fs; finding attention...", len(ep.graph.nodes), time.perf_counter() - t0)
+    matches, rejected = find_matches(graph_context(ep))
+    logger.info("found %d attention site(s) (%d softmaxes were not attention)", len(matches), len(rejected))
+    return ep, spec, matches, rejected

@@ -13,19 +13,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import fx
 
 from passes import graph as G
 from passes import masks, pricing
+from passes.capture import graph_context
 from passes.find import Match, find_matches
-from passes.plan import Plan
+from passes.plan import Decision
 from passes.planner import drops_band
 from passes.surgery import rewrite_planned
 from passes.variants import VARIANTS, exact_name
-from rewriter.capture import graph_context
 
 logger = logging.getLogger(__name__)
 
@@ -171,9 +171,9 @@ def schedule(site, variant: str, params: dict, hw, calibrated: int, high: int) -
     return out
 
 
-def length_adaptive(model: torch.nn.Module, kw: dict, static_matches: list[Match], plan: Plan, hw,
+def length_adaptive(model: torch.nn.Module, kw: dict, static_matches: list[Match], decisions: Sequence[Decision], hw,
                     high: int, calibrated: Optional[int] = None) -> Optional[tuple[Any, LengthRange, dict]]:
-    """A dynamic-length program (lengths 1..``high``) rewritten by ``plan``, or None when not possible.
+    """A dynamic-length program (lengths 1..``high``) rewritten by ``decisions``, or None when not possible.
 
     ``calibrated`` is the longest length a planned (budgeted) approximate variant was measured at: such
     a site is scheduled dense below its cost-model crossover, the variant up to ``calibrated`` and exact
@@ -191,7 +191,7 @@ def length_adaptive(model: torch.nn.Module, kw: dict, static_matches: list[Match
         logger.info("the dynamic-length capture shows different sites; the model is re-captured per input shape")
         return None
     chosen, schedules = {}, {}
-    for m, d in zip(matches, plan.decisions):
+    for m, d in zip(matches, decisions):
         if d.variant == "original":
             continue
         chosen[m.site.index] = (d.variant, dict(d.params))
@@ -226,7 +226,7 @@ def example_length(kw: dict, matches: list[Match]) -> Optional[int]:
     return int(kw[names[0]].shape[1]) if names else None
 
 
-def every_length(source: torch.nn.Module, kw0: dict, matches: list[Match], plan: Plan, hw,
+def every_length(source: torch.nn.Module, kw0: dict, matches: list[Match], decisions: Sequence[Decision], hw,
                  max_len: Optional[int], forced: bool, ctx) -> Optional[tuple[Any, LengthRange, list[str]]]:
     """One program for lengths 1..max_len (the position limit, else 8x the example): (program, range, notes)."""
     n = example_length(kw0, matches)
@@ -236,16 +236,16 @@ def every_length(source: torch.nn.Module, kw0: dict, matches: list[Match], plan:
     limit = None if declared else position_limit(source, ctx)
     high = max_len if declared else (limit if limit is not None and limit >= n else 8 * n)
     calibrated = None if forced else n
-    got = length_adaptive(source, kw0, matches, plan, hw, high, calibrated)
+    got = length_adaptive(source, kw0, matches, decisions, hw, high, calibrated)
     if got is None and not declared and high > n:  # the default reached past what the model takes: the example's
-        got = length_adaptive(source, kw0, matches, plan, hw, n, calibrated)
+        got = length_adaptive(source, kw0, matches, decisions, hw, n, calibrated)
     if got is None:
         return None
     ep_dyn, rng, schedules = got
     why = ("declared max_len" if declared else "the model's position limit" if limit is not None and rng.high == limit
            else "8x the example length" if rng.high == 8 * n else "the example length")
     notes = [f"one program serves sequence lengths {rng.low}..{rng.high} ({why})"]
-    for d in plan.decisions:
+    for d in decisions:
         sched = schedules.get(d.site.index)
         if not sched:
             if not forced and d.variant in VARIANTS and VARIANTS[d.variant].changes_weights and rng.high > n:
