@@ -47,39 +47,6 @@ class LowRankLinear(torch.nn.Module):
 PROBES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _probe(q, k, v, mask, scale, causal, *, extra=(), softcap=0.0, fill=None, probe: str = "", rank: int = 0):
-    from codegen.ops import run
-    from codegen.variants import latent
-
-    uk, uv = PROBES[probe]
-    ck = torch.einsum("bgmd,grd->bgmr", k, uk.to(k.dtype))
-    cv = torch.einsum("bgmd,grd->bgmr", v, uv.to(v.dtype))
-    return run(latent.KERNEL.name, q, ck, cv, mask, scale, causal, extra=[uk.to(q.dtype), uv.to(q.dtype)],
-               softcap=softcap,
-               fill=fill, rank=rank)
-
-
-def register_probe_kernel() -> None:
-    """Register the planning-only ``latent_probe`` kernel (never written into an exported program)."""
-    from codegen.ops import register_kernel
-
-    register_kernel("latent_probe")(_probe)
-
-
-def _with_extra(q, k, v, mask, scale, causal, *, extra=(), softcap=0.0, fill=None, probe: str = "", inner: str = "",
-                **params):
-    from codegen.ops import run
-
-    return run(inner, q, k, v, mask, scale, causal, extra=list(PROBES[probe]), softcap=softcap, fill=fill, **params)
-
-
-def register_extra_probe_kernel() -> None:
-    """Register the planning-only ``extra_probe`` kernel: ``inner`` variant with fitted tensors looked up by key."""
-    from codegen.ops import register_kernel
-
-    register_kernel("extra_probe")(_with_extra)
-
-
 @torch.library.custom_op("rewriter::repeat_heads", mutates_args=())
 def repeat_heads(x: torch.Tensor, repeats: int, head_dim: int) -> torch.Tensor:
     """[..., G'*D] -> [..., G'*repeats*D]: each merged head serves ``repeats`` original heads (gqa_merge)."""
@@ -109,20 +76,3 @@ class MergedHeadsLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The merged heads' projection, laid out as the original heads."""
         return torch.ops.rewriter.repeat_heads(self.merged(x), self.repeats, self.head_dim)
-
-
-def _gqa_probe(q, k, v, mask, scale, causal, *, extra=(), softcap=0.0, fill=None, groups: int = 0, **_):
-    from codegen.ops import run
-    from codegen.variants import gqa_merge
-
-    b, g, m, e = k.shape
-    ck = k.reshape(b, groups, g // groups, m, e).mean(2)
-    cv = v.reshape(b, groups, g // groups, m, v.shape[-1]).mean(2)
-    return run(gqa_merge.KERNEL.name, q, ck, cv, mask, scale, causal, softcap=softcap, fill=fill)
-
-
-def register_gqa_probe_kernel() -> None:
-    """Register the planning-only ``gqa_probe`` kernel: K/V heads merged by averaging, then exact attention."""
-    from codegen.ops import register_kernel
-
-    register_kernel("gqa_probe")(_gqa_probe)

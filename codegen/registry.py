@@ -61,6 +61,8 @@ class KernelVariant:
       parameters.
     * ``examples(n)``: parameter choices the conformance tests run at n keys; ``degenerate(n, e)``: parameters
       at which the variant is exact dense attention (n keys, head dim e).
+    * ``probes``: planning-only kernels by name (the variant's math on an unchanged graph, before any weight
+      surgery), registered under the op with the record and never written into an exported program.
     * ``operands(k, v, params, generator)``: (k, v, extra) as the kernel takes them, from full K/V (a variant
       reading low-rank K/V with its up-projections); None: k, v as they are, no extra tensors.
     """
@@ -83,6 +85,7 @@ class KernelVariant:
     examples: Callable[[int], list[dict]] = lambda n: [{}]
     degenerate: Optional[Callable[[int, int], dict]] = lambda n, e: {}
     operands: Optional[Callable[..., tuple]] = None
+    probes: Mapping[str, Callable[..., torch.Tensor]] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, KernelVariant] = {}
@@ -93,6 +96,10 @@ def register(record: KernelVariant) -> KernelVariant:
     from codegen.ops import KERNELS  # the op looks kernels up by name at run time
     _REGISTRY[record.name] = record
     KERNELS[record.name] = record.kernel
+    for name, kernel in record.probes.items():
+        if name in KERNELS and KERNELS[name] is not kernel:
+            raise ValueError(f"{record.name}: probe kernel {name!r} is already registered by another variant")
+        KERNELS[name] = kernel
     if record.cascade is not None:
         from cost_model import cascades
         cascades.register(record.name, record.cascade, record.cascade_params)

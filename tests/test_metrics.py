@@ -108,12 +108,12 @@ def test_perplexity_budget_holds_on_the_calibration_rows_and_is_printed_in_perce
 
 
 def test_perplexity_on_a_model_without_token_logits_fails_before_any_work(monkeypatch):
-    import rewriter.api as api
+    import passes.pipeline as pipeline
 
     def no_capture(*a, **k):
         raise AssertionError("captured before the metric was checked")
 
-    monkeypatch.setattr(api, "capture", no_capture)
+    monkeypatch.setattr(pipeline, "analyse", no_capture)
     with pytest.raises(ValueError, match="perplexity.*token logits"):
         rewriter.optimize(Pooled().eval(), torch.randn(2, 16, 32), metric="perplexity", budget=0.02)
 

@@ -120,12 +120,12 @@ def test_bad_parameters_fail_when_planning(params, match):
 
 
 def test_calibration_that_does_not_fit_fails_before_any_work(monkeypatch):
-    import rewriter.api as api
+    import passes.pipeline as pipeline
 
     def no_capture(*a, **k):
         raise AssertionError("captured before checking the calibration inputs")
 
-    monkeypatch.setattr(api, "capture", no_capture)
+    monkeypatch.setattr(pipeline, "analyse", no_capture)
     model = LocalAttention().eval()
     with pytest.raises(ValueError, match="calibration sample 1"):
         rewriter.optimize(model, torch.randn(2, 300, 64),

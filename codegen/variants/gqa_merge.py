@@ -40,8 +40,19 @@ def cascade(*, groups: object = None, **kw: object) -> ir.Cascade:
     return c.replace(sizes=sizes, params=(("groups", gm),), notes=c.notes + ", merged KV heads")
 
 
+PROBE = "gqa_probe"
+
+
+def _probe(q, k, v, mask, scale, causal, *, extra=(), softcap=0.0, fill=None, groups: int = 0, **_):
+    """Planning only: K/V heads merged by averaging each group (as the surgery makes), then exact attention."""
+    b, g, m, e = k.shape
+    ck = k.reshape(b, groups, g // groups, m, e).mean(2)
+    cv = v.reshape(b, groups, g // groups, m, v.shape[-1]).mean(2)
+    return kernel(q, ck, cv, mask, scale, causal, softcap=softcap, fill=fill)
+
+
 KERNEL = register(KernelVariant(
     name="gqa_merge", kernel=kernel, reference=reference, spans=lambda **_: [EVERY_KEY],
     supports=frozenset({"softcap", "fill", "mask", "gqa"}), top_left=True, triton=TritonKernel("ranges"),
     surgery_params=("groups",), timed_as=_dense.KERNEL.name, cascade=cascade,
-    cascade_params={"groups": int}))
+    cascade_params={"groups": int}, probes={PROBE: _probe}))

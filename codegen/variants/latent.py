@@ -108,9 +108,24 @@ def cascade(*, rank: object = None, causal: bool = False, form: str = "online", 
                    notes="low-rank K/V, up-projections absorbed" + (", causal" if causal else ""))
 
 
+PROBE = "latent_probe"
+
+
+def _probe(q, k, v, mask, scale, causal, *, extra=(), softcap=0.0, fill=None, probe: str = "", rank: int = 0):
+    """Planning only: full K/V projected inside the op by the candidate bases looked up by ``probe``."""
+    from codegen.lowrank import PROBES
+
+    uk, uv = PROBES[probe]
+    ck = torch.einsum("bgmd,grd->bgmr", k, uk.to(k.dtype))
+    cv = torch.einsum("bgmd,grd->bgmr", v, uv.to(v.dtype))
+    return kernel(q, ck, cv, mask, scale, causal, extra=[uk.to(q.dtype), uv.to(q.dtype)], softcap=softcap,
+                  fill=fill, rank=rank)
+
+
 KERNEL = register(KernelVariant(
     name=VARIANT, kernel=kernel, reference=reference, spans=lambda **_: [EVERY_KEY],
     supports=frozenset({"softcap", "fill", "mask", "gqa"}), top_left=True,
     triton=TritonKernel("ranges", ("rank",), low_rank=True), output_dim=_output_dim,
     timed_as=_dense.KERNEL.name, cascade=cascade, cascade_params={"rank": int},
-    examples=lambda n: [{"rank": 3}, {"rank": 5}], degenerate=lambda n, e: {"rank": e}, operands=_operands))
+    examples=lambda n: [{"rank": 3}, {"rank": 5}], degenerate=lambda n, e: {"rank": e}, operands=_operands,
+    probes={PROBE: _probe}))

@@ -338,9 +338,21 @@ def cascade(*, causal: bool = False, chunk: object = 64, schedule: str = "fused"
                    params={"chunk": c})
 
 
+PROBE = "extra_probe"
+
+
+def _with_extra(q, k, v, mask, scale, causal, *, extra=(), softcap=0.0, fill=None, probe: str = "", inner: str = "",
+                **params):
+    """Planning only: the ``inner`` variant with the fitted tensors looked up by ``probe`` as its extra tensors."""
+    from codegen.lowrank import PROBES
+    from codegen.ops import run
+
+    return run(inner, q, k, v, mask, scale, causal, extra=list(PROBES[probe]), softcap=softcap, fill=fill, **params)
+
+
 KERNEL = register(KernelVariant(
     name=VARIANT, kernel=kernel, reference=reference,
-    supports=frozenset({"padding_mask", "gqa"}),
+    supports=frozenset({"padding_mask", "gqa"}), probes={PROBE: _with_extra},
     triton=TritonKernel("recurrent", ("feature_map", "chunk", "window"), spec_params=_spec_params, available=_fused),
     timing=lambda n: {"chunk": 64}, cascade=cascade, cascade_params={"chunk": int},
     examples=lambda n: [{"feature_map": "elu1", "chunk": 16}, {"feature_map": "elu1", "chunk": 5, "window": 3},

@@ -13,6 +13,7 @@ import torch
 
 from codegen.variants import dense
 from codegen.variants.gqa_merge import KERNEL
+from codegen.variants.gqa_merge import PROBE as KERNEL_PROBE
 from passes.variants import Variant
 from passes.variants._grid import modifier_reason
 
@@ -56,13 +57,10 @@ def _merge_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 def prepare(sp, cands: list, records: list, index: int, say) -> None:
     """Merged KV heads: scored on merged recorded K/V (the average of member heads, as the surgery makes)."""
-    from codegen import lowrank
-
-    lowrank.register_gqa_probe_kernel()
     for c in cands:
         n = int(c.params["groups"])
         c.inputs = lambda rec, n=n: (rec.q, _merge_heads(rec.k, n), _merge_heads(rec.v, n))
-        c.probe = ("gqa_probe", {"groups": n})
+        c.probe = (KERNEL_PROBE, {"groups": n})
         c.score_as = (KERNEL.name, {})
 
 

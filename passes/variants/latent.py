@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from codegen.variants.latent import KERNEL
+from codegen.variants.latent import PROBE as KERNEL_PROBE
 from passes.variants import Variant
 from passes.variants._grid import modifier_reason
 
@@ -90,7 +91,6 @@ def prepare(sp, cands: list, records: list, index: int, say) -> None:
 
     if not records:
         return
-    lowrank.register_probe_kernel()
     top = max(int(c.params["rank"]) for c in cands)
     uk_all, uv_all = factors(records, "k", top), factors(records, "v", top)
     for c in cands:
@@ -100,7 +100,7 @@ def prepare(sp, cands: list, records: list, index: int, say) -> None:
         lowrank.PROBES[key] = (uk, uv)
         c.extra = (uk, uv)
         c.inputs = lambda rec, uk=uk, uv=uv: (rec.q, project(rec.k, uk), project(rec.v, uv))
-        c.probe = ("latent_probe", {"probe": key, "rank": r})
+        c.probe = (KERNEL_PROBE, {"probe": key, "rank": r})
 
 
 VARIANT = Variant(

@@ -15,6 +15,7 @@ from typing import Optional
 
 from codegen.variants import sliding_window
 from codegen.variants.linear import KERNEL
+from codegen.variants.linear import PROBE as KERNEL_PROBE
 from passes.variants import Variant
 from passes.variants._grid import modifier_reason, powers_below
 
@@ -94,7 +95,6 @@ def prepare(sp, cands: list, records: list, index: int, say) -> None:
             c.error, c.failure = math.inf, refusal
         logger.info("site %s: hedgehog not fitted: %s", sp.site.name, refusal)
         return
-    lowrank.register_extra_probe_kernel()
     key = f"site{index}-hedgehog-{id(sp)}"
     cache: list = []
 
@@ -105,7 +105,7 @@ def prepare(sp, cands: list, records: list, index: int, say) -> None:
             say(f"site {index} {sp.site.name}: fitted Hedgehog feature maps in {time.perf_counter() - t0:.1f}s")
             lowrank.PROBES[key] = tuple(cache[0])
         c.extra = tuple(cache[0])
-        c.probe = ("extra_probe", {"probe": key, "inner": KERNEL.name, **c.params})
+        c.probe = (KERNEL_PROBE, {"probe": key, "inner": KERNEL.name, **c.params})
 
     for c in cands:
         c.prepare = prepare
