@@ -181,6 +181,9 @@ def site_candidates(site: AttentionSite, allowed: dict[str, Optional[dict]], hw,
             continue
         if fixed is not None:
             grid = [rec.complete({**rec.defaults, **fixed}, facts)]
+            misfit = rec.fits(site, grid[0]) if rec.fits is not None else None
+            if misfit:
+                raise ValueError(f"{name} at site {site.index} ({site.name}): {misfit}")
         else:
             grid = rec.grid(site, facts)
         if not grid:

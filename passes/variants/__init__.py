@@ -34,7 +34,8 @@ class Variant:
       such as an image grid); ``defaults`` fill what a choice leaves out.
     * ``exact(site, params)``: the choice reproduces the site exactly.
     * ``params``: what a user may pass, with types (the kernel's, plus corrections such as ``delta``);
-      ``check(params)`` raises a ValueError naming a value the kernel cannot run.
+      ``check(params)`` raises a ValueError naming a value the kernel cannot run; ``fits(site, params)`` says
+      why a choice the caller forced cannot run at this site (None: it can), which becomes that error.
     * ``complete(params, facts)``: fills what a forced choice leaves to the graph (the grid's size).
     * ``needs``: graph facts the planner must establish first (``grid``: an image token grid;
       ``factored_kv``: K and V from Linear projections it can rewrite).
@@ -60,6 +61,7 @@ class Variant:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     params: Mapping[str, type] = field(default_factory=dict)
     check: Callable[[dict], None] = _no_check
+    fits: Optional[Callable[[Any, dict], Optional[str]]] = None
     complete: Callable[..., dict] = _as_given
     needs: frozenset[str] = frozenset()
     weight_surgery: Optional[str] = None
