@@ -36,61 +36,88 @@ SOURCE = r"""
 #include <vector>
 #include <limits>
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef int vi16 __attribute__((vector_size(64)));
+// A 16-float vector as the native vectors of this CPU: one on AVX-512, two on AVX2. (GCC lowers a 64-byte
+// generic vector on AVX2 by keeping it in memory and moving it through integer registers: 10x slower.)
+#ifdef __AVX512F__
+constexpr int VW = 16;
+#else
+constexpr int VW = 8;
+#endif
+constexpr int NS = 16 / VW;
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int vi __attribute__((vector_size(VW * 4)));
+typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));  // the same vector at any float address
+struct v16 {
+  vf x[NS];
+  float operator[](int l) const { return x[l / VW][l % VW]; }
+};
+static inline v16 operator+(v16 a, v16 b) { for (int i = 0; i < NS; ++i) a.x[i] += b.x[i]; return a; }
+static inline v16& operator+=(v16& a, v16 b) { for (int i = 0; i < NS; ++i) a.x[i] += b.x[i]; return a; }
+static inline v16 operator-(v16 a, float c) { for (int i = 0; i < NS; ++i) a.x[i] -= c; return a; }
+static inline v16 operator*(v16 a, float c) { for (int i = 0; i < NS; ++i) a.x[i] *= c; return a; }
+static inline v16 operator*(float c, v16 a) { for (int i = 0; i < NS; ++i) a.x[i] = c * a.x[i]; return a; }
+static inline v16 vmax(v16 a, v16 b) {
+  for (int i = 0; i < NS; ++i) a.x[i] = (a.x[i] > b.x[i]) ? a.x[i] : b.x[i];
+  return a;
+}
 
-static inline v16 ld(const float* p) { v16 r; std::memcpy(&r, p, 64); return r; }
-static inline void st(float* p, v16 r) { std::memcpy(p, &r, 64); }
-static inline v16 splat(float c) { v16 r = {}; return r + c; }
+static inline v16 ld(const float* p) {
+  v16 r;
+  for (int i = 0; i < NS; ++i) r.x[i] = *(const vfu*)(p + i * VW);
+  return r;
+}
+static inline void st(float* p, v16 r) { for (int i = 0; i < NS; ++i) *(vfu*)(p + i * VW) = r.x[i]; }
+static inline vf vsplat(float c) { vf r = {}; return r + c; }
+static inline v16 splat(float c) { v16 r; for (int i = 0; i < NS; ++i) r.x[i] = vsplat(c); return r; }
 
-// exp on 16 lanes: 2^(x log2 e) = 2^n * 2^f, f in [-0.5, 0.5], degree-6 polynomial (rel err ~2e-7)
-static inline v16 vexp(v16 x) {
-  const v16 lo = splat(-87.0f), hi = splat(88.0f);
-  v16 neg = (x < lo) ? splat(1.0f) : splat(0.0f);  // exact 0 below the float range (and for -inf)
+// exp on one native vector: 2^(x log2 e) = 2^n * 2^f, f in [-0.5, 0.5], degree-6 polynomial (rel err ~2e-7)
+static inline vf vexp1(vf x) {
+  const vf lo = vsplat(-87.0f), hi = vsplat(88.0f);
+  vf neg = (x < lo) ? vsplat(1.0f) : vsplat(0.0f);  // exact 0 below the float range (and for -inf)
   x = (x < lo) ? lo : x;
   x = (x > hi) ? hi : x;
-  v16 t = x * 1.44269504088896341f;
-  v16 r = t + ((t >= splat(0.0f)) ? splat(0.5f) : splat(-0.5f));
-  vi16 n = __builtin_convertvector(r, vi16);
-  v16 f = t - __builtin_convertvector(n, v16);
-  v16 p = splat(1.5403530393381606e-4f);
+  vf t = x * 1.44269504088896341f;
+  vf r = t + ((t >= vsplat(0.0f)) ? vsplat(0.5f) : vsplat(-0.5f));
+  vi n = __builtin_convertvector(r, vi);
+  vf f = t - __builtin_convertvector(n, vf);
+  vf p = vsplat(1.5403530393381606e-4f);
   p = p * f + 1.3333558146428443e-3f;
   p = p * f + 9.6181291076284772e-3f;
   p = p * f + 5.5504108664821580e-2f;
   p = p * f + 2.4022650695910071e-1f;
   p = p * f + 6.9314718055994531e-1f;
   p = p * f + 1.0f;
-  vi16 bits = (n + 127) << 23;
-  v16 out = p * (v16)bits;
-  return (neg > splat(0.0f)) ? splat(0.0f) : out;
+  vi bits = (n + 127) << 23;
+  vf out = p * (vf)bits;
+  return (neg > vsplat(0.0f)) ? vsplat(0.0f) : out;
 }
+static inline v16 vexp(v16 x) { for (int i = 0; i < NS; ++i) x.x[i] = vexp1(x.x[i]); return x; }
 
-// s[4][BK] = scale * q[4][E] . kt[E][k0:k0+BK] for BK = 16 or 32: 4 x BK/16 accumulators
+// s[4][BK] = scale * q[4][E] . kt[E][k0:k0+BK], one 16-key chunk at a time: 4 accumulators, so the tile
+// fits in the 16 registers of AVX2 (a 16-float vector is two of them) as well as in AVX-512's 32
 template <int BK>
 static inline void qk_tile(const float* __restrict q, const float* __restrict kt, int64_t E, int64_t Mp,
                            float scale, float* __restrict s) {
-  constexpr int NV = BK / 16;
-  v16 a[4][NV];
-  for (int r = 0; r < 4; ++r) for (int c = 0; c < NV; ++c) a[r][c] = splat(0.0f);
-  for (int64_t e = 0; e < E; ++e) {
-    const float* kr = kt + e * Mp;
-    v16 kv[NV];
-    for (int c = 0; c < NV; ++c) kv[c] = ld(kr + 16 * c);
-    const float q0 = q[e], q1 = q[E + e], q2 = q[2 * E + e], q3 = q[3 * E + e];
-    for (int c = 0; c < NV; ++c) {
-      a[0][c] += q0 * kv[c]; a[1][c] += q1 * kv[c]; a[2][c] += q2 * kv[c]; a[3][c] += q3 * kv[c];
+  for (int c = 0; c < BK / 16; ++c) {
+    v16 a0 = splat(0.f), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t e = 0; e < E; ++e) {
+      const v16 kv = ld(kt + e * Mp + 16 * c);
+      a0 += q[e] * kv; a1 += q[E + e] * kv; a2 += q[2 * E + e] * kv; a3 += q[3 * E + e] * kv;
     }
+    st(s + 16 * c, a0 * scale); st(s + BK + 16 * c, a1 * scale);
+    st(s + 2 * BK + 16 * c, a2 * scale); st(s + 3 * BK + 16 * c, a3 * scale);
   }
-  for (int r = 0; r < 4; ++r) for (int c = 0; c < NV; ++c) st(s + r * BK + 16 * c, a[r][c] * scale);
 }
 
-// BK = 64: written out, so the 16 accumulators stay in registers
+#ifdef __AVX512F__
+// BK = 64 on AVX-512: written out, so the 16 accumulators stay in its 32 registers (on AVX2 they would
+// need 32 of its 16 and spill on every step: the chunked form above is used there)
 template <>
 inline void qk_tile<64>(const float* __restrict q, const float* __restrict kt, int64_t E, int64_t Mp,
                         float scale, float* __restrict s) {
   constexpr int BK = 64;
-  v16 a00 = {}, a01 = {}, a02 = {}, a03 = {}, a10 = {}, a11 = {}, a12 = {}, a13 = {};
-  v16 a20 = {}, a21 = {}, a22 = {}, a23 = {}, a30 = {}, a31 = {}, a32 = {}, a33 = {};
+  v16 a00 = splat(0.f), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+  v16 a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
   for (int64_t e = 0; e < E; ++e) {
     const float* kr = kt + e * Mp;
     const v16 k0 = ld(kr), k1 = ld(kr + 16), k2 = ld(kr + 32), k3 = ld(kr + 48);
@@ -107,22 +134,21 @@ inline void qk_tile<64>(const float* __restrict q, const float* __restrict kt, i
   st(s + 3 * BK, a30 * scale); st(s + 3 * BK + 16, a31 * scale);
   st(s + 3 * BK + 32, a32 * scale); st(s + 3 * BK + 48, a33 * scale);
 }
+#endif
 
-// acc[4][NC*16] += p[4][BK] . v[BK][NC*16] (row stride Fp)
+// acc[4][NC*16] += p[4][BK] . v[BK][NC*16] (row stride Fp), one 16-column chunk at a time (4 accumulators:
+// AVX2's registers hold them; the sums run over j in the same order, so the result does not change)
 template <int BK, int NC>
 static inline void pv_tile(const float* __restrict p, const float* __restrict v, int64_t Fp, float* __restrict acc) {
-  v16 a[4][NC];
-  for (int r = 0; r < 4; ++r) for (int c = 0; c < NC; ++c) a[r][c] = ld(acc + r * Fp + c * 16);
-  for (int j = 0; j < BK; ++j) {
-    const float* vr = v + j * Fp;
-    v16 w[NC];
-    for (int c = 0; c < NC; ++c) w[c] = ld(vr + c * 16);
-    const float p0 = p[j], p1 = p[BK + j], p2 = p[2 * BK + j], p3 = p[3 * BK + j];
-    for (int c = 0; c < NC; ++c) {
-      a[0][c] += p0 * w[c]; a[1][c] += p1 * w[c]; a[2][c] += p2 * w[c]; a[3][c] += p3 * w[c];
+  for (int c = 0; c < NC; ++c) {
+    v16 a0 = ld(acc + c * 16), a1 = ld(acc + Fp + c * 16);
+    v16 a2 = ld(acc + 2 * Fp + c * 16), a3 = ld(acc + 3 * Fp + c * 16);
+    for (int j = 0; j < BK; ++j) {
+      const v16 w = ld(v + j * Fp + c * 16);
+      a0 += p[j] * w; a1 += p[BK + j] * w; a2 += p[2 * BK + j] * w; a3 += p[3 * BK + j] * w;
     }
+    st(acc + c * 16, a0); st(acc + Fp + c * 16, a1); st(acc + 2 * Fp + c * 16, a2); st(acc + 3 * Fp + c * 16, a3);
   }
-  for (int r = 0; r < 4; ++r) for (int c = 0; c < NC; ++c) st(acc + r * Fp + c * 16, a[r][c]);
 }
 
 template <int BK>
@@ -191,13 +217,13 @@ torch::Tensor attn_fwd_bk(torch::Tensor q, torch::Tensor kt, torch::Tensor vp, t
           }
           // online softmax update of row i
           v16 mx = ld(si_);
-          for (int c = 1; c < NV; ++c) { v16 x = ld(si_ + c * 16); mx = (x > mx) ? x : mx; }
+          for (int c = 1; c < NV; ++c) { v16 x = ld(si_ + c * 16); mx = vmax(x, mx); }
           float bmax = mx[0];
           for (int l = 1; l < 16; ++l) bmax = std::max(bmax, mx[l]);
           const float mnew = std::max(mrow[i], bmax);
           if (mnew == NEG) { std::memset(si_, 0, sizeof(float) * BK); continue; }  // nothing visible yet
           const float alpha = (mrow[i] == NEG) ? 0.f : std::exp(mrow[i] - mnew);
-          v16 sum = {};
+          v16 sum = splat(0.f);
           for (int c = 0; c < NV; ++c) { v16 p = vexp(ld(si_ + c * 16) - mnew); st(si_ + c * 16, p); sum += p; }
           float bsum = 0.f;
           for (int l = 0; l < 16; ++l) bsum += sum[l];
