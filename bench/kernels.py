@@ -38,6 +38,8 @@ def variant_params(name: str, n: int) -> dict:
         "neighborhood_2d": {"grid": [side, n // side], "kernel": [13, 13], "prefix": 0},
         "block_sparse": {"keep": 0.1, "block": 64},
         "linear": {"feature_map": "elu1", "chunk": 64},
+        # about 10% of the keys: half columns, half slash bands of 64 keys, from the last 64 queries
+        "vertical_slash": {"vertical": n // 20, "slash": max(1, n // 20 // 64), "last_q": 64, "block": 64},
     }[name]
 
 
@@ -73,6 +75,9 @@ def useful_flops(name: str, params: dict, b: int, h: int, n: int, d: int) -> flo
         return 4 * b * h * d * n * (n + 1) / 2
     if name == "block_sparse":
         return 4 * b * h * d * n * (n / 2) * params["keep"]
+    if name == "vertical_slash":  # the kept set per query (columns, sinks, bands, local bands), at most n
+        kept = params["vertical"] + 1 + (params["slash"] + 2) * params["block"]
+        return 4 * b * h * d * n * min(kept, n / 2)
     lo, hi = intervals(name, freeze_params(params), n, n, True)
     pairs = float((hi - lo + 1).clamp(min=0).sum())
     return 4 * b * h * d * pairs
@@ -100,7 +105,8 @@ def main() -> None:
     ap.add_argument("--d", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--variants", nargs="+",
-                    default=["dense", "sliding_window", "sinks_window", "neighborhood_2d", "block_sparse", "linear"])
+                    default=["dense", "sliding_window", "sinks_window", "neighborhood_2d", "block_sparse", "linear",
+                             "vertical_slash"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
