@@ -111,24 +111,33 @@ class _Causal(torch.nn.Module):
 
 
 def test_forced_last_q_beyond_the_queries_is_a_clear_error():
-    x = torch.randn(1, 160, 32)
-    with pytest.raises(ValueError, match="last_q=400 is larger than the site's 160 queries"):
+    x = torch.randn(1, 4100, 32)
+    with pytest.raises(ValueError, match="last_q=5000 is larger than the site's 4100 queries"):
         rewriter.optimize(_Causal().eval(), x, budget=None,
-                          variants={"vertical_slash": {"vertical": 8, "slash": 2, "last_q": 400}})
+                          variants={"vertical_slash": {"vertical": 8, "slash": 2, "last_q": 5000}})
     with pytest.raises(ValueError, match="vertical_slash: slash must be >= 0"):
         rewriter.optimize(_Causal().eval(), x, budget=None, variants={"vertical_slash": {"slash": -1}})
 
 
 def test_forced_with_every_column_is_exact_end_to_end():
     torch.manual_seed(2)
-    model, x = _Causal().eval(), torch.randn(2, 200, 32)
+    model, x = _Causal().eval(), torch.randn(1, 4100, 32)
     opt = rewriter.optimize(model, x, budget=None, dynamic=False,
-                            variants={"vertical_slash": {"vertical": 200, "slash": 1, "block": 16}})
+                            variants={"vertical_slash": {"vertical": 4100, "slash": 1, "block": 64}})
     (d,) = opt.plan.decisions
     assert d.variant == "vertical_slash"
-    fresh = torch.randn(2, 200, 32)
+    fresh = torch.randn(1, 4100, 32)
     with torch.no_grad():
         assert rewriter.relative_l2(model(fresh), opt(fresh)) < 1e-5
+
+
+def test_short_sites_are_refused_with_the_reason():
+    from passes.variants.vertical_slash import MIN_KEYS
+
+    opt = rewriter.optimize(_Causal().eval(), torch.randn(1, 300, 32), budget=None, dynamic=False,
+                            variants={"vertical_slash": {"vertical": 8, "slash": 1}})
+    (d,) = opt.plan.decisions
+    assert d.variant != "vertical_slash" and f"below {MIN_KEYS}" in d.reason, d
 
 
 def test_a_padding_mask_is_refused_with_its_reason():
@@ -137,7 +146,7 @@ def test_a_padding_mask_is_refused_with_its_reason():
     from passes.site import AttentionSite
 
     site = AttentionSite(name="a", index=0, causal=False, mask_kind="padding", is_cross=False, num_heads=4,
-                         num_kv_heads=4, head_dim=16, q_len=1024, kv_len=1024, spelling="matmul", v_head_dim=16,
+                         num_kv_heads=4, head_dim=16, q_len=4096, kv_len=4096, spelling="matmul", v_head_dim=16,
                          batch=1, scale=0.25)
     sp = site_candidates(site, {"vertical_slash": None}, profile("cpu"), forced=False)
     assert any(r.startswith("vertical_slash: ") and "padding" in r for r in sp.refusals), sp.refusals
