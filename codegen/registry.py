@@ -36,7 +36,7 @@ class TritonKernel:
     spec_params: Optional[Callable[[dict], dict]] = None
     visible: Optional[Callable[[Any], list[str]]] = None
     available: Callable[[Mapping[str, Any]], bool] = lambda params: True
-    block_map: Optional[Callable[..., Any]] = None  # (params, q, k, causal, mask) -> BlockMap, chosen per call
+    block_map: Optional[Callable[..., Any]] = None  # (params, q, k, causal, mask, scale) -> BlockMap, per call
     low_rank: bool = False  # k and v arrive at rank R, with their up-projections as the extra tensors
     narrow_key_tiles: bool = False  # a band wastes less of a narrow key tile: autotune only those
 

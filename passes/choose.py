@@ -169,8 +169,21 @@ class Choose(ProgramPass[Program]):
                 cands = [c for c in sp.options if c.variant == name]
                 if cands and rec.prepare is not None:
                     rec.prepare(sp, cands, list(pl.records[i]), i, p.options.say)
+                    _reprice(sp, [c for c in cands if c in sp.options], pl.hw, forced=p.options.budget is None)
             plans.append(sp)
         return plans, projections
+
+
+def _reprice(sp: SitePlan, cands: list, hw, forced: bool) -> None:
+    """Price again the choices whose parameters a fitting hook settled (a measured cap), and drop those that are
+    no longer cheaper than the exact kernel (unless the caller forced them)."""
+    for c in cands:
+        t = pricing.seconds(sp.site, c.variant, c.params, hw)
+        if t is None or not (forced or t < sp.dense.seconds):
+            sp.options.remove(c)
+            continue
+        c.seconds = t
+    sp.options.sort(key=lambda c: c.seconds)
 
 
 def _weights(outcome: Outcome, pl: Planning, projections: list) -> Weights:

@@ -101,14 +101,14 @@ def _check(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
 
 
 def _block_map(variant: str, sp: dict, q: torch.Tensor, k: torch.Tensor, causal: bool,
-               mask: Optional[torch.Tensor] = None):
+               mask: Optional[torch.Tensor] = None, scale: Optional[float] = None):
     """(num [B|1,H|1,nq], idx [..,nq,S], full [..,nq,S]) of a block-map variant, on q's device."""
     from codegen.pattern import cached_block_map
     from codegen.sparse import freeze_params
     p, m, blk = q.shape[2], k.shape[2], int(sp["block"])
     chooser = triton_of(variant)[1].block_map
     if chooser is not None:  # chosen per call (on q's device; never a hidden tile)
-        bm = chooser(sp, q, k, causal, mask)
+        bm = chooser(sp, q, k, causal, mask, scale)
     else:
         params = {kk: vv for kk, vv in sp.items() if kk != "block"}
         bm = cached_block_map(variant, freeze_params(params), p, m, bool(causal), blk, blk)[0]
@@ -176,7 +176,7 @@ def prepare(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
         m4, mstr = q, (0, 0, 0, 0)
     args: list[Any] = [q, k, v, out, m4]
     if tri.family == "blockmap":
-        num, idx, full = _block_map(variant, dict(spec.params), q, k, causal, mask)
+        num, idx, full = _block_map(variant, dict(spec.params), q, k, causal, mask, scale)
         num_e = num.expand(bsz, h, num.shape[-1])
         idx_e = idx.expand(bsz, h, *idx.shape[-2:])
         full_e = full.expand(bsz, h, *full.shape[-2:])

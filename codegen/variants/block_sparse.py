@@ -1,4 +1,12 @@
-"""``block_sparse``: per query block, the top-k key blocks by pooled q/k scores (MInference style).
+"""``block_sparse``: per query block, the key blocks an estimate of the scores ranks first.
+
+Two estimators choose the blocks.  ``tau = 0`` (the default) ranks key blocks by mean-pooled q/k
+scores and keeps the top ``keep`` share (MInference style).  ``tau > 0`` scores each tile by strided
+antidiagonal sums (XAttention): every ``stride``-th antidiagonal of the tile's scores, from one
+matmul of q and k regrouped ``stride`` tokens at a time (O(P·M·E/stride)); a softmax over those
+sums estimates each tile's attention mass, and each query block keeps its tiles, heaviest first,
+until a share ``tau`` of its estimated mass is covered, but never more than ``keep`` of the key
+blocks (``keep`` caps the work, and is what the cost model prices).
 
 Spec: queries and keys are cut into ``block``-token blocks (queries at the end of the keys).
 Mean-pooled q (per head) and k (per KV head, over real keys) give a block score matrix; each
@@ -59,11 +67,82 @@ def _blocks(x: torch.Tensor, n: int, block: int) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1], n, block, x.shape[-1])
 
 
+def _regroup(x: torch.Tensor, n: int, stride: int, reverse: bool) -> torch.Tensor:
+    """[B, heads, N, E] -> [B, heads, n, stride·E]: each group of ``stride`` tokens side by side (zero-padded)."""
+    if x.shape[2] != n * stride:
+        x = F.pad(x, (0, 0, 0, n * stride - x.shape[2]))
+    x = x.reshape(x.shape[0], x.shape[1], n, stride, x.shape[-1])
+    if reverse:
+        x = x.flip(3)
+    return x.reshape(x.shape[0], x.shape[1], n, stride * x.shape[-1])
+
+
+def antidiagonal_mass(q: torch.Tensor, k: torch.Tensor, causal: bool, block: int, stride: int, scale: float,
+                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[B, H, nq, nk] float: each tile's share of its query block's attention, estimated from strided
+    antidiagonal sums (XAttention); rows sum to 1 over the tiles a query of the block may see."""
+    bsz, h, p, e = q.shape
+    g, m = k.shape[1], k.shape[2]
+    s = max(1, min(int(stride), block))
+    pg, mg = math.ceil(p / s), math.ceil(m / s)
+    # query group i reversed against key group j: their product sums the antidiagonal
+    # q[iS+S-1]·k[jS] + q[iS+S-2]·k[jS+1] + ... of the S×S tile of scores at (i, j)
+    qs = _regroup(q.float(), pg, s, reverse=True)
+    ks = _regroup(k.float(), mg, s, reverse=False)
+    if g != h:
+        ks = ks.repeat_interleave(h // g, dim=1)
+    logits = (qs @ ks.transpose(-1, -2)) * (float(scale) / s)  # [B, H, pg, mg]: the antidiagonal's mean score
+    dev = q.device
+    kpos = torch.arange(mg, device=dev) * s
+    hide = (kpos >= m)[None, :].expand(pg, mg)  # groups of padding only
+    if causal:
+        qlast = (m - p) + torch.clamp(torch.arange(pg, device=dev) * s + s - 1, max=p - 1)
+        hide = hide | (kpos[None, :] > qlast[:, None])
+    if mask is not None:  # a key group no query may see (padding) takes no mass
+        kvis = visible_of(as4d(mask)).any(2)  # [B|1, H|1, M|1]
+        kvis = F.pad(kvis.expand(*kvis.shape[:2], m), (0, mg * s - m)).view(*kvis.shape[:2], mg, s).any(-1)
+        hide = hide | ~kvis[:, :, None, :]
+    logits = logits.masked_fill(hide, float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with nothing visible has no mass
+    qrow = (torch.arange(pg, device=dev) * s < p).to(probs.dtype)  # rows of padded queries only carry nothing
+    probs = probs * qrow[:, None]
+    nq, nk = math.ceil(p / block), math.ceil(m / block)
+    # sum the strided entries of each block×block tile (a group sits in the tile holding its first token)
+    qtile = torch.div(torch.arange(pg, device=dev) * s, block, rounding_mode="floor")
+    ktile = torch.div(kpos, block, rounding_mode="floor")
+    rows = torch.zeros(nq, pg, device=dev, dtype=probs.dtype).index_put_(
+        (qtile, torch.arange(pg, device=dev)), torch.ones(pg, device=dev, dtype=probs.dtype))
+    cols = torch.zeros(mg, nk, device=dev, dtype=probs.dtype).index_put_(
+        (torch.arange(mg, device=dev), ktile), torch.ones(mg, device=dev, dtype=probs.dtype))
+    mass = rows @ probs @ cols  # [B, H, nq, nk]
+    return mass / mass.sum(-1, keepdim=True).clamp(min=1e-30)
+
+
+def _by_mass(mass: torch.Tensor, must: torch.Tensor, allowed: torch.Tensor, tau: float,
+             nsel: int) -> torch.Tensor:
+    """Tiles heaviest first (the first and diagonal blocks ahead of all) until ``tau`` of the mass is covered."""
+    rank = mass.masked_fill(~allowed, -1.0).masked_fill(must & allowed, 2.0)
+    order = rank.argsort(dim=-1, descending=True)
+    sorted_mass = mass.masked_fill(~allowed, 0.0).gather(-1, order)
+    before = sorted_mass.cumsum(-1) - sorted_mass  # the mass covered before each tile is added
+    take = before < tau
+    take[..., :1] = True
+    take[..., nsel:] = False
+    take = take | (rank.gather(-1, order) >= 2.0)  # the first and diagonal blocks always, as the top-k estimator
+    return torch.zeros_like(take).scatter_(-1, order, take)
+
+
 def select_blocks(q: torch.Tensor, k: torch.Tensor, causal: bool, keep: float, block: int,
-                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  mask: Optional[torch.Tensor] = None, *, tau: float = 0.0, stride: int = 8,
+                  scale: Optional[float] = None) -> torch.Tensor:
     """[B, H, nq, nk] bool: the key blocks each query block keeps (the data-dependent spec)."""
     if not 0 < keep <= 1:
         raise ValueError("block_sparse: keep must be in (0, 1]")
+    if not 0 <= tau <= 1:
+        raise ValueError(f"block_sparse: tau is the share of estimated attention mass kept, in [0, 1], not {tau}")
+    if tau > 0:
+        return _select_by_mass(q, k, causal, keep, block, mask, tau, stride,
+                               q.shape[-1] ** -0.5 if scale is None else scale)
     bsz, h, p, e = q.shape
     g, m = k.shape[1], k.shape[2]
     off = m - p
@@ -108,11 +187,37 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, causal: bool, keep: float, b
     return chosen & allowed
 
 
-def reference(q, k, v, mask, scale, causal, *, softcap: float = 0.0, keep: float, block: int = 64, **_
-              ) -> torch.Tensor:
+def _must_allowed(p: int, m: int, block: int, causal: bool, live: Optional[torch.Tensor], dev
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks always kept (first and diagonal) and the ones that may be (not future, not hidden)."""
+    nq, nk = math.ceil(p / block), math.ceil(m / block)
+    q_first = (m - p) + torch.arange(nq, device=dev) * block
+    q_last = torch.clamp(q_first + block - 1, max=m - 1)
+    kb = torch.arange(nk, device=dev)[None, :]
+    diag = (kb >= (q_first.clamp(min=0) // block)[:, None]) & (kb <= (q_last // block)[:, None])
+    allowed = kb * block <= q_last[:, None] if causal else torch.ones(nq, nk, dtype=torch.bool, device=dev)
+    if live is not None:
+        allowed = allowed & live.to(dev)
+    return (diag | (kb == 0)) & allowed, allowed
+
+
+def _select_by_mass(q: torch.Tensor, k: torch.Tensor, causal: bool, keep: float, block: int,
+                    mask: Optional[torch.Tensor], tau: float, stride: int, scale: float) -> torch.Tensor:
+    p, m = q.shape[2], k.shape[2]
+    nk = math.ceil(m / block)
+    nsel = min(nk, max(1, math.ceil(keep * nk)))
+    live = None if mask is None else _live(visible_of(as4d(mask)), p, m, block)
+    must, allowed = _must_allowed(p, m, block, causal, live, q.device)
+    mass = antidiagonal_mass(q, k, causal, block, stride, scale, mask)
+    must, allowed = must.expand_as(mass), allowed.expand_as(mass)
+    return _by_mass(mass, must, allowed, float(tau), nsel) & allowed
+
+
+def reference(q, k, v, mask, scale, causal, *, softcap: float = 0.0, keep: float = 0.25, block: int = 64,
+              tau: float = 0.0, stride: int = 8, **_) -> torch.Tensor:
     """Naive dense attention with the selected blocks expanded to an element mask."""
     p, m = q.shape[2], k.shape[2]
-    chosen = select_blocks(q, k, causal, keep, block, mask)
+    chosen = select_blocks(q, k, causal, _cap(keep, tau), block, mask, tau=tau, stride=stride, scale=scale)
     elem = chosen.repeat_interleave(block, -2)[..., :p, :].repeat_interleave(block, -1)[..., :m]
     lo, hi = intervals(VARIANT, (), p, m, causal)
     return naive_attention(q, k, v, mask, scale, visible=elem & visible(lo, hi, m), softcap=softcap)
@@ -120,17 +225,19 @@ def reference(q, k, v, mask, scale, causal, *, softcap: float = 0.0, keep: float
 
 def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
            causal: bool, *, extra: Sequence[torch.Tensor] = (), softcap: float = 0.0,
-           fill: Optional[float] = None, keep: float, block: int = 64) -> torch.Tensor:
+           fill: Optional[float] = None, keep: float = 0.25, block: int = 64, tau: float = 0.0,
+           stride: int = 8) -> torch.Tensor:
     """Block-sparse attention computing only the selected key blocks."""
     no_fill(VARIANT, mask, fill)
-    block = int(block)
+    block, keep, tau, stride = int(block), _cap(keep, tau), float(tau), int(stride)
     if q.is_cuda or q.device.type == "cpu" and os.environ.get("REWRITER_TRITON") == "force":
         from codegen.triton import maybe_run  # late: Triton is optional
-        out = maybe_run(VARIANT, q, k, v, mask, scale, causal, softcap, None, {"keep": keep, "block": block})
+        out = maybe_run(VARIANT, q, k, v, mask, scale, causal, softcap, None,
+                        {"keep": keep, "block": block, "tau": tau, "stride": stride})
         if out is not None:
             return out
     p, m = q.shape[2], k.shape[2]
-    chosen = select_blocks(q, k, causal, float(keep), block, mask)
+    chosen = select_blocks(q, k, causal, keep, block, mask, tau=tau, stride=stride, scale=scale)
     lo, hi = intervals(VARIANT, (), p, m, bool(causal))
     anyb, fullb = dense_blocks(lo, hi, m, block, block)
     bm = from_dense_blocks(chosen & anyb, chosen & fullb, block, block)
@@ -145,35 +252,67 @@ def _causal_blocks(p: int, m: int, causal: bool, blk: int) -> tuple[torch.Tensor
 
 
 def block_map(params: dict, q: torch.Tensor, k: torch.Tensor, causal: bool,
-              mask: Optional[torch.Tensor] = None) -> BlockMap:
+              mask: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> BlockMap:
     """The key blocks this call visits: the selected ones, never a tile the mask hides (for Triton)."""
     p, m, blk = q.shape[2], k.shape[2], int(params["block"])
-    chosen = select_blocks(q, k, causal, float(params["keep"]), blk, mask)
+    tau = float(params.get("tau", 0.0))
+    chosen = select_blocks(q, k, causal, _cap(params["keep"], tau), blk, mask, tau=tau,
+                           stride=int(params.get("stride", 8)), scale=scale)
     anyb, fullb = (x.to(q.device) for x in _causal_blocks(p, m, bool(causal), blk))
     return from_dense_blocks(chosen & anyb, chosen & fullb, blk, blk)
 
 
+def _cap(keep: float, tau: float) -> float:
+    """The kept share of key blocks; under the mass estimator 0 means no cap (every block may be kept)."""
+    return 1.0 if float(tau) > 0 and float(keep) == 0 else float(keep)
+
+
 def _spec_params(params: dict) -> dict:
-    return {"keep": params["keep"], "block": int(params.get("block", 64))}
+    tau = float(params.get("tau", 0.0))
+    return {"keep": _cap(params.get("keep", 0.25), tau), "block": int(params.get("block", 64)), "tau": tau,
+            "stride": int(params.get("stride", 8))}
 
 
-def cascade(*, block: object = 64, keep: object = None, causal: bool = False, form: str | None = None,
-                 schedule: str = "fused", tile_q: object = 64, tile_k: object = 64) -> ir.Cascade:
-    """Block-sparse top-k: pooled q/k block scores choose keep*M/block key blocks per query block."""
-    bs = size(block)
-    form = softmax_form(form, schedule)
-    kappa = size(keep) if keep is not None else sympy.Symbol("kappa", positive=True)
-    q = Access("Q", ("b", "g", "r", "p1", "p0", "e"))
-    kfull = Access("K", ("b", "g", "m1", "m0", "e"))
-    sizes = [("b", ir.B), ("g", ir.G), ("r", ir.H / ir.G), ("p1", ir.P / bs), ("p0", bs), ("m1", ir.M / bs), ("m0", bs),
-             ("w", kappa * ir.M), ("e", ir.E), ("f", ir.F)]
-    pre = [
+def _pooled_estimate(bs, q: Access) -> list[Einsum]:
+    """Mean-pooled q and k blocks and their block score matrix BS."""
+    return [
         Einsum(Access("QP", ("b", "g", "r", "p1", "e")), (q,), (), ("p0",), "sum"),
-        Einsum(Access("KP", ("b", "g", "m1", "e")), (kfull,), (), ("m0",), "sum"),
+        Einsum(Access("KP", ("b", "g", "m1", "e")), (Access("K", ("b", "g", "m1", "m0", "e")),), (), ("m0",), "sum"),
         Einsum(Access("BS", ("b", "g", "r", "p1", "m1")), (Access("QP", ("b", "g", "r", "p1", "e")),
                                                            Access("KP", ("b", "g", "m1", "e"))),
                ("mul",), ("e",), "sum"),
-        # top-k selection over the key blocks: a max-like reduction, one compare per block score
+    ]
+
+
+def _antidiagonal_estimate() -> list[Einsum]:
+    """Strided antidiagonal sums (one product at width stride·E), their softmax weights, summed per tile (BS)."""
+    qs, ks = Access("QS", ("b", "g", "r", "p1", "pq", "x")), Access("KS", ("b", "g", "m1", "mq", "x"))
+    al = Access("AL", ("b", "g", "r", "p1", "pq", "m1", "mq"))
+    return [
+        Einsum(qs, (Access("Q", ("b", "g", "r", "p1", "pq", "x")),), ("copy",)),
+        Einsum(ks, (Access("K", ("b", "g", "m1", "mq", "x")),), ("copy",)),
+        Einsum(al, (qs, ks), ("mul",), ("x",), "sum"),
+        Einsum(Access("AE", al.ranks), (al,), ("exp",)),
+        Einsum(Access("BS", ("b", "g", "r", "p1", "m1")), (Access("AE", al.ranks),), (), ("pq", "mq"), "sum"),
+    ]
+
+
+def cascade(*, block: object = 64, keep: object = None, tau: object = 0.0, stride: object = 8, causal: bool = False,
+            form: str | None = None, schedule: str = "fused", tile_q: object = 64, tile_k: object = 64) -> ir.Cascade:
+    """Block-sparse: pooled or antidiagonal block scores choose up to keep*M/block key blocks per query block."""
+    bs = size(block)
+    form = softmax_form(form, schedule)
+    kappa = size(keep) if keep is not None else sympy.Symbol("kappa", positive=True)
+    mass = float(tau or 0) > 0
+    q = Access("Q", ("b", "g", "r", "p1", "p0", "e"))
+    sizes = [("b", ir.B), ("g", ir.G), ("r", ir.H / ir.G), ("p1", ir.P / bs), ("p0", bs), ("m1", ir.M / bs), ("m0", bs),
+             ("w", kappa * ir.M), ("e", ir.E), ("f", ir.F)]
+    if mass:
+        st = size(min(int(stride), int(block)) if isinstance(stride, int) and isinstance(block, int) else stride)
+        sizes += [("pq", bs / st), ("mq", bs / st), ("x", st * ir.E)]
+    estimate = _antidiagonal_estimate() if mass else _pooled_estimate(bs, q)
+    pre = estimate + [
+        # the selection over the key blocks: a sort-like reduction, one compare per block score
         Einsum(Access("SEL", ("b", "g", "r", "p1", "w")), (Access("BS", ("b", "g", "r", "p1", "m1")),), ("cmp",),
                ("m1",), "max"),
         Einsum(Access("KW", ("b", "g", "r", "p1", "w", "e")), (Access("SEL", ("b", "g", "r", "p1", "w")),
@@ -181,6 +320,7 @@ def cascade(*, block: object = 64, keep: object = None, causal: bool = False, fo
         Einsum(Access("VW", ("b", "g", "r", "p1", "w", "f")), (Access("SEL", ("b", "g", "r", "p1", "w")),
                                                               Access("V", ("b", "g", "r", "p1", "w", "f"))), ("copy",)),
     ]
+    nest = len(estimate) + 1
     k, v = Access("KW", ("b", "g", "r", "p1", "w", "e")), Access("VW", ("b", "g", "r", "p1", "w", "f"))
     # positions of the gathered keys against the query's: padding always, the future when causal
     mask = Access("SEL", ("b", "g", "r", "p1", "w"))
@@ -191,22 +331,24 @@ def cascade(*, block: object = 64, keep: object = None, causal: bool = False, fo
     splits = [("m", ("m1", "m0"))] + splits
     if form == "online":
         # pooled scoring and the attention over the chosen blocks are two kernels either way
-        groups = [["QP", "KP", "BS", "SEL"], [e.name for e in ops[4:]]]
+        groups = [[e.name for e in ops[:nest]], [e.name for e in ops[nest:]]]
         fused = {1}
         schedule_groups = "eager"
     else:
-        groups = [["QP"], ["KP"], ["BS"], ["SEL"], ["KW"], ["VW"]] + groups
+        groups = [[e.name] for e in pre] + groups
         fused = set()
         schedule_groups = schedule
     return finish(VARIANT, ops, sizes, ("Q", "K", "V"), splits, it, groups, schedule_groups, key="m",
                    derived=("w",), fused_groups=fused, tile_ranks=("p0",), query="p1", tile_q=1, tile_k=tile_k,
-                   notes="pooled block scores + top-k key blocks" + (", causal" if causal else ""),
-                   params={"block": bs, "keep": kappa})
+                   notes=("antidiagonal block mass up to tau" if mass else "pooled block scores + top-k key blocks")
+                   + (", causal" if causal else ""), params={"block": bs, "keep": kappa})
 
 
 KERNEL = register(KernelVariant(
     name=VARIANT, kernel=kernel, reference=reference, spans=lambda **_: [EVERY_KEY], compiled_cpu=True,
-    triton=TritonKernel("blockmap", ("keep", "block"), spec_params=_spec_params, block_map=block_map),
-    timing=lambda n: {"keep": 0.25}, cascade=cascade, cascade_params={"block": int, "keep": float},
-    examples=lambda n: [{"keep": 0.3, "block": 8}, {"keep": 0.6, "block": 16}],
+    triton=TritonKernel("blockmap", ("keep", "block", "tau", "stride"), spec_params=_spec_params, block_map=block_map),
+    timing=lambda n: {"keep": 0.25}, cascade=cascade,
+    cascade_params={"block": int, "keep": float, "tau": float, "stride": int},
+    examples=lambda n: [{"keep": 0.3, "block": 8}, {"keep": 0.6, "block": 16},
+                        {"keep": 1.0, "block": 8, "tau": 0.7, "stride": 4}, {"keep": 0.4, "block": 16, "tau": 0.9}],
     degenerate=lambda n, e: {"keep": 1.0, "block": 8}))
