@@ -125,7 +125,7 @@ class Candidate:
     exact: bool = False
     error: Optional[float] = None  # None until scored
     extra: tuple = ()  # fitted tensors the variant's kernel takes (latent factors)
-    inputs: Optional[Callable] = None  # record -> (q, k, v) the variant reads (latent: low-rank K/V)
+    inputs: Optional[Callable] = None  # record -> (q, k, v[, extra]) the variant reads (latent: low-rank K/V)
     probe: Optional[tuple[str, dict]] = None  # (variant, params) that evaluates it on the unchanged graph
     prepare: Optional[Callable[["Candidate"], None]] = None  # fits what the candidate needs, before scoring
     score_as: Optional[tuple[str, dict]] = None  # (kernel variant, its params) when they differ from the plan's
