@@ -176,7 +176,9 @@ def _probe(q, k, v, mask, scale, causal, *, extra=(), softcap=0.0, fill=None, pr
 KERNEL = register(KernelVariant(
     name=VARIANT, kernel=kernel, reference=reference, spans=lambda **_: [EVERY_KEY],
     supports=frozenset({"softcap", "fill", "mask", "gqa"}), top_left=True,
-    triton=TritonKernel("ranges", ("rank",), low_rank=True), output_dim=_output_dim,
+    # rotary keys run in torch: the Triton kernel absorbs UK into q, which the rotation forbids
+    triton=TritonKernel("ranges", ("rank",), low_rank=True, available=lambda p: not p.get("rope")),
+    output_dim=_output_dim,
     timed_as=_dense.KERNEL.name, cascade=cascade, cascade_params={"rank": int, "rope": str},
     examples=lambda n: [{"rank": 3}, {"rank": 5}, {"rank": 3, "rope": "half"}],
     degenerate=lambda n, e: {"rank": e}, operands=_operands,
