@@ -114,35 +114,49 @@ def cascade(*, rank: object = None, causal: bool = False, form: str = "online", 
             tile_q: object = 64, tile_k: object = 64, rope: object = None) -> ir.Cascade:
     """Low-rank K/V: K = CK·UK, V = CV·UV with rank R; UK is absorbed into q, UV applied to the output.
 
-    With ``rope`` K = rope(CK·UK) is rebuilt (a rank-R contraction per key) and the scores run at head dim E.
+    With ``rope`` the rotation sits between CK·UK and the scores, so UK cannot be absorbed into q: K = CK·UK is
+    rebuilt (a rank-R contraction per key element), rotated with the model's cos and sin (the quarter turn of
+    each pair, then K·cos + rotate(K)·sin: three element ops per key element, cos and sin read from memory),
+    and the scores run at head dim E; values stay rank R with UV applied to the output. That path runs as
+    library calls (the Triton kernel does not take the rotation), so it is priced in the eager schedule on
+    every target: the rebuilt, rotated K is written and read back once.
     """
     rr = size(rank) if rank is not None else sym("R")
     q = Access("Q", ("b", "g", "r", "p", "e"))
     ql = Access("QL", ("b", "g", "r", "p", "l"))
     ck, cv = Access("CK", ("b", "g", "m", "l")), Access("CV", ("b", "g", "m", "l"))
     pred = Predicate("causal", causal=True, tile_q=size(tile_q), tile_k=size(tile_k)) if causal else None
+    inputs: tuple[str, ...] = ("Q", "CK", "CV", "UK", "UV")
     if rope:
+        if rope not in rotary.FORMS:
+            raise ValueError(f"latent: rope must be one of {rotary.FORMS}, not {rope!r}")
+        schedule = "eager"
+        ku, kr = Access("KU", ("b", "g", "m", "e")), Access("KR", ("b", "g", "m", "e"))
         kfull = Access("K", ("b", "g", "m", "e"))
-        first = Einsum(kfull, (ck, Access("UK", ("g", "l", "e"))), ("mul",), ("l",), "sum")
+        cos, sin = Access("COS", ("b", "m", "e")), Access("SIN", ("b", "m", "e"))
+        pre = [Einsum(ku, (ck, Access("UK", ("g", "l", "e"))), ("mul",), ("l",), "sum"),
+               Einsum(kr, (ku,), ("neg",)),  # rotate(K): the pairs swapped, one sign flipped
+               Einsum(kfull, (ku, cos, kr, sin), ("mul", "mul", "add"))]
         core_ops, splits, it, groups = core(q, kfull, cv, key="m", qranks=("b", "g", "r", "p"), form=form,
                                             out="OL", predicate=pred, fdim="l")
-        first_group = ["K"]
+        first_groups = [["KU"], ["KR", "K"]]  # a matmul, then the rotation's element-wise calls
+        inputs += ("COS", "SIN")
     else:
-        first = Einsum(ql, (q, Access("UK", ("g", "l", "e"))), ("mul",), ("e",), "sum")
+        pre = [Einsum(ql, (q, Access("UK", ("g", "l", "e"))), ("mul",), ("e",), "sum")]
         core_ops, splits, it, groups = core(ql, ck, cv, key="m", qranks=("b", "g", "r", "p"), form=form,
                                             out="OL", predicate=pred, fdim="l")
-        first_group = ["QL"]
-    ops = ([first] + core_ops +
+        first_groups = [["QL"]]
+    ops = (pre + core_ops +
            [Einsum(Access("AV", ("b", "g", "r", "p", "f")), (Access("OL", ("b", "g", "r", "p", "l")),
                                                              Access("UV", ("g", "l", "f"))), ("mul",), ("l",), "sum")])
     sizes = base_sizes() + [("l", rr)]
     if form == "online":
-        kernel_groups = [first_group, [e.name for e in core_ops], ["AV"]]
-        fused = {1}
+        kernel_groups = first_groups + [[e.name for e in core_ops], ["AV"]]
+        fused = {len(first_groups)}
     else:
-        kernel_groups = [first_group] + groups + [["AV"]]
+        kernel_groups = first_groups + groups + [["AV"]]
         fused = set()
-    return finish(VARIANT, ops, sizes, ("Q", "CK", "CV", "UK", "UV"), splits, it, kernel_groups, schedule,
+    return finish(VARIANT, ops, sizes, inputs, splits, it, kernel_groups, schedule,
                   fused_groups=fused, tile_q=tile_q, tile_k=tile_k, params={"rank": rr},
                   notes="low-rank K/V, " + ("K rebuilt and rotated" if rope else "up-projections absorbed")
                   + (", causal" if causal else ""))
