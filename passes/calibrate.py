@@ -37,6 +37,7 @@ class SiteRecord:
     softcap: float
     fill: Optional[float]
     rows: Optional[torch.Tensor]  # bool [B, P]: query rows that mean something (None = all)
+    extra: tuple = ()  # the op's extra operands as recorded (a rotary site's cos and sin)
 
     @property
     def nbytes(self) -> int:
@@ -118,6 +119,7 @@ def record_sites(
                 mask=None if c["mask"] is None else c["mask"].detach(), out=c["out"].detach(),
                 scale=c["scale"], causal=bool(c["causal"]), softcap=float(c["softcap"]), fill=c["fill"],
                 rows=_valid_rows(c["q"], c["k"], c["mask"]),
+                extra=tuple(t.detach() for t in c.get("extra") or ()),
             ))
         size = sum(r.nbytes for r in recs)
         if held and held + size > max_bytes:
@@ -134,13 +136,16 @@ def site_error(records: Sequence[SiteRecord], variant: str, params: dict,
                extra: Sequence[torch.Tensor] = (), inputs: Optional[Callable] = None) -> float:
     """Relative L2 error of ``variant`` at a site over its records' meaningful query rows.
 
-    ``inputs(record) -> (q, k, v)`` replaces the recorded operands (latent: the low-rank K/V).
+    ``inputs(record) -> (q, k, v[, extra])`` replaces the recorded operands (latent: the low-rank K/V; with
+    rotary keys also the record's own extra operands).
     """
     num = den = 0.0
     for r in records:
-        q, k, v = inputs(r) if inputs is not None else (r.q, r.k, r.v)
+        got = inputs(r) if inputs is not None else (r.q, r.k, r.v)
+        q, k, v = got[:3]
+        ex = got[3] if len(got) > 3 else extra
         with torch.no_grad():
-            out = codegen.run(variant, q, k, v, r.mask, r.scale, r.causal, extra=extra, softcap=r.softcap,
+            out = codegen.run(variant, q, k, v, r.mask, r.scale, r.causal, extra=ex, softcap=r.softcap,
                               fill=r.fill, **params)
         diff = (out.double() - r.out.double()).pow(2).sum(dim=(1, 3))  # [B, P]
         ref = r.out.double().pow(2).sum(dim=(1, 3))

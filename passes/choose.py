@@ -25,6 +25,7 @@ from passes.measure import Measure, Rows, assign, batch_of, op_nodes, restrict, 
 from passes.plan import Decision
 from passes.planner import Outcome, SitePlan, choose, search, site_candidates
 from passes.rewrite import rewrite_graph
+from passes.rotary import Rotary, find_rotary
 from passes.state import Measured, Program, Surgery, Weights
 from passes.surgery import find_projection
 from passes.variants import VARIANTS, exact_name
@@ -46,6 +47,7 @@ class Planning:
     choice: metrics.MetricChoice
     measure: Measure
     references: tuple
+    rotary: tuple = ()  # per live site: its keys' rotary embedding (Rotary), "why not supported", or None
 
 
 def hardware(target: str):
@@ -79,13 +81,14 @@ class Calibrate(ProgramPass[Program]):
         choice = metrics.resolve(p.options.metric, p.samples[0], references[0],
                                  causal=any(m.site.causal for m in live))
         say(f"budget measured as {choice.describe()}")
+        rotary = _attach_rotary(p, nodes)
         records = record_sites(ep, list(p.samples), list(nodes))
         batches = [batch_of(kw) for kw in p.samples]
         rows = split_rows(batches)
         kept = tuple(tuple(r for r in (restrict(rec, rows.calib[s], batches[s]) for s, rec in enumerate(per))
                            if r is not None) for per in records)
         planning = Planning(hardware(p.options.target), pending, failures, live, nodes, kept, rows, choice,
-                            Measure(list(references), list(p.samples), rows, choice), references)
+                            Measure(list(references), list(p.samples), rows, choice), references, rotary)
         return PassResult(p.noted(*notes, planning=planning), True, f"{len(live)} site(s) recorded")
 
 
@@ -149,14 +152,23 @@ class Choose(ProgramPass[Program]):
                 why = "the attention runs in a flattened [B*H] layout; the surgery needs separate batch and head dims"
                 blocked.update(dict.fromkeys(need_kv, why))
             elif need_kv:
-                pk, why_k = find_projection(ep, pl.nodes[i].args[1])
+                rot = pl.rotary[i] if pl.rotary else None
+                keys = rot.key if isinstance(rot, Rotary) else pl.nodes[i].args[1]
+                pk, why_k = find_projection(ep, keys)
                 pv, why_v = find_projection(ep, pl.nodes[i].args[2])
+                if isinstance(rot, str):
+                    pk, why_k = None, rot
                 pair = (pk, pv) if pk and pv else None
                 if pair is None:
                     why = f"its {'keys' if pk is None else 'values'}: {why_k or why_v}"
                     blocked.update(dict.fromkeys(need_kv, why))
+                elif isinstance(rot, Rotary):
+                    blocked.update({n: "its keys are rotated after their projection (rotary embeddings), which this "
+                                    "variant does not take" for n in need_kv if not VARIANTS[n].rotary_keys})
             projections.append(pair)
             facts = {}
+            if isinstance(pl.rotary[i] if pl.rotary else None, Rotary):
+                facts["rope"] = pl.rotary[i].form
             if need_grid:
                 grid = token_grid(dg, pl.nodes[i].args[0], m.site.q_len) if m.site.q_len > 0 else None
                 facts["grid"] = grid
@@ -186,11 +198,37 @@ def _reprice(sp: SitePlan, cands: list, hw, forced: bool) -> None:
     sp.options.sort(key=lambda c: c.seconds)
 
 
+def _attach_rotary(p: Program, nodes: tuple[fx.Node, ...]) -> tuple:
+    """Per op node: its keys' rotary embedding (the op then carries the model's cos and sin as extra operands,
+    so calibration records them and a planning probe can undo the rotation), why it is not supported, or None.
+
+    Only looked for when an allowed variant takes rotary keys; other variants ignore the extra operands."""
+    if not any(VARIANTS[n].rotary_keys for n in p.options.allowed):
+        return ()
+    found: list = []
+    for node in nodes:
+        rot, why = find_rotary(node.args[1])
+        found.append(rot if rot is not None else (why or None))
+        if rot is not None:
+            _set_extra(node, [rot.cos, rot.sin])
+    p.ep.graph_module.recompile()
+    return tuple(found)
+
+
+def _set_extra(node: fx.Node, extra: list) -> None:
+    """Set an op call's extra operands (arg 8 of the op)."""
+    args = list(node.args)
+    args[8] = extra
+    node.args = tuple(args)
+
+
 def _weights(outcome: Outcome, pl: Planning, projections: list) -> Weights:
     """Point each op at its choice and collect the weight changes the choices need."""
     surgeries, fitted, merges = [], [], []
     for i, sp in enumerate(outcome.sites):
         assign(pl.nodes[i], *(sp.chosen.probe or (sp.chosen.variant, sp.chosen.params)))
+        if isinstance(pl.rotary[i] if pl.rotary else None, Rotary) and not VARIANTS[sp.chosen.variant].rotary_keys:
+            _set_extra(pl.nodes[i], [])  # the planning graph may be the program: it carries no unused operands
         kind = VARIANTS[sp.chosen.variant].weight_surgery
         if kind == "low_rank":
             pk, pv = projections[i]

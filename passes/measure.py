@@ -63,8 +63,11 @@ def restrict(rec: SiteRecord, rows: tuple[int, ...], batch: int) -> Optional[Sit
     def pick(t):
         return t if t is None or t.dim() == 0 or t.shape[0] != batch else t.index_select(0, idx)
 
+    def pick4(t):  # extra operands broadcast to [B, G, M, E]: only a 4-d one carries the batch
+        return t if t.dim() != 4 else pick(t)
+
     return SiteRecord(pick(rec.q), pick(rec.k), pick(rec.v), pick(rec.mask), pick(rec.out), rec.scale,
-                      rec.causal, rec.softcap, rec.fill, pick(rec.rows))
+                      rec.causal, rec.softcap, rec.fill, pick(rec.rows), tuple(pick4(t) for t in rec.extra))
 
 
 class Measure:

@@ -133,14 +133,24 @@ class WeightSurgery(ProgramPass[Program]):
             def fewer(index: int) -> str:
                 n = sum(parameter_count(model.get_submodule(x.module)) - parameter_count(source.get_submodule(x.module))
                         for x in removed[index])
-                return f"{n:,}"
+                return f"{-n:+,}"
+
+            cache = {s.site: _kv_bytes(s, model) for s in w.surgeries}
+
+            def kv(index: int) -> str:
+                (b0, b1) = cache[index]
+                return f"K/V {b0:,} -> {b1:,} bytes per token"
 
             decisions = tuple(
                 dataclasses.replace(d, reason="; ".join(x for x in (
-                    d.reason, f"K/V projections factored to rank {d.params.get('rank')}: -{fewer(d.site.index)} "
-                    "parameters") if x))
+                    d.reason, f"K/V projections factored to rank {d.params.get('rank')}"
+                    + (f" before the {d.params['rope']} rotary embedding" if d.params.get("rope") else "")
+                    + f": {fewer(d.site.index)} parameters, {kv(d.site.index)}") if x))
                 if d.site.index in removed else d for d in decisions)
-            notes.append(f"latent weight surgery: {before:,} -> {after:,} parameters ({before - after:,} fewer)")
+            change = f"{before - after:,} fewer" if after <= before else f"{after - before:,} more"
+            notes.append(f"latent weight surgery: {before:,} -> {after:,} parameters ({change})")
+            kb0, kb1 = (sum(c[j] for c in cache.values()) for j in (0, 1))
+            notes.append(f"latent K/V per token over the {len(cache)} factored site(s): {kb0:,} -> {kb1:,} bytes")
         if w.merges:  # gqa_merge: K/V heads merged in a copy
             before = parameter_count(source)
             source = apply_merge(source, [(x, n) for _, pk, pv, n in w.merges for x in (pk, pv)])
@@ -149,6 +159,14 @@ class WeightSurgery(ProgramPass[Program]):
             source = attach_fitted(source, w.fitted)
         return PassResult(p.noted(*notes, source=source, decisions=decisions), True,
                           f"{len(w.surgeries)} factored, {len(w.merges)} merged, {len(w.fitted)} fitted")
+
+
+def _kv_bytes(s, model: torch.nn.Module) -> tuple[int, int]:
+    """(before, after) bytes of K and V one token adds at a factored site: G·(E + F) and G·2R elements."""
+    size = next(model.get_submodule(s.k_proj.module).parameters()).element_size()
+    before = s.k_proj.heads * s.k_proj.head_dim + s.v_proj.heads * s.v_proj.head_dim
+    after = s.uk.shape[0] * s.uk.shape[1] + s.uv.shape[0] * s.uv.shape[1]
+    return before * size, after * size
 
 
 def chosen_of(decisions: tuple[Decision, ...]) -> dict[int, tuple[str, dict]]:

@@ -125,7 +125,7 @@ class Candidate:
     exact: bool = False
     error: Optional[float] = None  # None until scored
     extra: tuple = ()  # fitted tensors the variant's kernel takes (latent factors)
-    inputs: Optional[Callable] = None  # record -> (q, k, v) the variant reads (latent: low-rank K/V)
+    inputs: Optional[Callable] = None  # record -> (q, k, v[, extra]) the variant reads (latent: low-rank K/V)
     probe: Optional[tuple[str, dict]] = None  # (variant, params) that evaluates it on the unchanged graph
     prepare: Optional[Callable[["Candidate"], None]] = None  # fits what the candidate needs, before scoring
     score_as: Optional[tuple[str, dict]] = None  # (kernel variant, its params) when they differ from the plan's
@@ -438,6 +438,15 @@ def _explain_choice(sp: SitePlan, budget: float, cap: float) -> None:
             return
         scored = [c for c in sp.options if c.error is not None]
         best = min(scored, key=lambda c: c.error) if scored else sp.options[0]
+        inside = [c for c in scored if not c.exact and c.error <= cap and sp.estimate(c) <= budget]
+        fastest = min(inside, key=lambda c: c.seconds) if inside else None
+        if fastest is not None and fastest.seconds * (1 + TIE_MARGIN) >= sp.dense.seconds:
+            # accurate enough, but not predicted fast enough to be worth an approximation
+            gain = sp.dense.seconds / fastest.seconds if fastest.seconds > 0 else math.inf
+            sp.note = (f"kept exact: {fastest.label()} fits the budget (site error {fastest.error:.2g}, about "
+                       f"{sp.estimate(fastest):.2g} at the output) but is predicted only {gain:.2f}x as fast as "
+                       f"dense, inside the {TIE_MARGIN:.0%} margin where the exact one is preferred")
+            return
         capped = best.error > cap and sp.estimate(best) <= budget
         sp.note = (f"no candidate fits: the most accurate, {best.label()}, has site error {best.error:.2g}"
                    + (f", above the site cap {cap:g}" if capped else

@@ -22,6 +22,7 @@ from codegen.lowrank import LowRankLinear, MergedHeadsLinear
 from passes import graph as G
 from passes.calibrate import SiteRecord
 from passes.operands import Operand
+from passes.rotary import find_rotary
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,8 @@ def factors(records: Sequence[SiteRecord], which: str, rank: int) -> torch.Tenso
             x = x.permute(1, 0, 2, 3).reshape(x.shape[1], -1, x.shape[-1])
         rows.append(x)
     allrows = torch.cat(rows, dim=1)
-    _, _, vh = torch.linalg.svd(allrows, full_matrices=False)
+    # fewer rows than the rank: the full V completes the basis with orthonormal directions the rows do not use
+    _, _, vh = torch.linalg.svd(allrows, full_matrices=allrows.shape[1] < rank)
     return vh[:, :rank].contiguous()
 
 
@@ -242,12 +244,16 @@ def rewrite_planned(ep: torch.export.ExportedProgram, matches: list, chosen: dic
         opts: dict = {"drop_band": drops_band(m.site, variant, params)}
         kind = VARIANTS[variant].weight_surgery if variant in VARIANTS else None
         if kind == "low_rank":
-            lk, lv = latent_operand(m.k.node), latent_operand(m.v.node)
+            rot = find_rotary(m.k.node)[0] if params.get("rope") else None
+            if params.get("rope") and (rot is None or rot.form != params["rope"]):
+                failures[m.site.index] = f"{variant}: the keys' rotary embedding is not visible in the captured graph"
+                continue
+            lk, lv = latent_operand(rot.key if rot is not None else m.k.node), latent_operand(m.v.node)
             if lk is None or lv is None:
                 failures[m.site.index] = f"{variant}: the factored projections are not visible in the captured graph"
                 continue
             m = dataclasses.replace(m, k=lk[0], v=lv[0], gqa_source=None, v_gqa_source=None)
-            opts["extra"] = (lk[1], lv[1])
+            opts["extra"] = (lk[1], lv[1]) + ((rot.cos, rot.sin) if rot is not None else ())
         elif kind == "merge_heads":
             mk, mv = merged_operand(m.k.node), merged_operand(m.v.node)
             if mk is None or mv is None:

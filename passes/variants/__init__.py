@@ -49,6 +49,9 @@ class Variant:
       variant's (default: its own cascade); ``never_causal``: it is priced as bidirectional attention.
     * ``standalone(site, params, generator)``: (K/V heads, K dim, V dim, extra tensors) of random operands the
       kernel takes on its own after the variant's surgery (for reports that time kernels standalone).
+    * ``rotary_keys``: the variant also takes keys rotated after their projection (``k·cos + rotate(k)·sin``,
+      found by ``passes.rotary``): the op gets the model's cos and sin and applies the rotation itself; the
+      graph fact ``rope`` (the rotation's layout) reaches ``grid`` and ``complete``.
     * ``draws_band(params)``: the band |i - j| < W the choice applies by itself (None: none), so a site
       whose own mask is that band passes the op everything but the band.
     """
@@ -71,6 +74,7 @@ class Variant:
     price: Optional[Callable[[Any, dict, dict], list]] = None
     never_causal: bool = False
     standalone: Optional[Callable[[Any, dict, Any], tuple]] = None
+    rotary_keys: bool = False
 
     @property
     def changes_weights(self) -> bool:

@@ -5,6 +5,10 @@ K ≈ CK·UK and V ≈ CV·UV with CK, CV [B,G,M,R] and UK [G,R,E], UV [G,R,F]. 
 model the factors come from the K/V projection weights (Palu-style SVD); the reference accepts
 them as ``factors`` or, when absent, computes them by an SVD of k and v themselves, per KV head
 over all batch rows (so with R >= head dim it is exact).  Causal masks are bottom-right aligned.
+
+Keys rotated after their projection (rotary embeddings, found by ``passes.rotary``) are factored before
+the rotation (Palu): the graph fact ``rope`` (the rotation's layout) becomes a parameter, the bases are fitted
+on the un-rotated keys, and the op rebuilds K = rope(CK·UK) with the model's cos and sin.
 """
 from __future__ import annotations
 
@@ -12,13 +16,14 @@ from typing import Optional
 
 import torch
 
+from codegen import rotary
 from codegen.variants.latent import KERNEL
 from codegen.variants.latent import PROBE as KERNEL_PROBE
 from passes.variants import Variant
 from passes.variants._grid import modifier_reason
 
 DEFAULTS: dict = {"rank": 32}
-PARAMS: dict = {"rank": int}
+PARAMS: dict = {"rank": int, "rope": str}
 
 
 def applies(site) -> Optional[str]:
@@ -29,11 +34,17 @@ def applies(site) -> Optional[str]:
     return modifier_reason(site)
 
 
-def grid(site) -> list[dict]:
+def grid(site, facts: Optional[dict] = None) -> list[dict]:
     """Ranks to try, lowest first (a fraction of the head dim, rounded to a multiple of 4)."""
     d = site.head_dim
     ranks = sorted({max(4, (d * f) // 4 * 4 // 4) for f in (1, 2, 3)} - {d})
-    return [{"rank": r} for r in ranks if r < d]
+    return [complete({"rank": r}, facts) for r in ranks if r < d]
+
+
+def complete(params: dict, facts: Optional[dict] = None) -> dict:
+    """The rotation's layout from the graph, when the site's keys are rotated after their projection."""
+    rope = (facts or {}).get("rope")
+    return {**params, "rope": rope} if rope else {k: v for k, v in params.items() if k != "rope"}
 
 
 def exact(site, params: dict) -> bool:
@@ -44,6 +55,8 @@ def check_params(params: dict) -> None:
     """Raise a ValueError for parameter values the kernel cannot run."""
     if params.get("rank", 1) < 1:
         raise ValueError(f"latent: rank must be >= 1, not {params['rank']}")
+    if params.get("rope") not in (None, *rotary.FORMS):
+        raise ValueError(f"latent: rope must be one of {rotary.FORMS}, not {params['rope']!r}")
 
 
 def _factor(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,27 +97,45 @@ def standalone(site, params: dict, g: torch.Generator) -> tuple:
     return heads, r, r, extra
 
 
+def _unrotated(rec, rope: Optional[str]):
+    """The record's keys before the rotation (its extra operands are the model's cos and sin)."""
+    if not rope:
+        return rec.k
+    cos, sin = rec.extra
+    return rotary.undo(rec.k.float(), cos.float(), sin.float(), rope).to(rec.k.dtype)
+
+
 def prepare(sp, cands: list, records: list, index: int, say) -> None:
-    """Fit each candidate's K/V bases on the calibration records (one SVD per site, sliced by rank)."""
+    """Fit each candidate's K/V bases on the calibration records (one SVD per site, sliced by rank); rotated
+    keys are un-rotated first, so the bases span the keys the K projection makes."""
+    import dataclasses
+
     from codegen import lowrank
     from passes.surgery import factors, project
 
     if not records:
         return
+    rope = cands[0].params.get("rope")
+    plain = [dataclasses.replace(r, k=_unrotated(r, rope)) for r in records] if rope else records
     top = max(int(c.params["rank"]) for c in cands)
-    uk_all, uv_all = factors(records, "k", top), factors(records, "v", top)
+    uk_all, uv_all = factors(plain, "k", top), factors(plain, "v", top)
     for c in cands:
         r = int(c.params["rank"])
         uk, uv = uk_all[:, :r].contiguous(), uv_all[:, :r].contiguous()
         key = f"site{index}-rank{r}-{id(sp)}"
         lowrank.PROBES[key] = (uk, uv)
         c.extra = (uk, uv)
-        c.inputs = lambda rec, uk=uk, uv=uv: (rec.q, project(rec.k, uk), project(rec.v, uv))
-        c.probe = (KERNEL_PROBE, {"probe": key, "rank": r})
+        probe = {"probe": key, "rank": r, **({"rope": rope} if rope else {})}
+        if rope:  # cos/sin differ per record: each record brings its own
+            c.inputs = lambda rec, uk=uk, uv=uv: (rec.q, project(_unrotated(rec, rope), uk), project(rec.v, uv),
+                                                  (uk, uv, *rec.extra))
+        else:
+            c.inputs = lambda rec, uk=uk, uv=uv: (rec.q, project(rec.k, uk), project(rec.v, uv))
+        c.probe = (KERNEL_PROBE, probe)
 
 
 VARIANT = Variant(
-    name=KERNEL.name, kernel=KERNEL, applies=applies, exact=exact, grid=lambda site, facts=None: grid(site),
-    defaults=DEFAULTS, params=PARAMS, check=check_params,
+    name=KERNEL.name, kernel=KERNEL, applies=applies, exact=exact, grid=grid, complete=complete,
+    defaults=DEFAULTS, params=PARAMS, check=check_params, rotary_keys=True,
     needs=frozenset({"factored_kv"}), weight_surgery="low_rank", standalone=standalone,
     prepare=prepare)
