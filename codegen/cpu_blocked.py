@@ -52,9 +52,15 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: O
     vp = F.pad(v, (0, 0, 0, nk * bk - m)).view(bsz, g, nk, bk, f)
     qp = F.pad(q, (0, 0, 0, nq * bq - p)).view(bsz, h, nq, bq, e)
     pad = nq * bq - p
-    lo_p = torch.cat([lo, lo.new_ones(pad, lo.shape[1])]).view(nq, bq, -1)
-    hi_p = torch.cat([hi, hi.new_zeros(pad, hi.shape[1])]).view(nq, bq, -1)
     per_head = bm.idx.dim() == 4
+    if lo.dim() == 3:  # one pattern per head, [H, P, T]: its rows broadcast against the heads of the block map
+        lo_p = torch.cat([lo, lo.new_ones(lo.shape[0], pad, lo.shape[-1])], 1).view(lo.shape[0], nq, bq, 1, -1)
+        hi_p = torch.cat([hi, hi.new_zeros(hi.shape[0], pad, hi.shape[-1])], 1).view(hi.shape[0], nq, bq, 1, -1)
+        if not per_head:
+            raise ValueError("per-head intervals need a per-head block map")
+    else:
+        lo_p = torch.cat([lo, lo.new_ones(pad, lo.shape[1])]).view(nq, bq, 1, -1)
+        hi_p = torch.cat([hi, hi.new_zeros(pad, hi.shape[1])]).view(nq, bq, 1, -1)
     valid = torch.arange(s)[None, :] < bm.num[..., None]
     heads_k = h if per_head else g
     step_bytes = 4 * bsz * (h * bq * span + heads_k * span * (e + f)) * (3 if mask is not None else 2)
@@ -74,7 +80,8 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: O
             kpos = (ix[..., None] * bk + ar).reshape(bsz, h, cc, span)
             okk = ok[..., None].expand(bsz, h, cc, s, bk).reshape(bsz, h, cc, span)
             kq = kpos[..., None, :, None]  # [B,H,c,1,L,1]
-            vis = ((kq >= lo_p[q0:q1, :, None, :]) & (kq <= hi_p[q0:q1, :, None, :])).any(-1)
+            lq, hq = (lo_p[:, q0:q1], hi_p[:, q0:q1]) if lo.dim() == 3 else (lo_p[q0:q1], hi_p[q0:q1])
+            vis = ((kq >= lq) & (kq <= hq)).any(-1)
             vis &= okk[..., None, :]  # [B,H,c,bq,L]
         else:
             ix = bm.idx[q0:q1]
@@ -83,7 +90,7 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: O
             kpos = (ix[..., None] * bk + ar).reshape(cc, span)
             okk = valid[q0:q1, :, None].expand(cc, s, bk).reshape(cc, span)
             kq = kpos[:, None, :, None]
-            vis = ((kq >= lo_p[q0:q1, :, None, :]) & (kq <= hi_p[q0:q1, :, None, :])).any(-1)
+            vis = ((kq >= lo_p[q0:q1]) & (kq <= hi_p[q0:q1])).any(-1)
             vis = (vis & okk[:, None, :])[None, None]  # [1,1,c,bq,L]
         bias = torch.zeros(vis.shape, dtype=dt).masked_fill_(~vis, float("-inf"))
         if mask is not None:

@@ -160,7 +160,9 @@ torch::Tensor attn_fwd_bk(torch::Tensor q, torch::Tensor kt, torch::Tensor vp, t
   const int64_t B = q.size(0), H = q.size(1), P = q.size(2), E = q.size(3);
   const int64_t G = kt.size(1), Mp = kt.size(3), Fp = vp.size(3);
   const int64_t rep = H / G, BQ = block_q, nq = (P + BQ - 1) / BQ;
-  const int64_t S = idx.size(3), T = lo.size(1);
+  const int64_t S = idx.size(3), T = lo.size(-1);
+  // intervals [P, T] shared by every head, or [H, P, T]: one pattern per head (per-head plans)
+  const int64_t lh = (lo.dim() == 3 && lo.size(0) > 1) ? P * T : 0;
   const int64_t ib = idx.size(0) > 1 ? 1 : 0, ih = idx.size(1) > 1 ? 1 : 0;
   const float scale = (float)scale_d, cap = (float)softcap_d;
   const float NEG = -std::numeric_limits<float>::infinity();
@@ -205,7 +207,7 @@ torch::Tensor attn_fwd_bk(torch::Tensor q, torch::Tensor kt, torch::Tensor vp, t
             for (int j = 0; j < BK; ++j) add[j] = NEG;
             const int64_t last = std::min<int64_t>(k0 + BK, m_len) - 1;
             for (int64_t t = 0; t < T; ++t) {
-              const int64_t a = std::max(LO[qi * T + t], k0), z = std::min(HI[qi * T + t], last);
+              const int64_t a = std::max(LO[h * lh + qi * T + t], k0), z = std::min(HI[h * lh + qi * T + t], last);
               for (int64_t j = a; j <= z; ++j) add[j - k0] = 0.f;
             }
             for (int c = 0; c < NV; ++c) st(si_ + c * 16, ld(si_ + c * 16) + ld(add + c * 16));

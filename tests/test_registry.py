@@ -6,6 +6,7 @@ kernel, reference, fake shape, Triton kernel or degenerate parameters are wrong 
 from __future__ import annotations
 
 import ast
+import inspect
 import json
 from pathlib import Path
 
@@ -44,11 +45,17 @@ def _padding(b: int, m: int) -> torch.Tensor:
     return keep
 
 
+def _examples(rec, m: int, h: int) -> list[dict]:
+    """The record's example parameters at m keys (and h heads, for variants whose parameters are per head)."""
+    takes_heads = len(inspect.signature(rec.examples).parameters) > 1
+    return rec.examples(m, h) if takes_heads else rec.examples(m)
+
+
 def _cases(rec, shape):
     """(params, mask, softcap) the kernel claims to take at this shape."""
-    b, _, _, p, m, _, _ = shape
-    out = [(params, None, 0.0) for params in rec.examples(m)]
-    first = rec.examples(m)[0]
+    b, h, _, p, m, _, _ = shape
+    out = [(params, None, 0.0) for params in _examples(rec, m, h)]
+    first = out[0][0]
     if {"mask", "padding_mask"} & rec.supports:
         out.append((first, _padding(b, m), 0.0))
     if "softcap" in rec.supports:
@@ -87,7 +94,7 @@ def test_fake_shape_is_the_real_shape(name):
     rec = kernel_variants()[name]
     shape = SHAPES[0]
     q, k, v, gen = _inputs(shape)
-    params = rec.examples(shape[4])[0]
+    params = _examples(rec, shape[4], shape[1])[0]
     kk, vv, extra = _operands(rec, k, v, params, gen)
     real = torch.ops.rewriter.attention(q, kk, vv, None, 0.3, False, name, json.dumps(params), extra)
     with FakeTensorMode(allow_non_fake_inputs=False) as mode:
@@ -121,7 +128,7 @@ def test_triton_matches_reference(name, monkeypatch):
     shape = (1, 2, 1, 19, 19, 16, 16)  # small: the interpreter runs one program at a time
     q, k, v, gen = _inputs(shape, seed=2)
     ran = 0
-    for params in rec.examples(shape[4]):
+    for params in _examples(rec, shape[4], shape[1]):
         if not rec.triton.available(params):
             continue
         kk, vv, extra = _operands(rec, k, v, params, gen)
