@@ -212,9 +212,9 @@ def test_per_head_plans_against_the_best_per_site_plan_on_the_projects_lms(which
     from passes.variants import VARIANTS
     from rewriter import lm, rope_lm
 
-    model = lm.load() if which == "gpt" else rope_lm.load()
     if not (lm.CHECKPOINT if which == "gpt" else rope_lm.CHECKPOINT).exists():
         pytest.skip("no trained checkpoint")
+    model = lm.load() if which == "gpt" else rope_lm.load()
     calib = lm.windows(lm.corpus("train"), model.cfg.context, 4, seed=3)[:, :-1]
     names = list(VARIANTS)
     plans = {}
