@@ -16,6 +16,9 @@ from codegen.naive import naive_attention
 from codegen.pattern import BlockMap, dense_blocks, finish, from_dense_blocks, query_positions, visible
 from codegen.registry import KernelVariant, register
 from codegen.sparse import no_fill, run_block_map
+from cost_model import ir
+from cost_model.cascades import local_span, size, softmax_form
+from cost_model.ir import sym
 
 NAME = "per_head"
 
@@ -91,8 +94,18 @@ def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
     return run_block_map(q, k, v, mask, scale, softcap, bm, lo, hi)
 
 
+def cascade(*, causal: bool = False, block: object = 64, form: str | None = None, schedule: str = "fused",
+            tile_q: object = 64, tile_k: object = 64, **_) -> ir.Cascade:
+    """One head group's sinks + window span (a mix is priced as the sum of its groups, each over its heads)."""
+    form = softmax_form(form, schedule)
+    return local_span(NAME, causal=causal, window=sym("W"), sinks=sym("S"), block=size(block), form=form,
+                      schedule=schedule, tile_k=tile_k, gather=schedule == "eager",
+                      params={"window": sym("W"), "sinks": sym("S"), "block": block},
+                      notes="per-head sinks + window span, one head group" + (", causal" if causal else ""))
+
+
 KERNEL = register(KernelVariant(
-    name=NAME, kernel=kernel, reference=reference, compiled_cpu=True,
+    name=NAME, kernel=kernel, reference=reference, compiled_cpu=True, cascade=cascade,
     examples=lambda n, h=4: [
         {"window": [0] + [max(1, n // 4)] * (h - 1), "sinks": [0] + [2] * (h - 1), "block": 16},
         {"window": [(i % 3) * 3 for i in range(h)], "sinks": [i % 2 for i in range(h)], "block": 16},
