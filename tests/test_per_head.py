@@ -99,10 +99,12 @@ def test_a_forced_list_of_the_wrong_length_is_a_clear_error_before_any_work():
     import rewriter
     from rewriter import lm
 
-    model = lm.TinyLM(lm.LMConfig(context=64, dim=32, layers=1, heads=4))
-    ids = torch.randint(0, 256, (1, 48))
+    model = lm.TinyLM(lm.LMConfig(context=512, dim=32, layers=1, heads=4))
+    ids = torch.randint(0, 256, (1, 300))
     with pytest.raises(ValueError, match="window has 3 entries for 4 heads"):
         rewriter.optimize(model, ids, variants={NAME: {"window": [0, 8, 8]}}, budget=None)
+    short = rewriter.optimize(model, ids[:, :100], variants={NAME: {"window": [0, 8, 16, 4]}}, budget=None)
+    assert short.plan.decisions[0].variant != NAME and "256 keys" in str(short.plan), str(short.plan)
     opt = rewriter.optimize(model, ids, variants={NAME: {"window": [0, 8, 16, 4], "sinks": [0, 2, 2, 0]}},
                             budget=None)
     with torch.no_grad():

@@ -25,12 +25,16 @@ DEFAULTS: dict = {"block": 64}
 PARAMS: dict = {"window": list, "sinks": list, "block": int}
 LEVELS = (0.02, 0.05, 0.1, 0.2, 0.35)  # per-head relative L2 levels, one candidate each
 SINKS = 4
+MIN_KEYS = 256
 
 
 def applies(site) -> Optional[str]:
     """Per-head patterns apply to self-attention over a sequence with several heads; returns a reason if not."""
     if site.num_heads is not None and 0 < site.num_heads < 2:
         return "one head: there is nothing to choose per head"
+    if 0 <= site.kv_len < MIN_KEYS:
+        # fitting measures every head at every window on the records; this short, the windows save little
+        return f"{site.kv_len} keys: per-head windows are fitted from {MIN_KEYS} keys"
     return sequence_reason(site, cache=True) or modifier_reason(site)
 
 
