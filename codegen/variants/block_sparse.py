@@ -145,7 +145,6 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, causal: bool, keep: float, b
                                q.shape[-1] ** -0.5 if scale is None else scale)
     bsz, h, p, e = q.shape
     g, m = k.shape[1], k.shape[2]
-    off = m - p
     nq, nk = math.ceil(p / block), math.ceil(m / block)
     nsel = min(nk, max(1, math.ceil(keep * nk)))
     qf, kf = q.float(), k.float()
@@ -170,17 +169,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, causal: bool, keep: float, b
     if k_pool.shape[1] != h:
         k_pool = k_pool.repeat_interleave(h // g, dim=1)
     scores = q_pool @ k_pool.transpose(-1, -2)  # [B,H,nq,nk]
-    q_first = off + torch.arange(nq, device=dev) * block
-    q_last = torch.clamp(q_first + block - 1, max=m - 1)
-    kb = torch.arange(nk, device=dev)[None, :]
-    diag = (kb >= (q_first.clamp(min=0) // block)[:, None]) & (kb <= (q_last // block)[:, None])
-    must = diag | (kb == 0)
-    allowed = torch.ones(nq, nk, dtype=torch.bool, device=dev)
-    if causal:
-        allowed = kb * block <= q_last[:, None]
-    if live is not None:
-        allowed = allowed & live.to(dev)  # [B|1, H|1, nq, nk]
-    must = must & allowed
+    must, allowed = _must_allowed(p, m, block, causal, live, dev)
     rank = scores.masked_fill(must, float("inf")).masked_fill(~allowed, float("-inf"))
     top = rank.topk(nsel, dim=-1).indices
     chosen = torch.zeros(bsz, h, nq, nk, dtype=torch.bool, device=dev).scatter_(-1, top, True)
