@@ -99,28 +99,31 @@ class Choose(ProgramPass[Program]):
 
     def call(self, p: Program) -> PassResult[Program]:
         pl: Planning = p.planning
-        opts, ep, say = p.options, p.ep, p.options.say
         plans, projections = self._candidates(p, pl)
+        return self.finish(p, pl, plans, projections, self.search(p, pl, plans))
+
+    def search(self, p: Program, pl: Planning, plans: list[SitePlan]) -> Outcome:
+        """The planner's search over ``plans``, measuring candidate assignments on this process's program."""
+        opts, ep = p.options, p.ep
 
         def evaluate(assignment: dict[int, tuple[str, dict]],
                      by: Measure = pl.measure) -> tuple[float, Optional[float]]:
-            for i, (variant, params) in assignment.items():
-                assign(pl.nodes[i], variant, params)
-            ep.graph_module.recompile()
-            return by(ep.module())
+            return by(apply_assignment(ep, pl.nodes, assignment))
 
         gain_evaluate = None
         if pl.choice.name == "perplexity":
             # One site's perplexity change on a few rows is noisy and can be negative (a gain of 0 would let any
             # candidate through); next-token KL is smooth, never negative, and for a model that fits its text
             # about the log-perplexity change, so it measures the gains and the back-off measures perplexity.
-            kl = Measure(list(pl.references), list(p.samples), pl.rows,
-                         metrics.MetricChoice("kl", leaf=pl.choice.leaf))
+            kl = Measure(list(pl.references), list(p.samples), pl.rows, gain_metric(pl.choice))
             gain_evaluate = lambda a: evaluate(a, kl)  # noqa: E731
-        # KL and cosine (and perplexity, probed by KL) grow with the square of a small error, L2 linearly
-        power = 1.0 if pl.choice.name in ("l2", "custom") else 2.0
-        outcome: Outcome = search(plans, list(pl.records), evaluate, opts.budget, progress=say,
-                                  site_cap=opts.site_cap, gain_evaluate=gain_evaluate, power=power)
+        return search(plans, list(pl.records), evaluate, opts.budget, progress=opts.say, site_cap=opts.site_cap,
+                      gain_evaluate=gain_evaluate, power=metric_power(pl.choice))
+
+    def finish(self, p: Program, pl: Planning, plans: list[SitePlan], projections: list,
+               outcome: Outcome) -> PassResult[Program]:
+        """Point each op at the search's choice and turn the outcome into decisions, notes and weight changes."""
+        opts, ep = p.options, p.ep
         weights = _weights(outcome, pl, projections)
         ep.graph_module.recompile()
         _forget_probes(plans)
@@ -184,6 +187,26 @@ class Choose(ProgramPass[Program]):
                     _reprice(sp, [c for c in cands if c in sp.options], pl.hw, forced=p.options.budget is None)
             plans.append(sp)
         return plans, projections
+
+
+def apply_assignment(ep: torch.export.ExportedProgram, nodes: tuple[fx.Node, ...],
+                     assignment: dict[int, tuple[str, dict]]) -> torch.nn.Module:
+    """Set the op nodes to ``assignment`` (node position -> variant, params) and return the program to run."""
+    for i, (variant, params) in assignment.items():
+        assign(nodes[i], variant, params)
+    ep.graph_module.recompile()
+    return ep.module()
+
+
+def gain_metric(choice: metrics.MetricChoice) -> metrics.MetricChoice:
+    """The metric gain probes are measured by under a perplexity budget: next-token KL on the same logits."""
+    return metrics.MetricChoice("kl", leaf=choice.leaf)
+
+
+def metric_power(choice: metrics.MetricChoice) -> float:
+    """How the metric grows with a small error: KL and cosine (and perplexity, probed by KL) with its square,
+    L2 linearly."""
+    return 1.0 if choice.name in ("l2", "custom") else 2.0
 
 
 def _reprice(sp: SitePlan, cands: list, hw, forced: bool) -> None:

@@ -220,6 +220,13 @@ def _score(sp: SitePlan, cand: Candidate, records: Sequence[SiteRecord]) -> floa
     return cand.error
 
 
+def score_all(sp: SitePlan, records: Sequence[SiteRecord]) -> None:
+    """Score every candidate of ``sp`` on its records now (the search then needs no records: a site held by
+    another process is planned from these scores alone)."""
+    for cand in sp.options:
+        _score(sp, cand, records)
+
+
 def _next_more_accurate(sp: SitePlan, records: Sequence[SiteRecord]) -> Candidate:
     cur = sp.chosen
     assert cur is not None

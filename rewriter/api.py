@@ -120,6 +120,8 @@ def optimize(
     progress: Optional[Callable[[str], None]] = None,
     site_cap: Optional[float] = DEFAULT_SITE_CAP,
     max_len: Optional[int] = None,
+    distributed: bool = False,
+    checkpoint: Optional[str] = None,
 ) -> OptimizedModel:
     """Capture ``model``, rewrite every attention it can inside ``budget`` and return the optimized module.
 
@@ -136,10 +138,19 @@ def optimize(
     model says its variant starts to pay, and exact dense beyond the length it was calibrated on.
     ``progress`` receives one line per planning step (capture, calibration, fitting, search).
 
+    With ``distributed``, every rank of an initialised process group calls this alike: the model is split
+    into one pipeline stage per rank, each rank calibrates its own stage's sites and rank 0 plans the whole
+    model; the result is that rank's ``rewriter.distributed.StageModel``. A model built with its
+    parameters on the meta device loads each stage's weights from ``checkpoint`` (safetensors shards).
+
     Raises CaptureError (one line, naming the backend route) when torch.export cannot capture the model,
     and ValueError / TypeError for arguments that do not fit; any other failure after capture leaves the
     model unchanged, with the plan saying why.
     """
+    if distributed:
+        from rewriter.distributed import optimize_distributed
+        return optimize_distributed(model, example_inputs, budget, metric, variants, target, calibration, progress,
+                                    site_cap, checkpoint)
     try:
         return _optimize(model, example_inputs, budget, metric, variants, target, calibration, dynamic, progress,
                          site_cap, max_len)

@@ -149,6 +149,9 @@ def export(opt: OptimizedModel, path: str | Path, extra: Optional[Callable[[Path
     cannot be written (the program, the report) the artifact at ``path`` is left as it was, everything
     else is kept in ``<path>.incomplete`` and ExportError says which part failed and why.
     """
+    if type(opt).__name__ == "StageModel":  # a rank's share of a distributed plan: one artifact per stage
+        from rewriter.distributed import export_stages
+        return export_stages(opt, path)
     if not isinstance(opt, OptimizedModel):
         raise TypeError(f"export expects the module rewriter.optimize returned, not {type(opt).__name__}")
     out = Path(path)
@@ -293,6 +296,9 @@ def verify_kernels(src: Path, meta: dict) -> list[str]:
 def load(path: str | Path) -> OptimizedModel:
     """Load a directory written by ``export``; the result has the original call signature and plan."""
     src = Path(path)
+    if (src / "pipeline.json").is_file():  # written by a distributed run: its stages, run in turn
+        from rewriter.distributed import load_pipeline
+        return load_pipeline(src)
     meta = read(src)
     want = meta.get("model_sha256")
     if want is not None and _sha256(src / "model.pt2") != want:

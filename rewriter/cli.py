@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -221,6 +222,8 @@ def _run(args) -> int:
     variants = parse_variants(args.variants) if args.cmd == "optimize" else None
     out = _check_out(args.out) if args.cmd == "optimize" else None
     say = _progress()
+    if args.cmd == "optimize" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return run_distributed(args, budget, variants, out, say, cap)
     say(f"loading model {args.model!r}")
     model, inputs = _load_model(args)
     try:
@@ -308,6 +311,63 @@ def run_optimize(args, model, inputs, budget, variants, out: Optional[Path], say
         say(f"exporting to {out}")
         print(f"artifact: {export(opt, out, extra=extra)}" + ("" if args.no_report else " (with report.md)"))
     return 0
+
+
+def run_distributed(args, budget, variants, out: Optional[Path], say, site_cap: Optional[float]) -> int:
+    """``torchrun --nproc-per-node N -m rewriter optimize``: one pipeline stage per rank, one plan, one artifact."""
+    import torch.distributed as dist
+
+    from passes.capture import CaptureError
+    from rewriter import distributed as D
+    from rewriter import models
+
+    D.init()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank:
+        say = lambda msg: None  # noqa: E731  (one progress stream: rank 0's)
+    try:
+        target = args.target or "cpu"
+        if target == "cpu" and rank == 0:
+            _calibrate_cpu(say)  # once, before the other ranks load: a profile measured beside them is wrong
+        dist.barrier()
+        say(f"loading model {args.model!r} on {world} ranks (parameters on meta; each rank loads its stage)")
+        try:
+            model, inputs = models.from_spec(args.model, seq_len=args.seq_len, weights=False)
+        except models.ModelSpecError as e:
+            raise UsageError(str(e)) from None
+        checkpoint = args.model if Path(args.model).is_dir() else None
+        opt = D.optimize_distributed(model, inputs, budget=budget, metric=None if args.metric in (None, "auto")
+                                     else args.metric, variants=variants, target=args.target, progress=say,
+                                     site_cap=site_cap, checkpoint=checkpoint)
+        if rank == 0:
+            print()
+            print(opt.plan)
+            print()
+        if out is not None:
+            say(f"exporting to {out}")
+            D.export_stages(opt, out)
+            if rank == 0:
+                print(f"artifact: {out} ({world} stages and {D.MANIFEST})")
+        held = sum(t.numel() for t in opt.program.parameters())
+        print(f"rank {rank}: peak RSS {D.peak_rss_mb():.0f} MB (stage {rank}: blocks "
+              f"{opt.stage.blocks[0]}..{opt.stage.blocks[1] - 1}, {held:,} parameters)", flush=True)
+        dist.barrier()
+        return 0
+    except (CaptureError, ValueError, TypeError) as e:
+        if args.verbose:
+            raise
+        print(f"error: rank {rank}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        return EXIT_USAGE
+    except (RuntimeError, dist.DistError) as e:  # a peer died or timed out: one line, never a hang
+        if args.verbose:
+            raise
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: rank {rank}: the distributed run failed ({type(e).__name__}: {first}); another rank may have "
+              "died: see its output", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

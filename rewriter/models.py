@@ -67,12 +67,13 @@ def tiny_lm(seq_len: int | None = None, count: int = 4, seed: int = 7,
 
 
 def hf_directory(path: str | Path, attn_implementation: str | None = None,
-                 seq_len: int | None = None) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+                 seq_len: int | None = None, weights: bool = True) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """A Hugging Face model directory loaded offline with the head its config names, fed real sentences.
 
     ``config.json``'s ``architectures`` (``LlamaForCausalLM``, ``BertModel``...) picks the class, so
     an LM is judged on its logits; without it, ``AutoModel``. A directory without a tokenizer takes
-    random token ids below the vocabulary size at ``seq_len``.
+    random token ids below the vocabulary size at ``seq_len``. Without ``weights`` the model is built from
+    its config with parameters on the meta device (buffers real): a distributed run loads each stage's own.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -91,7 +92,12 @@ def hf_directory(path: str | Path, attn_implementation: str | None = None,
     if names and cls is AutoModel:
         logger.warning("%s: transformers has no class %s; loading the bare model (AutoModel)", path, names[0])
     try:
-        model = cls.from_pretrained(path, **kw).eval()
+        if weights:
+            model = cls.from_pretrained(path, **kw).eval()
+        else:
+            from passes.stages import meta_parameters
+            with meta_parameters():
+                model = cls._from_config(config, **kw).eval()
     except (OSError, ValueError, KeyError) as e:
         raise ModelSpecError(f"cannot load the Hugging Face model at {path}: {str(e).splitlines()[0]}") from e
     try:
@@ -148,8 +154,9 @@ def _factory(spec: str) -> Callable[[], Any]:
     return factory
 
 
-def from_spec(spec: str, seq_len: int | None = None) -> tuple[torch.nn.Module, Any]:
-    """Resolve a ``--model`` spec (see the module docstring) to ``(model, example_inputs)``."""
+def from_spec(spec: str, seq_len: int | None = None, weights: bool = True) -> tuple[torch.nn.Module, Any]:
+    """Resolve a ``--model`` spec (see the module docstring) to ``(model, example_inputs)``; without ``weights`` a
+    Hugging Face directory's model comes with its parameters on the meta device."""
     if spec in ("lm", "default", "tiny-lm"):
         return tiny_lm(seq_len)
     if spec in ("rope-lm", "rope_lm"):
@@ -161,7 +168,7 @@ def from_spec(spec: str, seq_len: int | None = None) -> tuple[torch.nn.Module, A
     if Path(spec).is_dir():
         if not (Path(spec) / "config.json").exists():
             raise ModelSpecError(f"model {spec!r}: a directory, but not a Hugging Face model (no config.json)")
-        return hf_directory(spec, seq_len=seq_len)
+        return hf_directory(spec, seq_len=seq_len, weights=weights)
     if ":" not in spec:
         raise ModelSpecError(f"unknown model {spec!r}: use {', '.join(BUILTIN)}, module:function, "
                              "file.py:function or a Hugging Face model directory")
