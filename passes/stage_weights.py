@@ -101,8 +101,11 @@ def safetensors_loader(directory: str | Path, model: nn.Module) -> Loader:
         sources = {name: source(name) for name in names}
         missing = [n for n, src in sources.items() if src is None]
         if missing:
+            buffers = dict(model.named_buffers(remove_duplicate=False))
+            hint = ("; a non-persistent buffer is in no checkpoint, so build the model with meta_parameters() "
+                    "to keep its buffers real" if any(n in buffers for n in missing) else "")
             raise ValueError(f"{directory} holds no tensor for {missing} (nor for a name tied to it); save the "
-                             "model with save_pretrained, or load these names another way")
+                             f"model with save_pretrained, or load these names another way{hint}")
         read: dict[str, torch.Tensor] = {}
         wrong = []
         by_file: dict[Path, list[str]] = {}

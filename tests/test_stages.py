@@ -6,12 +6,10 @@ import time
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from passes.capture import analyse
-from passes.stages import Stage, materialise, meta_parameters, run_stages, safetensors_loader, split_stages
+from passes.stages import Stage, materialise, meta_parameters, place, run_stages, safetensors_loader, split_stages
 
 transformers = pytest.importorskip("transformers")
 
@@ -41,8 +39,10 @@ class PreludeMaskGPT(nn.Module):
     """Token and learned position embeddings; the causal mask is built once, before the blocks, from arange
     comparisons and handed to every block, so a later stage must rebuild it to see a causal mask."""
 
-    def __init__(self, vocab: int = 64, dim: int = 32, heads: int = 2, layers: int = LAYERS, positions: int = 64):
+    def __init__(self, vocab: int = 64, dim: int = 32, heads: int = 2, layers: int = LAYERS, positions: int = 64,
+                 skip: bool = False):
         super().__init__()
+        self.skip = skip  # every block's input also gets the embeddings (a value stage 0 makes, all stages read)
         self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(positions, dim)
         self.blocks = nn.ModuleList(MaskedBlock(dim, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
@@ -51,9 +51,11 @@ class PreludeMaskGPT(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         i = torch.arange(ids.shape[1], device=ids.device)
         keep = i[:, None] >= i[None, :]
-        x = self.tok(ids) + self.pos(i)
+        x = x0 = self.tok(ids) + self.pos(i)
         for blk in self.blocks:
             x = blk(x, keep)
+            if self.skip:
+                x = x + 0.5 * x0
         return self.head(self.norm(x))
 
 
@@ -75,17 +77,17 @@ def llama_inputs(seed: int) -> dict:
     return {"input_ids": torch.randint(0, 256, (B, T), generator=g), "attention_mask": mask}
 
 
-def gpt() -> nn.Module:
+def gpt(skip: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    return PreludeMaskGPT().eval()
+    return PreludeMaskGPT(skip=skip).eval()
 
 
 def gpt_inputs(seed: int) -> dict:
     return {"ids": torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(seed))}
 
 
-MODELS = {"llama": (llama, llama_inputs), "gpt": (gpt, gpt_inputs)}
-CASES = [(name, count) for name in MODELS for count in (2, 3)]
+MODELS = {"llama": (llama, llama_inputs), "gpt": (gpt, gpt_inputs), "skip": (lambda: gpt(skip=True), gpt_inputs)}
+CASES = [("llama", 2), ("llama", 3), ("gpt", 2), ("gpt", 3), ("skip", 3)]
 _splits: dict = {}
 
 
@@ -94,7 +96,7 @@ def split(name: str, count: int) -> tuple[nn.Module, list[Stage]]:
     if (name, count) not in _splits:
         build, inputs = MODELS[name]
         model = build()
-        example = inputs(0) if name == "llama" else inputs(0)["ids"]  # the GPT is called positionally
+        example = inputs(0) if name == "llama" else inputs(0)["ids"]  # the GPTs are called positionally
         _splits[name, count] = model, split_stages(model, example, count)
     return _splits[name, count]
 
@@ -135,6 +137,10 @@ def test_run_stages_equals_model(name, count):
     for stage in stages[:-1]:
         out = stage.module(**stage_kwargs(stages, kw)[stage.index])
         assert isinstance(out, tuple) and len(out) == len(stage.sent)
+    if name == "skip":  # the embeddings stage 0 makes pass through stage 1 to stage 2
+        assert len(stages[0].sent) == len(stages[1].sent) == 2 and stages[0].sent[0] in stages[1].sent
+    else:  # only the hidden state travels: masks and rotary tables are rebuilt
+        assert all(len(stage.sent) == 1 for stage in stages[:-1])
 
 
 @pytest.mark.parametrize("name,count", CASES)
@@ -192,6 +198,8 @@ def test_each_stage_finds_its_attention_as_the_whole_model_does(name, count):
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_meta_parameters_materialised_from_a_checkpoint(tmp_path, tie):
+    from safetensors import safe_open
+
     real = llama(tie)
     real.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
@@ -203,6 +211,9 @@ def test_meta_parameters_materialised_from_a_checkpoint(tmp_path, tie):
     assert not any(b.is_meta for b in meta.buffers())  # rotary inv_freq: real, and in no checkpoint
     stages = split_stages(meta, llama_inputs(0), 2)
     assert stages[-1].module.get_parameter("lm_head.weight").is_meta
+    # a tied head is held under its own name by the last stage, the embedding by the first
+    assert "model.embed_tokens.weight" in stages[0].weights and "model.embed_tokens.weight" not in stages[1].weights
+    assert "lm_head.weight" in stages[1].weights and "lm_head.weight" not in stages[0].weights
     load = safetensors_loader(tmp_path, meta)
     for stage in stages:
         materialise(stage, load)
@@ -221,6 +232,29 @@ def test_count_errors():
         split_stages(model, gpt_inputs(0)["ids"], 0)
 
 
+class Reversed(PreludeMaskGPT):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        i = torch.arange(ids.shape[1], device=ids.device)
+        x = self.tok(ids) + self.pos(i)
+        for blk in reversed(self.blocks):
+            x = blk(x, i[:, None] >= i[None, :])
+        return self.head(x)
+
+
+class Branching(PreludeMaskGPT):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = super().forward(ids)
+        return x if x.sum() > 0 else -x  # a branch on a value: export cannot capture it
+
+
+def test_graphs_the_splitter_cannot_handle():
+    ids = gpt_inputs(0)["ids"]
+    with pytest.raises(ValueError, match="do not run one after another"):
+        split_stages(Reversed().eval(), ids, 2)
+    with pytest.raises(ValueError, match=r"^cannot split Branching: could not capture Branching"):
+        split_stages(Branching().eval(), ids, 2)
+
+
 def test_model_without_repeated_blocks():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
     with pytest.raises(ValueError, match=r"Sequential has no repeated blocks .*keep its layers in an nn.ModuleList"):
@@ -228,6 +262,8 @@ def test_model_without_repeated_blocks():
 
 
 def test_checkpoint_missing_a_name_or_with_a_wrong_shape(tmp_path):
+    from safetensors.torch import save_file
+
     real = llama()
     state = {k: v.contiguous() for k, v in real.state_dict().items()}
     (tmp_path / "missing").mkdir()
@@ -262,3 +298,36 @@ def test_stage_survives_export_on_fresh_process_inputs():
     with torch.no_grad():
         for got, want in zip(ep.module()(**args), stages[1].module(**args)):
             torch.testing.assert_close(got, want)
+
+
+def test_place_moves_tensors_and_the_graph_device():
+    """``place`` retargets what the capture's device baked into the graph (arange(device=...), to(device))."""
+    stages = split_stages(gpt(), gpt_inputs(0)["ids"], 2)
+    assert "device(type='cpu')" in stages[1].module.code  # the recomputed mask's arange
+    for stage in stages:
+        place(stage, "meta")
+        assert "device(type='cpu')" not in stage.module.code
+        assert all(t.is_meta for t in [*stage.module.parameters(), *stage.module.buffers()])
+    out = run_stages(stages, {"ids": gpt_inputs(1)["ids"].to("meta")})
+    assert out.is_meta and out.shape == (B, T, 64)
+
+
+def test_rewritten_stages_equal_the_rewritten_model():
+    """Each stage goes through the project's whole optimize (capture, find, rewrite) on its own; chained,
+    the rewritten stages give what the rewritten whole model gives."""
+    import rewriter
+
+    model, stages = split("gpt", 2)
+    forced = {"variants": {"sliding_window": {"window": 8}}, "budget": None, "dynamic": False}
+    whole = rewriter.optimize(model, gpt_inputs(0)["ids"], **forced)
+    parts = [rewriter.optimize(stage.module, args, **forced)
+             for stage, args in zip(stages, stage_kwargs(stages, gpt_inputs(0)))]
+    assert [d.variant for p in parts for d in p.plan.decisions] == ["sliding_window"] * LAYERS
+    kw = gpt_inputs(5)
+    carried = ()
+    with torch.no_grad():
+        for stage, part in zip(stages, parts):
+            carried = part(**{n: kw[n] for n in stage.model_inputs}, **dict(zip(stage.received, carried)))
+        want = whole(kw["ids"])
+        torch.testing.assert_close(carried, want, atol=1e-5, rtol=1e-5)
+        assert (want - model(kw["ids"])).abs().max() > 1e-2  # the window did change the model
