@@ -79,12 +79,14 @@ def split_stages(model: nn.Module, example_inputs: Any, count: int) -> list[Stag
     device = _device_of(example_inputs)
     sources = _sources(ep, kw)
     nodes = [n for n in ep.graph.nodes if n.op not in ("placeholder", "output")]
-    block_of = _block_of(nodes, blocks, count)
+    block_of = _block_of(nodes, blocks)
     head, tail = _end_weights(nodes, block_of, sources)
     ranges = balance(blocks.sizes, count, head, tail)
     logger.info("splitting %d blocks at %r into stages %s", len(blocks.sizes), blocks.path, ranges)
     owner = _owners(nodes, block_of, ranges)
-    plan = _Plan(ep, sources, owner, count)
+    # the capture's copy of a plain tensor attribute is meta; the stage holds the model's own
+    constants = {**ep.constants, **{k: v for k, v in _tensor_attributes(model).items() if k in ep.constants}}
+    plan = _Plan(ep, sources, owner, count, constants)
     tensors = _model_tensors(model)
     aliases = _aliases(model)
     stages = []
@@ -114,16 +116,16 @@ def run_stages(stages: list[Stage], kw: dict) -> Any:
 
 
 def place(stage: Stage, device: torch.device | str) -> None:
-    """Move ``stage``'s real tensors to ``device`` and point the device literals its graph holds there."""
+    """Move ``stage``'s real tensors to ``device`` (meta ones stay meta) and point its graph's device literals there."""
     device = torch.device(device)
+    moved: dict[int, torch.Tensor] = {}  # one move per tensor, so tied names stay one tensor
     for owner, field, t, is_param in _slots(stage.module):
-        if t.is_meta:
+        if t.is_meta or t.device == device:
             continue
-        moved = t.to(device)
-        if is_param:
-            owner._parameters[field] = nn.Parameter(moved, requires_grad=t.requires_grad)
-        else:
-            owner._buffers[field] = moved
+        if id(t) not in moved:
+            value = t.detach().to(device)
+            moved[id(t)] = nn.Parameter(value, requires_grad=t.requires_grad) if is_param else value
+        (owner._parameters if is_param else owner._buffers)[field] = moved[id(t)]
     # Ops that create tensors (arange, ones, to) name the device the capture ran on.
     for n in stage.module.graph.nodes:
         n.args, n.kwargs = _retarget((n.args, n.kwargs), None, device)
@@ -199,9 +201,13 @@ def _capture_on_meta(model: nn.Module, example_inputs: Any) -> tuple[torch.expor
 
 @contextlib.contextmanager
 def _swapped_to_meta(model: nn.Module) -> Iterator[None]:
-    """Every parameter and buffer of ``model`` replaced by a meta copy (ties kept) for the duration."""
+    """Every parameter, buffer and plain tensor attribute of ``model`` replaced by a meta copy (ties kept)."""
     slots = [(d, k, v) for m in model.modules() for d in (m._parameters, m._buffers) for k, v in d.items()
              if v is not None]
+    # A tensor kept as a plain attribute (self.scale = torch.tensor(...)) is a constant to export; a real
+    # one among meta tensors would stop the capture on a device mismatch.
+    slots += [(m.__dict__, k, v) for m in model.modules() for k, v in list(m.__dict__.items())
+              if isinstance(v, torch.Tensor)]
     copies: dict[int, torch.Tensor] = {}
     for _, _, v in slots:
         if id(v) not in copies:
@@ -263,7 +269,7 @@ def _sources(ep: torch.export.ExportedProgram, kw: dict) -> dict[fx.Node, _Sourc
     return out
 
 
-def _block_of(nodes: list[fx.Node], blocks: _Blocks, count: int) -> dict[fx.Node, int]:
+def _block_of(nodes: list[fx.Node], blocks: _Blocks) -> dict[fx.Node, int]:
     """The block each node ran in, from its module stack; checks the blocks run one after another."""
     prefix = blocks.path + "." if blocks.path else ""
     out: dict[fx.Node, int] = {}
@@ -313,8 +319,8 @@ class _Plan:
     """Which ops each stage runs, which it recomputes, and the activations stages trade."""
 
     def __init__(self, ep: torch.export.ExportedProgram, sources: dict[fx.Node, _Source],
-                 owner: dict[fx.Node, int], count: int):
-        self.ep, self.sources, self.count = ep, sources, count
+                 owner: dict[fx.Node, int], count: int, constants: dict[str, Any]):
+        self.ep, self.sources, self.count, self.constants = ep, sources, count, constants
         self.output = next(n for n in ep.graph.nodes if n.op == "output")
         owner = {**owner, self.output: count - 1}
         self.free = _parameter_free(ep.graph, sources)
@@ -382,6 +388,12 @@ def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(model.named_buffers(remove_duplicate=False)), **dict(model.named_parameters(remove_duplicate=False))}
 
 
+def _tensor_attributes(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain tensor attributes of ``model``'s modules (neither parameters nor buffers), by dotted name."""
+    return {f"{path}.{k}" if path else k: v for path, m in model.named_modules(remove_duplicate=False)
+            for k, v in m.__dict__.items() if isinstance(v, torch.Tensor)}
+
+
 def _aliases(model: nn.Module) -> dict[str, list[str]]:
     """For each name of a tensor, every name the same tensor has in ``model`` (tied weights share one)."""
     by_id: dict[int, list[str]] = {}
@@ -423,7 +435,7 @@ def _build(plan: _Plan, s: int, tensors: dict[str, torch.Tensor], aliases: dict[
             raise ValueError(f"cannot split: stage {s} reads {a.name}, which no earlier stage sends (a graph the "
                              "splitter does not handle)")
         if src.kind == "constant":
-            name, value, persistent = f"{CONSTANTS}.{src.name.replace('.', '_')}", plan.ep.constants[src.name], False
+            name, value, persistent = f"{CONSTANTS}.{src.name.replace('.', '_')}", plan.constants[src.name], False
             if isinstance(value, torch.Tensor) and value.is_meta:
                 raise ValueError(f"cannot split: the model makes the tensor constant {src.name} on the inputs' "
                                  "device during forward, and a meta capture loses its value; register it as a "
@@ -443,6 +455,8 @@ def _build(plan: _Plan, s: int, tensors: dict[str, torch.Tensor], aliases: dict[
         def arg(a: fx.Node, user: fx.Node = n) -> fx.Node:
             return env[a] if a in env else attr(a, user)
 
+        if n.op == "get_attr":  # a higher-order op's subgraph (torch.cond branches)
+            attrs[n.target] = (getattr(plan.ep.graph_module, n.target), True)
         copy = graph.node_copy(n, arg)
         copy.args, copy.kwargs = _retarget((copy.args, copy.kwargs), META, device)
         env[n] = copy
@@ -467,7 +481,7 @@ def _build(plan: _Plan, s: int, tensors: dict[str, torch.Tensor], aliases: dict[
     if s == plan.count - 1:
         _keep_output_structure(gm, plan)
     model_inputs = tuple(n.target for n in graph.nodes if n.op == "placeholder" and n.target in plan.model_inputs[s])
-    return gm, model_inputs, tuple(name for name in used if not name.startswith(CONSTANTS + "."))
+    return gm, model_inputs, tuple(name for name in used if name in tensors)
 
 
 def _placeholder(graph: fx.Graph, name: str) -> fx.Node:

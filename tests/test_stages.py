@@ -255,6 +255,42 @@ def test_graphs_the_splitter_cannot_handle():
         split_stages(Branching().eval(), ids, 2)
 
 
+class CondBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.shift = torch.tensor([0.5])  # a plain tensor attribute: export lifts it as a constant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cond(x.sum() > 0, lambda a: a * 2, lambda a: a - 1, (self.lin(x),))
+        return y + self.shift
+
+
+class CondModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+        self.blocks = nn.ModuleList(CondBlock() for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x) * torch.tensor(3.0)  # a constant made in forward
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+
+def test_constants_and_subgraphs_go_with_their_stage():
+    """Tensor constants (attributes, ones made in forward) keep their real values, and a torch.cond's branch
+    graphs go with the stage that runs it."""
+    torch.manual_seed(0)
+    model = CondModel().eval()
+    stages = split_stages(model, torch.randn(4, 8), 3)
+    assert stages[1].weights == ("blocks.1.lin.weight", "blocks.1.lin.bias")
+    for x in (torch.randn(4, 8), -100 * torch.ones(4, 8)):  # both branches
+        with torch.no_grad():
+            torch.testing.assert_close(run_stages(stages, {"x": x}), model(x))
+
+
 def test_model_without_repeated_blocks():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
     with pytest.raises(ValueError, match=r"Sequential has no repeated blocks .*keep its layers in an nn.ModuleList"):
