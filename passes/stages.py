@@ -7,7 +7,14 @@ still sees the dataflow that builds each mask; values with parameters in their a
 stages as activations (a value one stage makes and a later one needs is passed through the stages between).
 
 Weights: a stage holds the model's own tensors (never copies). Parameters that are meta stay meta until
-``materialise`` loads them (``passes.stage_weights`` reads them from a safetensors checkpoint).
+``materialise`` loads them (``passes.stage_weights`` reads them from a safetensors checkpoint). A tied
+tensor is held under the name of the module that reads it (``lm_head.weight`` in the last stage, the
+embedding's name in the first); a buffer the prelude's recomputed values read (rotary ``inv_freq``) is held
+by every stage that recomputes them; a tensor forward never reads is in no stage.
+
+Shapes: the capture is static, so the stages serve the example inputs' shapes (batch and length); split
+again for others. Activations are named by the captured graph's node names, the same in every process that
+splits the same model on the same shapes with the same torch.
 """
 from __future__ import annotations
 
@@ -51,7 +58,7 @@ class Stage:
 
 
 @dataclass(frozen=True)
-class _Blocks:
+class Blocks:
     """The model's repeated blocks: the ModuleList's path and each block's parameter count."""
 
     path: str
@@ -85,7 +92,8 @@ def split_stages(model: nn.Module, example_inputs: Any, count: int) -> list[Stag
     logger.info("splitting %d blocks at %r into stages %s", len(blocks.sizes), blocks.path, ranges)
     owner = _owners(nodes, block_of, ranges)
     # the capture's copy of a plain tensor attribute is meta; the stage holds the model's own
-    constants = {**ep.constants, **{k: v for k, v in _tensor_attributes(model).items() if k in ep.constants}}
+    attributes = _tensor_attributes(model)
+    constants = {k: attributes.get(_strip(k), v) for k, v in ep.constants.items()}
     plan = _Plan(ep, sources, owner, count, constants)
     tensors = _model_tensors(model)
     aliases = _aliases(model)
@@ -132,7 +140,7 @@ def place(stage: Stage, device: torch.device | str) -> None:
     stage.module.recompile()
 
 
-def find_blocks(model: nn.Module) -> _Blocks:
+def find_blocks(model: nn.Module) -> Blocks:
     """The repeated blocks: the ModuleList of modules of one class holding the most parameters."""
     best: tuple[int, str, nn.ModuleList] | None = None
     for path, mod in model.named_modules():
@@ -145,7 +153,7 @@ def find_blocks(model: nn.Module) -> _Blocks:
         raise ValueError(f"{type(model).__name__} has no repeated blocks (an nn.ModuleList of modules of one class "
                          "holding parameters) to split into stages; keep its layers in an nn.ModuleList")
     _, path, blocks = best
-    return _Blocks(path, tuple(sum(p.numel() for p in b.parameters()) for b in blocks))
+    return Blocks(path, tuple(sum(p.numel() for p in b.parameters()) for b in blocks))
 
 
 def balance(sizes: tuple[int, ...], count: int, head: int = 0, tail: int = 0) -> list[tuple[int, int]]:
@@ -269,7 +277,7 @@ def _sources(ep: torch.export.ExportedProgram, kw: dict) -> dict[fx.Node, _Sourc
     return out
 
 
-def _block_of(nodes: list[fx.Node], blocks: _Blocks) -> dict[fx.Node, int]:
+def _block_of(nodes: list[fx.Node], blocks: Blocks) -> dict[fx.Node, int]:
     """The block each node ran in, from its module stack; checks the blocks run one after another."""
     prefix = blocks.path + "." if blocks.path else ""
     out: dict[fx.Node, int] = {}
