@@ -41,11 +41,13 @@ class DistributedError(RuntimeError):
 
 def init(timeout_s: Optional[float] = None) -> None:
     """Initialise the default process group from torchrun's environment, if it is not already: gloo on the
-    CPU, nccl where CUDA is. A collective that waits longer than ``timeout_s`` (default
-    ``$ATTENTION_REWRITER_DIST_TIMEOUT`` or 300 s) fails instead of hanging."""
+    CPU, nccl where CUDA is. A rank that dies ends the others' next collective at once (its connections
+    close); a collective that waits longer than ``timeout_s`` for a rank that is alive but stuck fails
+    instead of hanging (default ``$ATTENTION_REWRITER_DIST_TIMEOUT`` or 1800 s: long enough for rank 0 to
+    calibrate the CPU and for the slowest stage to calibrate its sites)."""
     if dist.is_initialized():
         return
-    secs = float(timeout_s or os.environ.get("ATTENTION_REWRITER_DIST_TIMEOUT", 300))
+    secs = float(timeout_s or os.environ.get("ATTENTION_REWRITER_DIST_TIMEOUT", 1800))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=secs))
     if backend == "nccl":

@@ -32,8 +32,7 @@ def _port() -> int:
 
 def _env(rank: int, world: int, port: int) -> dict:
     return {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-            "ATTENTION_REWRITER_DIST_TIMEOUT": "60"}
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
 
 
 def _ranks(cmd: list[str], world: int, cwd: Path) -> list[subprocess.Popen]:
@@ -120,7 +119,7 @@ def test_a_dead_rank_ends_the_other_with_one_line():
     procs = _ranks(cmd, 2, HERE.parent)
     try:
         seen = []
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # a first CLI run calibrates the CPU first
         while time.time() < deadline:
             line = procs[0].stderr.readline()
             seen.append(line)
