@@ -26,7 +26,7 @@ from passes.capture import call_spec, split_inputs
 from passes.distributed import broadcast, plan_stage, recv, send, stage_inputs
 from passes.options import bind_samples, check_options, input_signature
 from passes.plan import Plan
-from passes.stages import materialise, safetensors_loader, split_stages
+from passes.stages import materialise, place, safetensors_loader, split_stages
 from passes.state import plan_of
 from rewriter.api import OptimizedModel
 
@@ -117,6 +117,8 @@ def optimize_distributed(
             raise ValueError("the model's parameters are on the meta device: pass checkpoint= (a directory of "
                              "safetensors shards) so each rank loads its own stage's weights")
         materialise(stage, safetensors_loader(checkpoint, model))
+    if dist.get_backend() == "nccl":  # one GPU per rank: the stage's weights and the graph's fixed devices move
+        place(stage, torch.device("cuda", torch.cuda.current_device()))
     options.say(f"rank {rank} of {world}: blocks {stage.blocks[0]}..{stage.blocks[1] - 1}, "
                 f"{sum(t.numel() for t in stage.module.parameters()):,} parameters held")
     sp = plan_stage(stage, samples, options)

@@ -112,6 +112,7 @@ def test_no_process_group_is_a_clear_error():
         rewriter.optimize(model, example, distributed=True)
 
 
+@pytest.mark.slow  # a first CLI run calibrates the CPU before the ranks start (about 80 s on 2 cores)
 def test_a_dead_rank_ends_the_other_with_one_line():
     """Rank 1 is killed once calibration has begun: rank 0 exits with a one-line error within 60 s."""
     cmd = [sys.executable, "-m", "rewriter", "optimize", "--model", "tests/dist_worker.py:slow_model",

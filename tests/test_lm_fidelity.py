@@ -40,6 +40,7 @@ def _report(opt, model, held) -> tuple[float, float]:
     return ppl1 / ppl0 - 1, ratio
 
 
+@pytest.mark.slow  # about 3 minutes on 2 cores; test_inference_mode checks no_grad planning in the default tier
 def test_defaults_under_no_grad_keep_perplexity_within_one_percent():
     model, calib, held = _data()
     with torch.no_grad():  # as inference scripts call it
