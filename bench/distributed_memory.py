@@ -78,29 +78,34 @@ def main() -> None:
                           "--reps", "1"], env)
     t2, out2, _ = run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "rewriter",
                        *common, "--out", str(work / "two")], {**env, "OMP_NUM_THREADS": "1"})
+    (work / "single.log").write_text(out1)
+    (work / "two.log").write_text(out2)
     ranks = {int(r): float(mb) for r, mb in re.findall(r"rank (\d+): peak RSS (\d+) MB", out2)}
     single = json.loads((work / "single" / "plan.json").read_text())["plan"]["decisions"]
     two = json.loads((work / "two" / "pipeline.json").read_text())["plan"]["decisions"]
     same = [a["variant"] for a in single] == [b["variant"] for b in two]
+
+    print(f"{'run':<28} {'wall s':>8} {'peak RSS MB':>12} {'share of single':>16}")
+    print(f"{'one process':<28} {t1:>8.0f} {rss1:>12.0f} {'100%':>16}")
+    for r, mb in sorted(ranks.items()):
+        print(f"{f'2 ranks (gloo), rank {r}':<28} {t2:>8.0f} {mb:>12.0f} {f'{100 * mb / rss1:.0f}%':>16}")
+    print(f"same variant per site: {same} ({sum(x['variant'] != 'dense' for x in two)} of {len(two)} sites "
+          "approximate in the distributed plan); same parameters per site: "
+          f"{[a['params'] for a in single] == [b['params'] for b in two]}")
 
     sys.path.insert(0, str(ROOT))
     import rewriter
 
     a, b = rewriter.load(work / "single"), rewriter.load(work / "two")
     ids = torch.randint(0, 1000, (3, args.seq_len), generator=torch.Generator().manual_seed(7))
-    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    given = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    kw = {k: v for k, v in given.items() if k in a.spec.captured}  # what the tokenizer gave the example
     with torch.no_grad():
         la, lb = a(**kw), b(**kw)
     la, lb = (getattr(x, "logits", x) for x in (la, lb))
     if isinstance(la, (tuple, list)):
         la, lb = la[0], lb[0]
     diff = float((la - lb).abs().max())
-    print(f"{'run':<28} {'wall s':>8} {'peak RSS MB':>12} {'share of single':>16}")
-    print(f"{'one process':<28} {t1:>8.0f} {rss1:>12.0f} {'100%':>16}")
-    for r, mb in sorted(ranks.items()):
-        print(f"{f'2 ranks (gloo), rank {r}':<28} {t2:>8.0f} {mb:>12.0f} {f'{100 * mb / rss1:.0f}%':>16}")
-    print(f"same variant per site: {same} ({sum(x['variant'] != 'dense' for x in two)} of {len(two)} sites "
-          "approximate in the distributed plan)")
     print(f"loaded artifacts, max |logits difference| on fresh ids: {diff:.2e}")
 
 
