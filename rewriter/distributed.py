@@ -26,6 +26,7 @@ from passes.capture import call_spec, split_inputs
 from passes.distributed import broadcast, plan_stage, recv, send, stage_inputs
 from passes.options import bind_samples, check_options, input_signature
 from passes.plan import Plan
+from passes.planner import DEFAULT_SITE_CAP
 from passes.stages import materialise, place, safetensors_loader, split_stages
 from passes.state import plan_of
 from rewriter.api import OptimizedModel
@@ -96,7 +97,7 @@ def optimize_distributed(
     target: Optional[str] = None,
     calibration: Any = None,
     progress: Optional[Callable[[str], None]] = None,
-    site_cap: Optional[float] = None,
+    site_cap: Optional[float] = DEFAULT_SITE_CAP,
     checkpoint: Optional[str] = None,
 ) -> StageModel:
     """``optimize`` across the ranks of the default process group (see the module docstring); collective."""
