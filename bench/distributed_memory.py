@@ -76,9 +76,10 @@ def main() -> None:
     print(f"uptime: {os.popen('uptime').read().strip()}")
     t1, out1, rss1 = run([sys.executable, "-m", "rewriter", *common, "--out", str(work / "single"), "--no-report",
                           "--reps", "1"], env)
+    (work / "single.log").write_text(out1)
+    print(f"one process: {t1:.0f} s, peak RSS {rss1:.0f} MB", flush=True)
     t2, out2, _ = run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "rewriter",
                        *common, "--out", str(work / "two")], {**env, "OMP_NUM_THREADS": "1"})
-    (work / "single.log").write_text(out1)
     (work / "two.log").write_text(out2)
     ranks = {int(r): float(mb) for r, mb in re.findall(r"rank (\d+): peak RSS (\d+) MB", out2)}
     single = json.loads((work / "single" / "plan.json").read_text())["plan"]["decisions"]

@@ -199,7 +199,7 @@ def _check_out(text: str) -> Optional[Path]:
     out = Path(text)
     if out.is_file():
         raise UsageError(f"--out {out} is an existing file; give a directory path for the artifact")
-    if out.is_dir() and any(out.iterdir()) and not (out / "plan.json").exists():
+    if out.is_dir() and any(out.iterdir()) and not ((out / "plan.json").exists() or (out / "pipeline.json").exists()):
         raise UsageError(f"--out {out} is a non-empty directory that is not an artifact; refusing to replace it")
     return out
 
