@@ -138,3 +138,15 @@ def test_a_dead_rank_ends_the_other_with_one_line():
     assert procs[0].returncode not in (0, None)
     lines = [x for x in err.splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and "rank 0" in lines[0], err[-2000:]
+
+
+def test_cli_out_may_replace_a_distributed_artifact(tmp_path):
+    from rewriter.cli import UsageError, _check_out
+
+    (tmp_path / "pipeline.json").write_text("{}")
+    assert _check_out(str(tmp_path)) == tmp_path
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    with pytest.raises(UsageError, match="not an artifact"):
+        _check_out(str(other))
