@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -36,12 +35,8 @@ logger = logging.getLogger(__name__)
 class StagePlan:
     """What one rank ends with: its stage's final program state and the whole model's decisions."""
 
-    program: Program  # this rank's stage, rewritten (``plan_of`` gives the stage's own plan)
+    program: Program  # this rank's stage, rewritten (``plan_of`` gives the stage's own plan, errors model-wide)
     decisions: tuple[Decision, ...]  # every site of the model, numbered across stages
-    first: int  # the model-wide index of this stage's first site
-    error: Optional[float]
-    holdout_error: Optional[float]
-    notes: tuple[str, ...]
 
 
 def send(obj: Any, dst: int) -> None:
@@ -161,8 +156,8 @@ def plan_stage(stage: Stage, samples: list[dict], options: Options) -> StagePlan
         gain = (lambda a: _ask(evaluate, a, "gain")) if choice.name == "perplexity" else None
         outcome = search(every, [()] * len(every), lambda a: _ask(evaluate, a, "budget"), options.budget,
                          progress=say, site_cap=options.site_cap, gain_evaluate=gain, power=metric_power(choice))
-        broadcast(("done", _choices(outcome)), 0)
         final = _choices(outcome)
+        broadcast(("done", final), 0)
     else:
         while True:
             cmd = broadcast(None, 0)
@@ -176,8 +171,7 @@ def plan_stage(stage: Stage, samples: list[dict], options: Options) -> StagePlan
     decisions = [None] * world
     dist.all_gather_object(decisions, [dataclasses.replace(d, site=dataclasses.replace(d.site, index=first + i))
                                        for i, d in enumerate(p.decisions)])
-    return StagePlan(p, tuple(d for part in decisions for d in part), first, final["error"], final["held"],
-                     p.notes)
+    return StagePlan(p, tuple(d for part in decisions for d in part))
 
 
 def _ask(evaluate: _Evaluator, assignment: dict, by: str) -> tuple[float, Optional[float]]:
@@ -202,5 +196,4 @@ def _adopt(plans: list[SitePlan], final: dict, offset: int) -> Outcome:
         idx, note, fits, gain, power = final["picks"][offset + i]
         sp.chosen = sp.dense if idx < 0 else sp.options[idx]
         sp.note, sp.fits, sp.gain, sp.power = note, fits, gain, power
-    err = final["error"]
-    return Outcome(tuple(plans), None if err is None or math.isnan(err) else err, final["held"], final["backoffs"])
+    return Outcome(tuple(plans), final["error"], final["held"], final["backoffs"])

@@ -149,8 +149,9 @@ def export(opt: OptimizedModel, path: str | Path, extra: Optional[Callable[[Path
     cannot be written (the program, the report) the artifact at ``path`` is left as it was, everything
     else is kept in ``<path>.incomplete`` and ExportError says which part failed and why.
     """
-    if type(opt).__name__ == "StageModel":  # a rank's share of a distributed plan: one artifact per stage
-        from rewriter.distributed import export_stages
+    from rewriter.distributed import StageModel, export_stages  # imported on use, like load_pipeline below
+
+    if isinstance(opt, StageModel):  # a rank's share of a distributed plan: one artifact per stage
         return export_stages(opt, path)
     if not isinstance(opt, OptimizedModel):
         raise TypeError(f"export expects the module rewriter.optimize returned, not {type(opt).__name__}")

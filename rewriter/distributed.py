@@ -67,12 +67,11 @@ class StageModel(torch.nn.Module):
     rank returns the model's output.
     """
 
-    def __init__(self, stage, program: OptimizedModel, plan: Plan, spec, stage_plan: Plan):
+    def __init__(self, stage, program: OptimizedModel, plan: Plan, spec):
         super().__init__()
         self.stage = dataclasses.replace(stage, module=None)  # the weights live in ``program`` only
         self.program = program
-        self.plan = plan  # the whole model's
-        self.stage_plan = stage_plan  # this stage's sites, numbered within the stage
+        self.plan = plan  # the whole model's (``program.plan``: this stage's sites, numbered within the stage)
         self.spec = spec
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -128,10 +127,9 @@ def optimize_distributed(
     notes = [None] * world
     dist.all_gather_object(notes, list(mine.notes))
     every = tuple(dict.fromkeys(n for part in notes for n in part))
-    plan = dataclasses.replace(mine, decisions=sp.decisions, notes=every, error=sp.error,
-                               holdout_error=sp.holdout_error)
+    plan = dataclasses.replace(mine, decisions=sp.decisions, notes=every)
     program = OptimizedModel(p.ep, p.spec, mine, p.rebuild, captured_for=p.signature)
-    return StageModel(stage, program, plan, spec, mine)
+    return StageModel(stage, program, plan, spec)
 
 
 def export_stages(opt: StageModel, path: str | Path) -> Path:
