@@ -157,8 +157,8 @@ class Choose(ProgramPass[Program]):
             elif need_kv:
                 rot = pl.rotary[i] if pl.rotary else None
                 keys = rot.key if isinstance(rot, Rotary) else pl.nodes[i].args[1]
-                pk, why_k = find_projection(ep, keys)
-                pv, why_v = find_projection(ep, pl.nodes[i].args[2])
+                pk, why_k = find_projection(ep, keys, p.model)
+                pv, why_v = find_projection(ep, pl.nodes[i].args[2], p.model)
                 if isinstance(rot, str):
                     pk, why_k = None, rot
                 pair = (pk, pv) if pk and pv else None

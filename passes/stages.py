@@ -97,9 +97,10 @@ def split_stages(model: nn.Module, example_inputs: Any, count: int) -> list[Stag
     plan = _Plan(ep, sources, owner, count, constants)
     tensors = _model_tensors(model)
     aliases = _aliases(model)
+    linears = _linears(model)
     stages = []
     for s in range(count):
-        gm, model_inputs, weights = _build(plan, s, tensors, aliases, device)
+        gm, model_inputs, weights = _build(plan, s, tensors, aliases, device, linears)
         stages.append(Stage(index=s, count=count, module=gm, inputs=model_inputs + tuple(plan.received[s]),
                             model_inputs=model_inputs, received=tuple(plan.received[s]), sent=tuple(plan.sent[s]),
                             weights=weights, blocks=ranges[s]))
@@ -423,9 +424,35 @@ def _alias_for(names: list[str], user: fx.Node) -> str:
     return best
 
 
+def _linears(model: nn.Module) -> dict[str, tuple[str, bool]]:
+    """Weight name -> (path, has bias) of every ``nn.Linear`` of ``model``."""
+    return {f"{path}.weight": (path, m.bias is not None) for path, m in model.named_modules(remove_duplicate=False)
+            if isinstance(m, nn.Linear) and path}
+
+
+def _linear_call(n: fx.Node, names: Callable[[fx.Node], str | None],
+                 linears: dict[str, tuple[str, bool]]) -> str | None:
+    """The path of the model's ``nn.Linear`` that ``n`` (an ``aten.linear`` call) applies, when it is exactly one."""
+    if n.op != "call_function" or n.target is not torch.ops.aten.linear.default or n.kwargs:
+        return None
+    weight, bias = n.args[1], (n.args[2] if len(n.args) > 2 else None)
+    found = linears.get(names(weight) or "")
+    if found is None:
+        return None
+    path, has_bias = found
+    if has_bias != (bias is not None) or (bias is not None and names(bias) != f"{path}.bias"):
+        return None
+    return path
+
+
 def _build(plan: _Plan, s: int, tensors: dict[str, torch.Tensor], aliases: dict[str, list[str]],
-           device: torch.device) -> tuple[fx.GraphModule, tuple[str, ...], tuple[str, ...]]:
-    """Stage ``s`` as a GraphModule holding the model's tensors it uses: (module, model inputs, weight names)."""
+           device: torch.device, linears: dict[str, tuple[str, bool]] | None = None,
+           ) -> tuple[fx.GraphModule, tuple[str, ...], tuple[str, ...]]:
+    """Stage ``s`` as a GraphModule holding the model's tensors it uses: (module, model inputs, weight names).
+
+    A call of one of the model's ``nn.Linear`` modules stays a call of an ``nn.Linear`` at the same path, so
+    passes that replace a projection module (the latent weight surgery) work on a stage as on the model.
+    """
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     by_input = {src.name: n for n, src in plan.sources.items() if src.kind == "input"}
@@ -456,12 +483,27 @@ def _build(plan: _Plan, s: int, tensors: dict[str, torch.Tensor], aliases: dict[
             getters[name] = graph.get_attr(name)
         return getters[name]
 
+    def tensor_name(a: Any, user: fx.Node) -> str | None:
+        src = plan.sources.get(a) if isinstance(a, fx.Node) else None
+        if src is None or src.kind != "parameter":
+            return None
+        name = _alias_for(aliases.get(src.name, [src.name]), user)
+        return name if isinstance(tensors.get(name), nn.Parameter) else None
+
+    modules: dict[str, nn.Linear] = {}
     for n in plan.ep.graph.nodes:
         if n not in plan.runs[s] or n is plan.output:
             continue
 
         def arg(a: fx.Node, user: fx.Node = n) -> fx.Node:
             return env[a] if a in env else attr(a, user)
+
+        path = _linear_call(n, lambda a, user=n: tensor_name(a, user), linears or {})
+        if path is not None:
+            modules[path] = _as_linear(tensors[f"{path}.weight"], tensors.get(f"{path}.bias"))
+            env[n] = graph.call_module(path, (arg(n.args[0]),))
+            env[n].meta = dict(n.meta)
+            continue
 
         if n.op == "get_attr":  # a higher-order op's subgraph (torch.cond branches)
             attrs[n.target] = (getattr(plan.ep.graph_module, n.target), True)
@@ -473,12 +515,15 @@ def _build(plan: _Plan, s: int, tensors: dict[str, torch.Tensor], aliases: dict[
         graph.output(tuple(fx.map_arg(flat, lambda a: env[a] if a in env else attr(a, plan.output))))
     else:
         graph.output(tuple(env[a] for a in plan.carried[s]))
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=lambda x: x.op != "call_module" and x.is_impure())
     # Ops only later stages needed (and recompute there) are gone; so are the model inputs only they read.
     for n in [n for n in graph.nodes if n.op == "placeholder" and not n.users and n.target in plan.model_inputs[s]]:
         graph.erase_node(n)
     used = [n.target for n in graph.nodes if n.op == "get_attr"]
+    called = [n.target for n in graph.nodes if n.op == "call_module"]
     root = nn.Module()
+    for path in called:
+        _register(root, path, modules[path])
     for name in used:
         _register(root, name, attrs[name][0])
     gm = fx.GraphModule(root, graph, class_name=f"Stage{s}")
@@ -489,7 +534,17 @@ def _build(plan: _Plan, s: int, tensors: dict[str, torch.Tensor], aliases: dict[
     if s == plan.count - 1:
         _keep_output_structure(gm, plan)
     model_inputs = tuple(n.target for n in graph.nodes if n.op == "placeholder" and n.target in plan.model_inputs[s])
-    return gm, model_inputs, tuple(name for name in used if name in tensors)
+    held = [f"{p}.{k}" for p in called for k, _ in modules[p].named_parameters(recurse=False)]
+    return gm, model_inputs, tuple(dict.fromkeys(held + [name for name in used if name in tensors]))
+
+
+def _as_linear(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
+    """An ``nn.Linear`` holding exactly these parameters (meta or real), made without allocating others."""
+    lin = nn.Linear(1, 1, bias=False, device="meta")
+    lin.in_features, lin.out_features = int(weight.shape[1]), int(weight.shape[0])
+    lin.weight = weight
+    lin.bias = bias
+    return lin
 
 
 def _placeholder(graph: fx.Graph, name: str) -> fx.Node:

@@ -77,8 +77,12 @@ def _standard_split(linear: fx.Node, chain: list[fx.Node], out_shape: tuple) -> 
     return (g, e) if tuple(x.shape) == tuple(want.shape) and torch.equal(x, want) else None
 
 
-def find_projection(ep: torch.export.ExportedProgram, op_input: fx.Node) -> tuple[Optional[Projection], str]:
-    """The Linear feeding an attention op's K or V input, or (None, why not)."""
+def find_projection(ep: torch.export.ExportedProgram, op_input: fx.Node,
+                    model: Optional[torch.nn.Module] = None) -> tuple[Optional[Projection], str]:
+    """The Linear feeding an attention op's K or V input, or (None, why not).
+
+    With ``model``, the weight's owner must be an ``nn.Linear`` there: the surgery replaces that module.
+    """
     found = _chain_to_linear(op_input)
     if found is None:
         return None, "it is not produced by a Linear through view-only ops (rotary embeddings or a norm sit between)"
@@ -95,7 +99,16 @@ def find_projection(ep: torch.export.ExportedProgram, op_input: fx.Node) -> tupl
     fqn = params[weight.name]
     if not fqn.endswith(".weight"):
         return None, "its projection weight is not a module's weight"
-    return Projection(fqn[: -len(".weight")], *split), ""
+    path = fqn[: -len(".weight")]
+    if model is not None:
+        try:
+            owner = model.get_submodule(path)
+        except AttributeError:
+            owner = None
+        if not isinstance(owner, torch.nn.Linear):
+            return None, (f"its projection weight belongs to a {type(owner).__name__} module, not an nn.Linear "
+                          "the surgery can replace")
+    return Projection(path, *split), ""
 
 
 def factors(records: Sequence[SiteRecord], which: str, rank: int) -> torch.Tensor:

@@ -18,6 +18,16 @@ BUDGET = 0.05
 VARIANTS = ["dense", "sliding_window", "block_sparse"]
 
 
+def variants(name: str) -> list[str]:
+    """The variants a case plans with: "latent" changes the stage's weights (a factored K/V projection)."""
+    return ["latent"] if name == "latent" else VARIANTS
+
+
+def budget(name: str):
+    """The case's budget: "latent" is forced (its speed gain is inside the margin where dense is preferred)."""
+    return None if name == "latent" else BUDGET
+
+
 def models() -> dict:
     """name -> builder of (model, example inputs, fresh inputs); same weights in every process."""
     from length_lms import LengthMaskLM
@@ -38,7 +48,18 @@ def models() -> dict:
         gen = torch.Generator().manual_seed(1)
         return m, (torch.randint(0, 64, (4, 160), generator=gen),), (torch.randint(0, 64, (4, 160), generator=gen),)
 
-    return {"llama": llama, "gpt": gpt}
+    def latent():
+        m, example, fresh = llama()
+        gen = torch.Generator().manual_seed(2)
+        with torch.no_grad():  # K and V of rank 4 per head, as a latent-friendly trained model has
+            for layer in m.model.layers:
+                for lin in (layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    g, e = 2, lin.weight.shape[0] // 2
+                    low = torch.randn(g, e, 4, generator=gen) @ torch.randn(g, 4, lin.weight.shape[1], generator=gen)
+                    lin.weight.copy_(low.reshape_as(lin.weight) * 0.05)
+        return m, example, fresh
+
+    return {"llama": llama, "gpt": gpt, "latent": latent}
 
 
 def slow_model():
@@ -57,7 +78,8 @@ def main(out: str, name: str) -> None:
 
     dist.init_process_group("gloo")
     model, example, fresh = models()[name]()
-    opt = rewriter.optimize(model, example, budget=BUDGET, metric="kl", variants=VARIANTS, distributed=True)
+    opt = rewriter.optimize(model, example, budget=budget(name), metric="kl", variants=variants(name),
+                             distributed=True)
     got = opt(**fresh) if isinstance(fresh, dict) else opt(*fresh)
     rewriter.export(opt, Path(out) / "artifact")
     torch.save({"plan": opt.plan.to_json(), "out": got, "rss": peak_rss_mb(),

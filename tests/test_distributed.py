@@ -54,7 +54,7 @@ def _finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[i
     return got
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt"])
+@pytest.fixture(scope="module", params=["llama", "gpt", "latent"])
 def distributed_run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"dist-{request.param}")
     done = _finish(_ranks([sys.executable, str(HERE / "dist_worker.py"), str(out), request.param], 2, HERE.parent))
@@ -66,7 +66,8 @@ def distributed_run(request, tmp_path_factory):
 def test_plan_matches_single_process(distributed_run):
     name, out = distributed_run
     model, example, fresh = dist_worker.models()[name]()
-    single = rewriter.optimize(model, example, budget=dist_worker.BUDGET, metric="kl", variants=dist_worker.VARIANTS,
+    single = rewriter.optimize(model, example, budget=dist_worker.budget(name), metric="kl",
+                               variants=dist_worker.variants(name),
                                dynamic=False)
     plans = [Plan.from_json(torch.load(out / f"rank-{r}.pt", weights_only=False)["plan"]) for r in range(2)]
     assert plans[0].to_json() == plans[1].to_json()  # every rank holds the same, whole-model plan
@@ -78,13 +79,14 @@ def test_plan_matches_single_process(distributed_run):
         if b.error:
             assert a.error == pytest.approx(b.error, rel=0.1)
     assert got.error == pytest.approx(single.plan.error, rel=0.1, abs=1e-6)
-    assert got.error <= dist_worker.BUDGET
+    assert got.error <= (dist_worker.budget(name) or float("inf"))
 
 
 def test_loaded_artifact_matches_single_process(distributed_run):
     name, out = distributed_run
     model, example, fresh = dist_worker.models()[name]()
-    single = rewriter.optimize(model, example, budget=dist_worker.BUDGET, metric="kl", variants=dist_worker.VARIANTS,
+    single = rewriter.optimize(model, example, budget=dist_worker.budget(name), metric="kl",
+                               variants=dist_worker.variants(name),
                                dynamic=False)
     loaded = rewriter.load(out / "artifact")
     call = (lambda m: m(**fresh)) if isinstance(fresh, dict) else (lambda m: m(*fresh))

@@ -61,3 +61,39 @@ def test_gqa_merge_on_minilm_halves_kv_projections_and_runs_gqa():
     pad = inputs["attention_mask"].bool()
     got = metrics.error(metrics.select_rows(ref, [0, 1], 3), metrics.select_rows(out, [0, 1], 3), None, pad[[0, 1]])
     assert abs(got - opt.plan.error) <= 1e-3 * opt.plan.error + 1e-5, (got, opt.plan.error)
+
+
+class _OwnProjection(torch.nn.Module):
+    """A projection written by hand: a ``weight`` parameter applied with F.linear, not an nn.Linear."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(dim, dim) / dim ** 0.5)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight)
+
+
+class _HandAttention(torch.nn.Module):
+    def __init__(self, dim: int = 48, heads: int = 3):
+        super().__init__()
+        self.h = heads
+        self.q, self.k, self.v = torch.nn.Linear(dim, dim), _OwnProjection(dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = (t.view(b, n, self.h, d // self.h).transpose(1, 2) for t in (self.q(x), self.k(x), self.v(x)))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+
+
+def test_latent_refuses_a_projection_that_is_not_an_nn_linear():
+    """The surgery replaces an nn.Linear; a hand-written projection module keeps its site, with the reason."""
+    torch.manual_seed(0)
+    model = _HandAttention().eval()
+    x = torch.randn(2, 37, 48)
+    opt = rewriter.optimize(model, (x,), variants=["latent"], budget=None)
+    (d,) = opt.plan.decisions
+    assert d.variant in ("dense", "original"), str(opt.plan)
+    assert "not an nn.Linear" in str(opt.plan), str(opt.plan)
+    with torch.no_grad():
+        assert torch.allclose(opt(x), model(x), atol=1e-5)
