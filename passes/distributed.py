@@ -108,12 +108,16 @@ class _Evaluator:
         n = len(self.pl.nodes)
         mine = {g - self.offset: a for g, a in assignment.items() if self.offset <= g < self.offset + n}
         module = apply_assignment(self.p.ep, self.pl.nodes, mine)
-        _, outputs = forward(self.stage, module, self.samples)
+        rank, last = dist.get_rank(), dist.get_world_size() - 1
         result = None
-        if dist.get_rank() == dist.get_world_size() - 1:
-            it = iter(outputs)
-            result = self.measures[by](lambda **kw: next(it))
-        return broadcast(result, dist.get_world_size() - 1)
+        if rank < last:
+            forward(self.stage, module, self.samples)
+        else:  # each sample's outputs measured as they arrive: one sample's logits held at a time, not all
+            def run(**kw):
+                return module(**stage_inputs(self.stage, kw, recv(rank - 1) if rank > 0 else None))
+
+            result = self.measures[by](run)
+        return broadcast(result, last)
 
 
 def plan_stage(stage: Stage, samples: list[dict], options: Options) -> StagePlan:
@@ -127,7 +131,8 @@ def plan_stage(stage: Stage, samples: list[dict], options: Options) -> StagePlan
     quiet = (lambda msg: None if msg.startswith("budget measured as") else options.say(msg)) if rank == 0 else None
     local = dataclasses.replace(options, metric=None, progress=quiet, dynamic=False)
     p = Program(stage.module, inputs[0], list(inputs), local)
-    p = run_passes((BindInputs(), Capture(), Calibrate()), p)
+    last = rank == world - 1
+    p = run_passes((BindInputs(), Capture(), Calibrate(tuple(references) if last else None)), p)
     pl: Planning = p.planning
     counts = [None] * world
     dist.all_gather_object(counts, (len(pl.live), len(p.matches), any(m.site.causal for m in pl.live)))
@@ -143,7 +148,7 @@ def plan_stage(stage: Stage, samples: list[dict], options: Options) -> StagePlan
     if rank == world - 1:
         measures = {"budget": Measure(list(references), list(samples), pl.rows, choice),
                     "gain": Measure(list(references), list(samples), pl.rows, gain_metric(choice))}
-    pl = dataclasses.replace(pl, choice=choice, references=())
+    pl = dataclasses.replace(pl, choice=choice, references=(), measure=None)  # the measures above hold them
     p = p.but(planning=pl)
     plans, projections = Choose._candidates(p, pl)
     for sp, recs in zip(plans, pl.records):

@@ -159,15 +159,42 @@ def _valid(t: torch.Tensor, pad: Optional[torch.Tensor]) -> Optional[torch.Tenso
     return pad
 
 
+# Elements of one metric step: the float64 temporaries of a KL or an NLL over a large vocabulary stay about
+# 32 MB each, whatever the batch and length (a whole 8 x 128 x 32k batch would need gigabytes).
+_CHUNK = 1 << 22
+
+
+def _spans(total: int, per: int) -> list[slice]:
+    """Consecutive slices of ``range(total)`` holding about ``_CHUNK // per`` items each."""
+    step = max(1, _CHUNK // max(per, 1))
+    return [slice(i, min(i + step, total)) for i in range(0, total, step)]
+
+
 def _next_token_nll(logits: torch.Tensor, ids: torch.Tensor, pad: Optional[torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed negative log-likelihood of each next token, and how many tokens were scored."""
-    nll = F.cross_entropy(logits[:, :-1].double().reshape(-1, logits.shape[-1]),
-                          ids[:, 1:].reshape(-1).to(logits.device),
-                          reduction="none").view(ids.shape[0], -1)
+    keep = None
     if pad is not None and tuple(pad.shape) == tuple(ids.shape):
-        keep = (pad[:, 1:] & pad[:, :-1]).to(nll.device)
-        return nll[keep].sum(), int(keep.sum())
-    return nll.sum(), nll.numel()
+        keep = (pad[:, 1:] & pad[:, :-1]).to(logits.device)
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    targets = ids[:, 1:].to(logits.device)
+    for row in range(ids.shape[0]):
+        for span in _spans(ids.shape[1] - 1, logits.shape[-1]):
+            nll = F.cross_entropy(logits[row, :-1][span].double(), targets[row, span], reduction="none")
+            if keep is not None:
+                nll = nll[keep[row, span]]
+            total, count = total + nll.sum(), count + nll.numel()
+    return total, count
+
+
+def _pieces(a: torch.Tensor, b: torch.Tensor, valid: Optional[torch.Tensor], lead: int):
+    """Matching float64 blocks of ``a`` and ``b`` over their first ``lead`` dims flattened, with ``valid``'s block."""
+    n = 1
+    for d in a.shape[:lead]:
+        n *= int(d)
+    a2, b2 = a.detach().reshape(n, *a.shape[lead:]), b.detach().reshape(n, *b.shape[lead:])
+    v2 = None if valid is None else valid.reshape(n)
+    for span in _spans(n, a2[0].numel() if n else 1):
+        yield a2[span].double(), b2[span].double(), None if v2 is None else v2[span]
 
 
 def sums(reference: Any, outputs: Any, metric: Union[Metric, MetricChoice], pad: Optional[torch.Tensor] = None,
@@ -190,16 +217,19 @@ def sums(reference: Any, outputs: Any, metric: Union[Metric, MetricChoice], pad:
         return float(nll_out - nll_ref), float(n)
     num = den = 0.0
     for a, b in zip(ref, out):
-        a, b = a.detach().double(), b.detach().double()
         valid = _valid(a, pad)
         if choice.name == "kl":
             if a.dim() < 2:
                 continue
-            kl = F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="none").sum(-1)
-            if valid is not None:
-                kl = kl[valid.to(kl.device)]
-            num, den = num + float(kl.sum()), den + kl.numel()
+            lead = 2 if a.dim() >= 3 else (1 if valid is None else 0)
+            for pa, pb, pv in (_pieces(a, b, valid, lead) if lead else [(a.double(), b.double(), valid)]):
+                kl = F.kl_div(F.log_softmax(pb, -1), F.log_softmax(pa, -1), log_target=True,
+                              reduction="none").sum(-1)
+                if pv is not None:
+                    kl = kl[pv.to(kl.device)]
+                num, den = num + float(kl.sum()), den + kl.numel()
         elif choice.name == "cosine":
+            a, b = a.detach().double(), b.detach().double()
             if valid is not None:
                 w = valid.to(a.device, a.dtype).unsqueeze(-1)
                 a = (a * w).sum(1) / w.sum(1).clamp(min=1)
@@ -207,11 +237,13 @@ def sums(reference: Any, outputs: Any, metric: Union[Metric, MetricChoice], pad:
             cos = F.cosine_similarity(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), dim=-1)
             num, den = num + float((1 - cos).sum()), den + cos.numel()
         else:
-            d, r = (a - b).pow(2), a.pow(2)
-            if valid is not None:
-                v = valid.to(a.device)
-                d, r = d[v], r[v]
-            num, den = num + float(d.sum()), den + float(r.sum())
+            lead = 2 if a.dim() >= 2 else a.dim()
+            for pa, pb, pv in _pieces(a, b, valid, lead):
+                d, r = (pa - pb).pow(2), pa.pow(2)
+                if pv is not None:
+                    v = pv.to(pa.device)
+                    d, r = d[v], r[v]
+                num, den = num + float(d.sum()), den + float(r.sum())
     return num, den
 
 

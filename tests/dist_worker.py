@@ -80,10 +80,13 @@ def main(out: str, name: str) -> None:
     model, example, fresh = models()[name]()
     opt = rewriter.optimize(model, example, budget=budget(name), metric="kl", variants=variants(name),
                              distributed=True)
+    print(f"rank {dist.get_rank()}: optimized", file=sys.stderr, flush=True)  # where a failed run stopped
     got = opt(**fresh) if isinstance(fresh, dict) else opt(*fresh)
     rewriter.export(opt, Path(out) / "artifact")
+    print(f"rank {dist.get_rank()}: exported", file=sys.stderr, flush=True)
     torch.save({"plan": opt.plan.to_json(), "out": got, "rss": peak_rss_mb(),
                 "params": sum(t.numel() for t in opt.program.parameters())}, Path(out) / f"rank-{dist.get_rank()}.pt")
+    dist.barrier()  # neither rank tears its connections down while the other still uses them
     dist.destroy_process_group()
 
 

@@ -197,3 +197,38 @@ def test_search_caps_site_errors_and_ranks_near_ties_by_accuracy():
     for wobble in (0.8, 1.0, 1.2):
         sp = _site([(0.45 * wobble, 0.20), (0.45, 0.05)])
         assert search([sp], [[]], evaluate, budget=0.5).sites[0].chosen.variant == "v1"
+
+
+def _plain_sums(a, b, name, pad):
+    """The metric sums over whole float64 tensors (what the bounded-memory steps must add up to)."""
+    a, b = a.double(), b.double()
+    v = metrics._valid(a, pad)
+    if name == "kl":
+        kl = F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="none").sum(-1)
+        kl = kl if v is None else kl[v]
+        return float(kl.sum()), kl.numel()
+    d, r = (a - b).pow(2), a.pow(2)
+    if v is not None:
+        d, r = d[v], r[v]
+    return float(d.sum()), float(r.sum())
+
+
+@pytest.mark.parametrize("shape", [(3, 37, 101), (2, 5, 7, 33), (5, 11), (13,)])
+def test_metric_steps_add_up_to_the_whole(monkeypatch, shape):
+    """KL, L2 and next-token NLL in bounded steps equal the whole-tensor sums, padding included."""
+    monkeypatch.setattr(metrics, "_CHUNK", 97)  # many steps, none aligned with a row
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    pads = [None] + ([torch.rand(shape[:2], generator=gen) > 0.3] if len(shape) >= 3 else [])
+    for name in (["kl"] if len(shape) >= 2 else []) + ["l2"]:
+        for pad in pads:
+            got, want = metrics.sums(a, b, name, pad), _plain_sums(a, b, name, pad)
+            assert got == pytest.approx(want, rel=1e-9), (name, pad is None)
+    if len(shape) == 3:
+        ids = torch.randint(0, shape[-1], shape[:2], generator=gen)
+        for pad in pads:
+            total, n = metrics._next_token_nll(a, ids, pad)
+            nll = F.cross_entropy(a[:, :-1].double().reshape(-1, shape[-1]), ids[:, 1:].reshape(-1),
+                                  reduction="none").view(shape[0], -1)
+            keep = torch.ones_like(nll, dtype=torch.bool) if pad is None else pad[:, 1:] & pad[:, :-1]
+            assert float(total) == pytest.approx(float(nll[keep].sum()), rel=1e-9) and n == int(keep.sum())
