@@ -148,9 +148,14 @@ def as_choice(metric: Union[Metric, MetricChoice]) -> MetricChoice:
 
 def select_rows(x: Any, rows: Sequence[int], batch: int) -> Any:
     """Every tensor in ``x`` whose first dim is the batch, restricted to ``rows``."""
-    idx = torch.as_tensor(list(rows), dtype=torch.long)
-    return tree_map(lambda t: t.index_select(0, idx.to(t.device))
-                    if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == batch else t, x)
+    rows = list(rows)
+    run = bool(rows) and rows == list(range(rows[0], rows[0] + len(rows)))  # consecutive rows: a view, no copy
+    idx = torch.as_tensor(rows, dtype=torch.long)
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t.narrow(0, rows[0], len(rows)) if run else t.index_select(0, idx.to(t.device))
+
+    return tree_map(lambda t: pick(t) if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == batch else t, x)
 
 
 def _valid(t: torch.Tensor, pad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -160,8 +165,8 @@ def _valid(t: torch.Tensor, pad: Optional[torch.Tensor]) -> Optional[torch.Tenso
 
 
 # Elements of one metric step: the float64 temporaries of a KL or an NLL over a large vocabulary stay about
-# 32 MB each, whatever the batch and length (a whole 8 x 128 x 32k batch would need gigabytes).
-_CHUNK = 1 << 22
+# 8 MB each, whatever the batch and length (a whole 8 x 128 x 32k batch would need gigabytes).
+_CHUNK = 1 << 20
 
 
 def _spans(total: int, per: int) -> list[slice]:
@@ -268,6 +273,12 @@ def relative_l2(reference: Any, candidate: Any) -> float:
     ref, cand = _float_leaves(reference), _float_leaves(candidate)
     if len(ref) != len(cand):
         raise ValueError(f"outputs differ in structure: {len(ref)} tensors against {len(cand)}")
-    num = sum(float((a.detach().double() - b.detach().double()).pow(2).sum()) for a, b in zip(ref, cand))
-    den = sum(float(a.detach().double().pow(2).sum()) for a in ref)
+    num = den = 0.0
+    for a, b in zip(ref, cand):
+        if a.shape != b.shape:  # broadcast, as a plain difference would
+            num += float((a.detach().double() - b.detach().double()).pow(2).sum())
+            den += float(a.detach().double().pow(2).sum())
+            continue
+        for pa, pb, _ in _pieces(a.reshape(-1), b.reshape(-1), None, 1):
+            num, den = num + float((pa - pb).pow(2).sum()), den + float(pa.pow(2).sum())
     return (num / den) ** 0.5 if den > 0 else num ** 0.5

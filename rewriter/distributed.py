@@ -55,6 +55,24 @@ def init(timeout_s: Optional[float] = None) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def release_memory() -> None:
+    """Hand the memory planning freed (records, references, probes) back to the system before the next large
+    step: the stage's export copies its largest tensors, and a rank's peak is what its share promises."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)  # glibc only; elsewhere the allocator keeps its pages
+        if trim is not None:
+            trim(0)
+    except OSError:
+        pass
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -129,6 +147,8 @@ def optimize_distributed(
     every = tuple(dict.fromkeys(n for part in notes for n in part))
     plan = dataclasses.replace(mine, decisions=sp.decisions, notes=every)
     program = OptimizedModel(p.ep, p.spec, mine, p.rebuild, captured_for=p.signature)
+    del sp, p
+    release_memory()
     return StageModel(stage, program, plan, spec)
 
 
@@ -141,6 +161,7 @@ def export_stages(opt: StageModel, path: str | Path) -> Path:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
+    release_memory()
     export(opt.program, out / f"stage-{rank}")
     parts = [None] * world
     s = opt.stage

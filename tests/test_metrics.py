@@ -232,3 +232,14 @@ def test_metric_steps_add_up_to_the_whole(monkeypatch, shape):
                                   reduction="none").view(shape[0], -1)
             keep = torch.ones_like(nll, dtype=torch.bool) if pad is None else pad[:, 1:] & pad[:, :-1]
             assert float(total) == pytest.approx(float(nll[keep].sum()), rel=1e-9) and n == int(keep.sum())
+
+
+def test_relative_l2_in_steps_equals_the_whole(monkeypatch):
+    monkeypatch.setattr(metrics, "_CHUNK", 101)
+    gen = torch.Generator().manual_seed(4)
+    a, b = torch.randn(3, 17, 29, generator=gen), torch.randn(3, 17, 29, generator=gen)
+    c = torch.randn(29, generator=gen)
+    want = float((a.double() - b.double()).norm() / a.double().norm())
+    assert metrics.relative_l2((a, {"x": a}), (b, {"x": b})) == pytest.approx(want, rel=1e-9)
+    want_b = float((a.double() - c.double()).norm() / a.double().norm())
+    assert metrics.relative_l2(a, c) == pytest.approx(want_b, rel=1e-9)
