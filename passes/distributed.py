@@ -157,10 +157,23 @@ def plan_stage(stage: Stage, samples: list[dict], options: Options) -> StagePlan
     dist.gather_object([_summary(sp) for sp in plans], summaries, dst=0)
     evaluate = _Evaluator(stage, p, pl, samples, offset, measures)
     if rank == 0:
+        from tqdm.auto import tqdm
+
         every = [sp for part in summaries for sp in part]
-        gain = (lambda a: _ask(evaluate, a, "gain")) if choice.name == "perplexity" else None
-        outcome = search(every, [()] * len(every), lambda a: _ask(evaluate, a, "budget"), options.budget,
-                         progress=say, site_cap=options.site_cap, gain_evaluate=gain, power=metric_power(choice))
+        # one bar, on rank 0 only: the end-to-end measurements, each a run of the samples through every stage
+        bar = tqdm(desc="measuring through the pipeline", unit="run", leave=False,
+                   disable=None if options.progress is not None else True)
+
+        def ask(a: dict, by: str) -> tuple[float, Optional[float]]:
+            bar.update(1)
+            return _ask(evaluate, a, by)
+
+        gain = (lambda a: ask(a, "gain")) if choice.name == "perplexity" else None
+        try:
+            outcome = search(every, [()] * len(every), lambda a: ask(a, "budget"), options.budget,
+                             progress=say, site_cap=options.site_cap, gain_evaluate=gain, power=metric_power(choice))
+        finally:
+            bar.close()
         final = _choices(outcome)
         broadcast(("done", final), 0)
     else:

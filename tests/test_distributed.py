@@ -59,7 +59,8 @@ def distributed_run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"dist-{request.param}")
     done = _finish(_ranks([sys.executable, str(HERE / "dist_worker.py"), str(out), request.param], 2, HERE.parent))
     if any(code for code, _, _ in done):
-        raise AssertionError("\n".join(f"rank {r} exited {code}:\n{err[-3000:]}" for r, (code, _, err) in enumerate(done)))
+        raise AssertionError("\n".join(f"rank {r} exited {code}:\n{err[-3000:]}"
+                                        for r, (code, _, err) in enumerate(done)))
     return request.param, out
 
 
