@@ -5,6 +5,7 @@ exports the stages to OUT/artifact and writes what the test compares to OUT/rank
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -78,11 +79,13 @@ def main(out: str, name: str) -> None:
 
     dist.init_process_group("gloo")
     model, example, fresh = models()[name]()
-    opt = rewriter.optimize(model, example, budget=budget(name), metric="kl", variants=variants(name),
-                             distributed=True)
-    print(f"rank {dist.get_rank()}: optimized", file=sys.stderr, flush=True)  # where a failed run stopped
-    got = opt(**fresh) if isinstance(fresh, dict) else opt(*fresh)
-    rewriter.export(opt, Path(out) / "artifact")
+    # inference code calls it under inference_mode (the latent case), or with autograd on (the others)
+    with torch.inference_mode() if name == "latent" else contextlib.nullcontext():
+        opt = rewriter.optimize(model, example, budget=budget(name), metric="kl", variants=variants(name),
+                                distributed=True)
+        print(f"rank {dist.get_rank()}: optimized", file=sys.stderr, flush=True)  # where a failed run stopped
+        got = opt(**fresh) if isinstance(fresh, dict) else opt(*fresh)
+        rewriter.export(opt, Path(out) / "artifact")
     print(f"rank {dist.get_rank()}: exported", file=sys.stderr, flush=True)
     torch.save({"plan": opt.plan.to_json(), "out": got, "rss": peak_rss_mb(),
                 "params": sum(t.numel() for t in opt.program.parameters())}, Path(out) / f"rank-{dist.get_rank()}.pt")
