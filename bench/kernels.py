@@ -26,6 +26,7 @@ from codegen.pattern import intervals  # noqa: E402
 from codegen.sparse import freeze_params  # noqa: E402
 
 WINDOW, SINKS = 256, 4
+HEADS = 8  # --heads; per_head's lists have one entry per head
 
 
 def variant_params(name: str, n: int) -> dict:
@@ -40,7 +41,16 @@ def variant_params(name: str, n: int) -> dict:
         "linear": {"feature_map": "elu1", "chunk": 64},
         # about 10% of the keys: half columns, half slash bands of 64 keys, from the last 64 queries
         "vertical_slash": {"vertical": n // 20, "slash": max(1, n // 20 // 64), "last_q": 64, "block": 64},
+        # the antidiagonal estimator: blocks up to 90% of the estimated mass, at most the top-k row's 10%
+        "block_sparse_tau": {"keep": 0.1, "block": 64, "tau": 0.9, "stride": 8},
+        # DuoAttention style: the first half of the heads dense, the rest sinks + window
+        "per_head": {"window": [0] * (HEADS // 2) + [WINDOW] * (HEADS - HEADS // 2),
+                     "sinks": [0] * (HEADS // 2) + [SINKS] * (HEADS - HEADS // 2)},
     }[name]
+
+
+# rows that time another setting of a variant's kernel
+KERNEL = {"block_sparse_tau": "block_sparse"}
 
 
 def flex_mask_mod(name: str, params: dict, n: int):
@@ -63,6 +73,10 @@ def flex_mask_mod(name: str, params: dict, n: int):
             c0 = (ci - kw // 2).clamp(0, cols - kw)
             return (rj >= r0) & (rj < r0 + kh) & (cj >= c0) & (cj < c0 + kw) & (j <= i)
         return nb
+    if name == "per_head":
+        dense_heads = sum(1 for w in params["window"] if w == 0)
+        w, s = max(params["window"]), max(params["sinks"])
+        return lambda b, h, i, j: (j <= i) & ((h < dense_heads) | (i - j < w) | (j < s))
     return None
 
 
@@ -73,8 +87,17 @@ def useful_flops(name: str, params: dict, b: int, h: int, n: int, d: int) -> flo
         return b * h * (2 * n * c * d + 6 * n * d * (d + 1))  # intra (causal half of 2 matmuls) + state in/out
     if name == "dense":
         return 4 * b * h * d * n * (n + 1) / 2
-    if name == "block_sparse":
+    if name in ("block_sparse", "block_sparse_tau"):  # the tau row keeps at most this share
         return 4 * b * h * d * n * (n / 2) * params["keep"]
+    if name == "per_head":
+        per = []
+        for w, s in zip(params["window"], params["sinks"]):
+            if w == 0:
+                per.append(n * (n + 1) / 2)
+            else:
+                lo, hi = intervals("sinks_window", freeze_params({"window": w, "sinks": s}), n, n, True)
+                per.append(float((hi - lo + 1).clamp(min=0).sum()))
+        return 4 * b * d * sum(per) * h / len(per)
     if name == "vertical_slash":  # the kept set per query (columns, sinks, bands, local bands), at most n
         kept = params["vertical"] + 1 + (params["slash"] + 2) * params["block"]
         return 4 * b * h * d * n * min(kept, n / 2)
@@ -105,13 +128,15 @@ def main() -> None:
     ap.add_argument("--d", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--variants", nargs="+",
-                    default=["dense", "sliding_window", "sinks_window", "neighborhood_2d", "block_sparse", "linear",
-                             "vertical_slash"])
+                    default=["dense", "sliding_window", "sinks_window", "neighborhood_2d", "block_sparse",
+                             "block_sparse_tau", "linear", "vertical_slash", "per_head"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                     help="default: float16 on CUDA (generated Triton kernels), float32 on CPU")
     args = ap.parse_args()
+    global HEADS
+    HEADS = args.heads
     cuda = torch.cuda.is_available()
     dev, dt = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
     if args.dtype:
@@ -133,7 +158,7 @@ def main() -> None:
             for name in args.variants:
                 prm = variant_params(name, n)
                 fns = {
-                    "ours": lambda: codegen.run(name, q, k, v, None, d ** -0.5, True, **prm),
+                    "ours": lambda: codegen.run(KERNEL.get(name, name), q, k, v, None, d ** -0.5, True, **prm),
                     "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                 }
                 mm = None if args.no_flex else flex_mask_mod(name, prm, n)

@@ -40,13 +40,16 @@ SHAPES = [(2, 4, 2, 37, 37, 8, 8), (1, 4, 4, 1, 45, 12, 12), (2, 4, 1, 21, 50, 8
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("mix", MIXES, ids=str)
-def test_every_lowering_matches_the_loop_reference(mix, causal, shape):
+@pytest.mark.parametrize("masked", [True, False], ids=["padded", "no-mask"])  # no mask: dense heads via SDPA
+def test_every_lowering_matches_the_loop_reference(mix, causal, shape, masked):
     b, h, g, p, m, e, f = shape
     window, sinks = mix
     torch.manual_seed(p * 7 + m)
     q, k, v = torch.randn(b, h, p, e), torch.randn(b, g, m, e), torch.randn(b, g, m, f)
     mask = torch.ones(b, 1, 1, m, dtype=torch.bool)
     mask[-1, ..., m - m // 4:] = False  # padding on the last row
+    if not masked:
+        mask = None
     specs = ph.head_specs(window, sinks, h)
     want = naive_attention(q, k, v, mask, 0.3, visible=_loop_visible(specs, p, m, causal))
     torch.testing.assert_close(ph.reference(q, k, v, mask, 0.3, causal, window=window, sinks=sinks).double(),

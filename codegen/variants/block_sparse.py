@@ -108,13 +108,18 @@ def antidiagonal_mass(q: torch.Tensor, k: torch.Tensor, causal: bool, block: int
     probs = probs * qrow[:, None]
     nq, nk = math.ceil(p / block), math.ceil(m / block)
     # sum the strided entries of each block×block tile (a group sits in the tile holding its first token)
-    qtile = torch.div(torch.arange(pg, device=dev) * s, block, rounding_mode="floor")
-    ktile = torch.div(kpos, block, rounding_mode="floor")
-    rows = torch.zeros(nq, pg, device=dev, dtype=probs.dtype).index_put_(
-        (qtile, torch.arange(pg, device=dev)), torch.ones(pg, device=dev, dtype=probs.dtype))
-    cols = torch.zeros(mg, nk, device=dev, dtype=probs.dtype).index_put_(
-        (torch.arange(mg, device=dev), ktile), torch.ones(mg, device=dev, dtype=probs.dtype))
-    mass = rows @ probs @ cols  # [B, H, nq, nk]
+    if block % s == 0:  # r whole groups per tile: a reshape and a sum, no [nq, pg] x [pg, mg] product
+        r = block // s
+        padded = F.pad(probs, (0, nk * r - mg, 0, nq * r - pg))
+        mass = padded.view(*padded.shape[:2], nq, r, nk, r).sum((3, 5))
+    else:
+        qtile = torch.div(torch.arange(pg, device=dev) * s, block, rounding_mode="floor")
+        ktile = torch.div(kpos, block, rounding_mode="floor")
+        rows = torch.zeros(nq, pg, device=dev, dtype=probs.dtype).index_put_(
+            (qtile, torch.arange(pg, device=dev)), torch.ones(pg, device=dev, dtype=probs.dtype))
+        cols = torch.zeros(mg, nk, device=dev, dtype=probs.dtype).index_put_(
+            (torch.arange(mg, device=dev), ktile), torch.ones(mg, device=dev, dtype=probs.dtype))
+        mass = rows @ probs @ cols  # [B, H, nq, nk]
     return mass / mass.sum(-1, keepdim=True).clamp(min=1e-30)
 
 

@@ -90,8 +90,31 @@ def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
     if q.device.type != "cpu":  # no Triton kernel yet: the heads' element masks over dense work
         vis = head_visible(specs, p, m, bool(causal)).to(q.device)
         return naive_attention(q, k, v, mask, scale, visible=vis, softcap=softcap, compute=torch.float32)
+    dense = [i for i, (_, w) in enumerate(specs) if w == 0]
+    if dense and len(dense) < h and mask is None and not softcap and (p == m or not causal):
+        return _split(q, k, v, scale, bool(causal), specs, dense, int(block))
     bm, lo, hi = head_pattern(specs, p, m, bool(causal), int(block))
     return run_block_map(q, k, v, mask, scale, softcap, bm, lo, hi)
+
+
+def _split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+           specs: tuple[tuple[int, int], ...], dense: list[int], block: int) -> torch.Tensor:
+    """Two calls, not one per head: the dense heads through SDPA (the fastest exact kernel there is), the
+    windowed heads through the block-map kernel over their own blocks only."""
+    h, g = q.shape[1], k.shape[1]
+    local = [i for i in range(h) if i not in set(dense)]
+    out = q.new_empty(*q.shape[:3], v.shape[-1])
+    for heads, run in ((dense, None), (local, tuple(specs[i] for i in local))):
+        idx = torch.tensor(heads, device=q.device)
+        kv = torch.div(idx, h // g, rounding_mode="floor")  # each query head's K/V head (GQA)
+        qh, kh, vh = q.index_select(1, idx), k.index_select(1, kv), v.index_select(1, kv)
+        if run is None:
+            got = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale)
+        else:
+            bm, lo, hi = head_pattern(run, q.shape[2], k.shape[2], causal, block)
+            got = run_block_map(qh, kh, vh, None, scale, 0.0, bm, lo, hi)
+        out.index_copy_(1, idx, got.to(out.dtype))
+    return out
 
 
 def cascade(*, causal: bool = False, block: object = 64, form: str | None = None, schedule: str = "fused",
