@@ -87,6 +87,24 @@ def forward(stage: Stage, module: torch.nn.Module, samples: list[dict]) -> tuple
     return inputs, outputs
 
 
+def release_memory(collect: bool = True) -> None:
+    """Hand freed memory back to the system (glibc's ``malloc_trim``; elsewhere a no-op), after a garbage
+    collection unless ``collect`` is False: a rank's peak is what its share of the model promises."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    if collect:
+        gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+        if trim is not None:
+            trim(0)
+    except OSError:
+        pass
+
+
 def _stripped(c: Candidate) -> Candidate:
     """A candidate as another process sees it: its price and score, without the tensors it was fitted with."""
     return dataclasses.replace(c, extra=(), inputs=None, prepare=None)
@@ -117,6 +135,7 @@ class _Evaluator:
                 return module(**stage_inputs(self.stage, kw, recv(rank - 1) if rank > 0 else None))
 
             result = self.measures[by](run)
+        release_memory(collect=False)  # each measurement's outputs (the model's logits) go back at once
         return broadcast(result, last)
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from passes.capture import call_spec, split_inputs
-from passes.distributed import broadcast, plan_stage, recv, send, stage_inputs
+from passes.distributed import broadcast, plan_stage, recv, release_memory, send, stage_inputs
 from passes.options import bind_samples, check_options, input_signature
 from passes.plan import Plan
 from passes.planner import DEFAULT_SITE_CAP
@@ -53,24 +53,6 @@ def init(timeout_s: Optional[float] = None) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=secs))
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def release_memory() -> None:
-    """Hand the memory planning freed (records, references, probes) back to the system before the next large
-    step: the stage's export copies its largest tensors, and a rank's peak is what its share promises."""
-    import ctypes
-    import ctypes.util
-    import gc
-
-    gc.collect()
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        trim = getattr(libc, "malloc_trim", None)  # glibc only; elsewhere the allocator keeps its pages
-        if trim is not None:
-            trim(0)
-    except OSError:
-        pass
 
 
 def peak_rss_mb() -> float:
