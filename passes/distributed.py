@@ -9,10 +9,14 @@ broadcasts the choices, and every rank rewrites its own stage with the single-pr
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
+import functools
+import gc
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -87,22 +91,24 @@ def forward(stage: Stage, module: torch.nn.Module, samples: list[dict]) -> tuple
     return inputs, outputs
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    """glibc's ``malloc_trim``, looked up once (``find_library`` runs a subprocess), or None elsewhere."""
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
 def release_memory(collect: bool = True) -> None:
     """Hand freed memory back to the system (glibc's ``malloc_trim``; elsewhere a no-op), after a garbage
     collection unless ``collect`` is False: a rank's peak is what its share of the model promises."""
-    import ctypes
-    import ctypes.util
-    import gc
-
     if collect:
         gc.collect()
-    name = ctypes.util.find_library("c")
-    try:
-        trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-        if trim is not None:
-            trim(0)
-    except OSError:
-        pass
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _stripped(c: Candidate) -> Candidate:

@@ -446,7 +446,7 @@ def _linear_call(n: fx.Node, names: Callable[[fx.Node], str | None],
 
 
 def _build(plan: _Plan, s: int, tensors: dict[str, torch.Tensor], aliases: dict[str, list[str]],
-           device: torch.device, linears: dict[str, tuple[str, bool]] | None = None,
+           device: torch.device, linears: dict[str, tuple[str, bool]],
            ) -> tuple[fx.GraphModule, tuple[str, ...], tuple[str, ...]]:
     """Stage ``s`` as a GraphModule holding the model's tensors it uses: (module, model inputs, weight names).
 
@@ -498,7 +498,7 @@ def _build(plan: _Plan, s: int, tensors: dict[str, torch.Tensor], aliases: dict[
         def arg(a: fx.Node, user: fx.Node = n) -> fx.Node:
             return env[a] if a in env else attr(a, user)
 
-        path = _linear_call(n, lambda a, user=n: tensor_name(a, user), linears or {})
+        path = _linear_call(n, lambda a, user=n: tensor_name(a, user), linears)
         if path is not None:
             modules[path] = _as_linear(tensors[f"{path}.weight"], tensors.get(f"{path}.bias"))
             env[n] = graph.call_module(path, (arg(n.args[0]),))

@@ -102,7 +102,7 @@ def _split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, caus
     """Two calls, not one per head: the dense heads through SDPA (the fastest exact kernel there is), the
     windowed heads through the block-map kernel over their own blocks only."""
     h, g = q.shape[1], k.shape[1]
-    local = [i for i in range(h) if i not in set(dense)]
+    local = sorted(set(range(h)) - set(dense))
     out = q.new_empty(*q.shape[:3], v.shape[-1])
     for heads, run in ((dense, None), (local, tuple(specs[i] for i in local))):
         idx = torch.tensor(heads, device=q.device)
